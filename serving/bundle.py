@@ -1,0 +1,197 @@
+"""The export bundle: the one contract between the trainer and the server.
+
+A bundle is a folder holding `model.onnx` and `manifest.json`. The manifest is defined here, once,
+as a pydantic model with a schema version; the trainer writes it and the server validates it on
+load. Every constant the server needs (input size, resize policy, TTA views, classes) lives in the
+manifest and is never re-declared on the serving side.
+
+The ONNX graph contract (schema 1): one input, uint8, layout NHWC (batch, size, size, 3), RGB; one
+output, float32 (batch, n_classes), probabilities that sum to 1. Normalisation and softmax are
+inside the graph, so the server only decodes, resizes and crops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MODEL_NAME = "model.onnx"
+
+Anchor = Literal["center", "top_left", "top_right", "bottom_left", "bottom_right"]
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used; the message names the file and what to do."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TTAView(_Strict):
+    """One deterministic view of an image: a square crop, optionally zoomed and flipped.
+
+    The crop is taken from the image after its shorter side was resized to `resize_size`:
+    a square of side `input_size / zoom` at `anchor`, scaled to `input_size`, then flipped.
+    """
+
+    name: str = Field(min_length=1)
+    zoom: float = Field(default=1.0, ge=1.0, le=2.0, description="1 = plain crop; 1.1 = 10% closer")
+    anchor: Anchor = "center"
+    hflip: bool = False
+    vflip: bool = False
+    rot90: int = Field(default=0, ge=0, le=3, description="quarter turns anticlockwise, applied last")
+
+
+CENTER = TTAView(name="center")
+
+
+class Preprocessing(_Strict):
+    input_size: int = Field(ge=8, le=2048, description="side of the square network input, pixels")
+    resize_size: int = Field(ge=8, le=4096, description="the shorter side is resized to this first, pixels")
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    input_dtype: Literal["uint8"] = "uint8"
+    input_layout: Literal["NHWC"] = "NHWC"
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> Preprocessing:
+        if self.resize_size < self.input_size:
+            raise ValueError(f"resize_size {self.resize_size} is smaller than input_size {self.input_size}")
+        return self
+
+
+class Normalization(_Strict):
+    """Per-channel mean and std on the 0-1 scale; recorded for people, applied inside the graph."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    in_graph: Literal[True] = True
+
+
+class TTA(_Strict):
+    # views[0] is the plain view, the only one run when a caller switches TTA off.
+    views: list[TTAView] = Field(min_length=1)
+    aggregation: Literal["mean_probability"] = "mean_probability"
+
+    @field_validator("views")
+    @classmethod
+    def _names_unique(cls, views: list[TTAView]) -> list[TTAView]:
+        names = [v.name for v in views]
+        if len(set(names)) != len(names):
+            raise ValueError(f"TTA view names must be unique, got {names}")
+        return views
+
+
+class ModelFile(_Strict):
+    file: str = MODEL_NAME
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    opset: int = Field(ge=17)
+    input_name: str
+    output_name: str
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    created_at: datetime
+    architecture: str
+    classes: list[str] = Field(min_length=2)
+    preprocessing: Preprocessing
+    normalization: Normalization
+    tta: TTA
+    model: ModelFile
+    # Validation metrics at export, e.g. accuracy, log_loss, accuracy_tta, log_loss_tta.
+    metrics: dict[str, float] = Field(default_factory=dict)
+    # The training recipe that produced the model (epochs, lrs, cycles, sizes): free-form, for people.
+    recipe: dict = Field(default_factory=dict)
+    # Library versions at export (torch, onnx, ...).
+    versions: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_unique(cls, classes: list[str]) -> list[str]:
+        if len(set(classes)) != len(classes):
+            raise ValueError("class names must be unique")
+        return classes
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(bundle_dir: Path, manifest: Manifest) -> Path:
+    path = Path(bundle_dir) / MANIFEST_NAME
+    write_atomic(path, (manifest.model_dump_json(indent=2) + "\n").encode())
+    return path
+
+
+def read_manifest(bundle_dir: Path) -> Manifest:
+    """Read and validate a bundle's manifest; every failure is a BundleError naming the file."""
+    path = Path(bundle_dir) / MANIFEST_NAME
+    if not Path(bundle_dir).is_dir():
+        raise BundleError(f"{bundle_dir}: no such bundle folder; pass the folder `trainer export` wrote")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; a bundle folder holds {MANIFEST_NAME} and {MODEL_NAME}")
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e}); re-export the bundle") from None
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{path}: schema_version {version!r} is not supported (this server reads {SCHEMA_VERSION}); "
+            "re-export with a matching trainer"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in e.errors())
+        raise BundleError(f"{path}: invalid manifest: {problems}") from None
+
+
+def load_bundle(bundle_dir: Path) -> tuple[Manifest, Path]:
+    """Validate a bundle (manifest schema and the ONNX file's checksum); return it and the model path."""
+    manifest = read_manifest(bundle_dir)
+    model_path = Path(bundle_dir) / manifest.model.file
+    if not model_path.is_file():
+        raise BundleError(f"{model_path}: missing; the manifest names it as the model file")
+    actual = sha256_file(model_path)
+    if actual != manifest.model.sha256:
+        raise BundleError(
+            f"{model_path}: sha256 {actual[:12]}... does not match the manifest's {manifest.model.sha256[:12]}...; "
+            "the file was changed or corrupted after export: re-export or restore it"
+        )
+    return manifest, model_path

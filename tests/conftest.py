@@ -1,0 +1,52 @@
+"""Shared fixtures: real image folders, small and fast enough for a 2-core CPU."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"
+
+
+def hymenoptera_or_skip() -> Path:
+    if not (HYMENOPTERA / "train").is_dir():
+        pytest.skip(f"shared dataset not found at {HYMENOPTERA} (it lies beside the project, never inside it)")
+    return HYMENOPTERA
+
+
+@pytest.fixture(scope="session")
+def hymenoptera() -> Path:
+    return hymenoptera_or_skip()
+
+
+def subset(src: Path, dst: Path, per_class: dict[str, int], *, val_from: str = "val", val_to: str = "valid") -> Path:
+    """A small copy of a folder dataset: symlinks to the first n images of every class."""
+    for split, n in per_class.items():
+        source_split = val_from if split == val_to else split
+        for cls in sorted(p.name for p in (src / source_split).iterdir() if p.is_dir()):
+            folder = dst / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for f in sorted((src / source_split / cls).iterdir())[:n]:
+                (folder / f.name).symlink_to(f.resolve())
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_hymenoptera(tmp_path_factory, hymenoptera) -> Path:
+    """12 training and 6 validation photos per class, in the lesson's train/valid layout."""
+    return subset(hymenoptera, tmp_path_factory.mktemp("hym") / "data", {"train": 12, "valid": 6})
+
+
+@pytest.fixture
+def fresh_copy(tmp_path):
+    """Copy a folder into tmp_path (files, not links) so that a test may change it."""
+
+    def copy(src: Path) -> Path:
+        dst = tmp_path / src.name
+        shutil.copytree(src, dst, symlinks=False)
+        return dst
+
+    return copy
