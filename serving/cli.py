@@ -1,0 +1,81 @@
+"""`serving serve` runs the gRPC server for a bundle; `serving predict` asks a running one."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import grpc
+
+from serving.bundle import BundleError
+from serving.config import ConfigError, ServerConfig, describe, load_config
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a bundle over gRPC",
+        description="Serve an export bundle over gRPC. Every flag can also be set as SERVING_<NAME> in the environment.",
+    )
+    p.add_argument("--bundle", type=Path, help=describe("bundle") + f" (env SERVING_BUNDLE)")
+    for name, field in ServerConfig.model_fields.items():
+        if name == "bundle":
+            continue
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=describe(name))
+
+
+def _predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="classify image files with a running server")
+    p.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP, BMP, ...)")
+    p.add_argument("--target", default="localhost:50051", help="server address host:port (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default: %(default)s)")
+    p.add_argument("--no-tta", action="store_true", help="run only the plain centre view")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default: %(default)s)")
+
+
+def run_predict(args) -> int:
+    from serving.client import Client
+
+    status = 0
+    with Client(args.target, timeout=args.timeout) as client:
+        for path in args.images:
+            try:
+                reply = client.predict(path.read_bytes(), top_k=args.top_k, tta=False if args.no_tta else None)
+            except OSError as e:
+                print(f"{path}: cannot read: {e.strerror or e}", file=sys.stderr)
+                status = 1
+                continue
+            except grpc.RpcError as e:
+                print(f"{path}: {e.code().name}: {e.details()}", file=sys.stderr)
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    return 2
+                status = 1
+                continue
+            ranked = ", ".join(f"{p.label} {p.probability:.3f}" for p in reply.predictions)
+            print(f"{path}: {ranked}  [{len(reply.tta_views)} views]")
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="serving", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _predict_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "predict":
+        return run_predict(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from serving.server import serve
+
+    flags = {k: v for k, v in vars(args).items() if k in ServerConfig.model_fields}
+    try:
+        return serve(load_config(flags))
+    except (ConfigError, BundleError, OSError) as e:
+        print(f"serving: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""An ONNX Runtime session over a validated bundle: views in, TTA-averaged probabilities out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from serving.bundle import BundleError, Manifest, load_bundle
+
+
+def choose_providers(device: str = "auto") -> list[str]:
+    """ONNX Runtime execution providers for `device`: auto (CUDA when usable, else CPU), cuda or cpu."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise BundleError("device=cuda, but this onnxruntime has no CUDA provider; install onnxruntime-gpu")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available and _cuda_device_present():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _cuda_device_present() -> bool:
+    # onnxruntime-gpu lists its CUDA provider whether or not a GPU is there; asking the driver
+    # avoids a noisy failed CUDA initialisation on CPU-only machines.
+    import ctypes
+
+    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            cuda = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    return False
+
+
+class ModelSession:
+    """A bundle loaded into ONNX Runtime. `run` takes uint8 views (n, size, size, 3)."""
+
+    def __init__(
+        self,
+        bundle_dir: Path | str,
+        *,
+        device: str = "auto",
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
+    ):
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest: Manifest
+        self.manifest, model_path = load_bundle(self.bundle_dir)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads  # 0: ONNX Runtime's default (all cores)
+        options.inter_op_num_threads = inter_op_threads
+        options.log_severity_level = 3  # errors only
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=choose_providers(device))
+        except Exception as e:  # onnxruntime raises its own exception types, not exported uniformly
+            raise BundleError(f"{model_path}: ONNX Runtime cannot load it: {e}") from None
+        self.providers = self.session.get_providers()
+        self._check_io()
+
+    def _check_io(self) -> None:
+        m, path = self.manifest, self.bundle_dir / self.manifest.model.file
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if [i.name for i in inputs] != [m.model.input_name] or [o.name for o in outputs] != [m.model.output_name]:
+            raise BundleError(
+                f"{path}: graph inputs {[i.name for i in inputs]} / outputs {[o.name for o in outputs]} do not match "
+                f"the manifest's {m.model.input_name!r} / {m.model.output_name!r}"
+            )
+        if inputs[0].type != "tensor(uint8)":
+            raise BundleError(f"{path}: graph input is {inputs[0].type}, the bundle contract says tensor(uint8)")
+        width = outputs[0].shape[-1]
+        if not isinstance(width, int):  # a symbolic width: find out by running the graph once
+            width = self.run(np.zeros((1, *self.input_shape), np.uint8)).shape[-1]
+        if width != len(m.classes):
+            raise BundleError(
+                f"{path}: the model outputs {width} probabilities but the manifest lists {len(m.classes)} classes; "
+                "the bundle's files do not belong together: re-export it"
+            )
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        size = self.manifest.preprocessing.input_size
+        return (size, size, 3)
+
+    def run(self, views: np.ndarray) -> np.ndarray:
+        """Probabilities for a batch of views: uint8 (n, size, size, 3) -> float32 (n, classes)."""
+        return self.session.run([self.manifest.model.output_name], {self.manifest.model.input_name: views})[0]
+
+    def predict(self, views: np.ndarray, counts: Sequence[int] | None = None) -> np.ndarray:
+        """Mean probability over consecutive groups of views (one group per image; default: one image)."""
+        probs = self.run(views)
+        counts = list(counts) if counts is not None else [len(views)]
+        ends = np.cumsum(counts)
+        return np.stack([probs[e - c : e].mean(axis=0) for c, e in zip(counts, ends)])
+
+    def warm_up(self, batch: int = 1) -> None:
+        """Run the graph once so that the first real request pays no initialisation cost."""
+        n_views = len(self.manifest.tta.views)
+        self.run(np.zeros((batch * n_views, *self.input_shape), np.uint8))
