@@ -8,12 +8,16 @@ import sys
 from conftest import ROOT
 
 
+def stubs(root):
+    return sorted(p.relative_to(root) for p in (root / "serving" / "gen").rglob("*_pb2*") if p.suffix in {".py", ".pyi"})
+
+
 def test_committed_stubs_match_protos(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path)], check=True,
                    capture_output=True)
-    generated = sorted(p.relative_to(tmp_path) for p in (tmp_path / "serving" / "gen").rglob("*_pb2*.py*"))
+    generated = stubs(tmp_path)
     assert generated, "protoc generated nothing"
-    committed = sorted(p.relative_to(ROOT) for p in (ROOT / "serving" / "gen").rglob("*_pb2*.py*"))
+    committed = stubs(ROOT)
     assert committed == generated, "stub files differ: run python scripts/gen_protos.py"
     for rel in generated:
         assert (ROOT / rel).read_bytes() == (tmp_path / rel).read_bytes(), (
