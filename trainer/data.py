@@ -1,8 +1,10 @@
-"""Datasets from folders (one sub-folder per class) and the loaders the learner uses."""
+"""Datasets from folders (one sub-folder per class) or a labels CSV, and the loaders the learner uses."""
 
 from __future__ import annotations
 
+import csv
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,15 @@ def read_image(path: Path):
 
 def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _test_images(path: Path, test_name: str | None) -> list[Path] | None:
+    if not test_name:
+        return None
+    folder = path / test_name
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such test folder; pass test_name=None or the folder of unlabelled images")
+    return list_images(folder)
 
 
 class ImageDataset(Dataset):
@@ -108,12 +119,98 @@ class ImageClassifierData:
         if len(classes) < 2:
             raise DataError(f"{path / trn_name}: only one class ({classes[0]}); a classifier needs at least two")
         val_files, val_y, _ = _folder_dataset(path / val_name, classes)
-        test_files = list_images(path / test_name) if test_name else None
+        test_files = _test_images(path, test_name)
+        return cls(path, classes, trn_files, trn_y, val_files, val_y, tfms, bs, num_workers, test_files, seed)
+
+    @classmethod
+    def from_csv(
+        cls,
+        path: Path | str,
+        folder: str,
+        csv_fname: Path | str,
+        tfms: Tfms,
+        val_idxs=None,
+        suffix: str = "",
+        test_name: str | None = None,
+        bs: int = 64,
+        num_workers: int = 2,
+        skip_missing: bool = False,
+        seed: int | None = None,
+        id_col: str | None = None,
+        label_col: str | None = None,
+    ) -> ImageClassifierData:
+        """Images in one folder, labelled by a CSV with a header row (Kaggle's `labels.csv`).
+
+        Row i names the image `path/folder/<id><suffix>` and its single label. `id_col` and
+        `label_col` pick columns by header name; by default the first two columns are used.
+        `csv_fname` is looked up under `path`, then as given (the lesson passes f"{PATH}labels.csv").
+        `val_idxs` are row indices into the CSV as listed (default `get_cv_idxs(n)`: a fixed 20%), so
+        the split does not depend on which images are present; `seed` seeds the loaders, as in
+        `from_paths`. Classes are the sorted unique labels of all rows.
+
+        A row whose image is missing is a DataError unless `skip_missing=True`, which drops the row
+        with a warning. Every other problem (no such CSV, no header, a missing named column, an empty
+        id or label, a repeated id, fewer than two classes, an empty split) is a DataError too.
+        """
+        path = Path(path)
+        csv_path = _find_csv(path, Path(csv_fname))
+        rows = _read_labels_csv(csv_path, id_col, label_col)
+        image_dir = path / folder
+        if not image_dir.is_dir():
+            raise DataError(f"{image_dir}: no such folder; `folder` names the folder of images under {path}")
+        classes = sorted({label for _, label in rows})
+        if len(classes) < 2:
+            raise DataError(f"{csv_path}: only {len(classes)} class ({', '.join(classes)}); a classifier needs at least two")
+
+        n = len(rows)
+        val = np.asarray(get_cv_idxs(n) if val_idxs is None else val_idxs).ravel()
+        if val.size == 0:
+            val = val.astype(np.int64)
+        elif not np.issubdtype(val.dtype, np.integer) or val.min() < 0 or val.max() >= n:
+            raise DataError(
+                f"val_idxs must be integer row indices in [0, {n}) of {csv_path}; got {val.dtype} values {val.min()}..{val.max()}"
+            )
+        is_val = np.zeros(n, dtype=bool)
+        is_val[val] = True
+
+        files = [image_dir / f"{image_id}{suffix}" for image_id, _ in rows]
+        present = [f.is_file() for f in files]
+        missing = [f for f, ok in zip(files, present) if not ok]
+        if missing:
+            first = ", ".join(str(f) for f in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            if not skip_missing:
+                raise DataError(
+                    f"{csv_path}: {len(missing)} of {n} rows name an image that does not exist: {first}. "
+                    f"Images are looked up as {image_dir}/<id>{suffix} (suffix={suffix!r}); fix `folder` or "
+                    "`suffix`, or pass skip_missing=True to drop those rows"
+                )
+            warnings.warn(f"{csv_path}: skipped {len(missing)} of {n} rows whose image is missing: {first}", stacklevel=2)
+
+        index = {c: i for i, c in enumerate(classes)}
+        split: dict[bool, tuple[list[Path], list[int]]] = {False: ([], []), True: ([], [])}
+        for f, (_, label), ok, v in zip(files, rows, present, is_val):
+            if ok:
+                split[bool(v)][0].append(f)
+                split[bool(v)][1].append(index[label])
+        (trn_files, trn_y), (val_files, val_y) = split[False], split[True]
+        for name, got in (("training", trn_files), ("validation", val_files)):
+            if not got:
+                raise DataError(
+                    f"{csv_path}: the {name} set is empty ({n} rows, {int(is_val.sum())} in val_idxs, "
+                    f"{len(missing)} missing); pass val_idxs that leave images on both sides"
+                )
+        test_files = _test_images(path, test_name)
         return cls(path, classes, trn_files, trn_y, val_files, val_y, tfms, bs, num_workers, test_files, seed)
 
     @property
     def c(self) -> int:
         return len(self.classes)
+
+    def resize(self, target: int, new_path: str = "tmp") -> ImageClassifierData:
+        """The lesson's `data.resize(340, 'tmp')`: see `trainer.resize.resize_images`."""
+        from trainer.resize import resize_images  # resize builds on this module
+
+        return resize_images(self, target, new_path)
 
     def with_tfms(self, tfms: Tfms) -> ImageClassifierData:
         """The same files read with other transforms (progressive resizing: 128 px, then 224 px)."""
@@ -139,6 +236,58 @@ class ImageClassifierData:
             generator=generator,
             worker_init_fn=_seed_worker,
         )
+
+
+def _find_csv(path: Path, csv_fname: Path) -> Path:
+    candidates = [csv_fname] if csv_fname.is_absolute() else [path / csv_fname, csv_fname]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = " or ".join(str(c) for c in dict.fromkeys(candidates))
+    raise DataError(f"{tried}: no such CSV file; pass csv_fname relative to path, or a full path")
+
+
+def _column(csv_path: Path, header: list[str], name: str | None, default: int, role: str) -> int:
+    if name is None:
+        return default
+    if name not in header:
+        raise DataError(
+            f"{csv_path}: no column named {name!r} for the {role}; the columns are {', '.join(map(repr, header))}"
+        )
+    return header.index(name)
+
+
+def _read_labels_csv(csv_path: Path, id_col: str | None, label_col: str | None) -> list[tuple[str, str]]:
+    """(id, label) of every data row, in file order; blank lines are ignored."""
+    # utf-8-sig: spreadsheet exports often start with a byte-order mark that would stick to the first name.
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        lines = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    if not lines:
+        raise DataError(f"{csv_path}: empty; expected a header row such as `id,label` and one row per image")
+    header = [h.strip() for h in lines[0]]
+    if len(header) < 2 and (id_col is None or label_col is None):
+        raise DataError(
+            f"{csv_path}: the header has {len(header)} column ({', '.join(map(repr, header))}); "
+            "expected an id column and a label column, such as `id,label`"
+        )
+    i = _column(csv_path, header, id_col, 0, "image id")
+    j = _column(csv_path, header, label_col, 1, "label")
+    rows, seen = [], {}
+    for line_no, row in enumerate(lines[1:], start=2):
+        if len(row) <= max(i, j) or not row[i].strip() or not row[j].strip():
+            raise DataError(
+                f"{csv_path}: row {line_no} has no {header[i]!r} or no {header[j]!r} value ({row}); "
+                "every row needs an image id and a label"
+            )
+        image_id, label = row[i].strip(), row[j].strip()
+        if image_id in seen:
+            # The same image twice could land on both sides of the split and inflate validation scores.
+            raise DataError(f"{csv_path}: id {image_id!r} is on rows {seen[image_id]} and {line_no}; ids must be unique")
+        seen[image_id] = line_no
+        rows.append((image_id, label))
+    if not rows:
+        raise DataError(f"{csv_path}: a header but no rows; add one row per image")
+    return rows
 
 
 def _seed_worker(worker_id: int) -> None:
