@@ -50,3 +50,28 @@ def fresh_copy(tmp_path):
         return dst
 
     return copy
+
+
+def write_colour_dataset(root: Path, per_class: dict[str, int], size=(40, 30), seed: int = 0) -> Path:
+    """A real, learnable image dataset: reddish 'red' and bluish 'blue' photos with noise, as PNG
+    and JPEG files in root/<split>/<class>/."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = {"blue": (40, 60, 200), "red": (200, 50, 40)}
+    for split, n in per_class.items():
+        for cls, rgb in base.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                noise = rng.normal(0, 30, (size[1], size[0], 3))
+                a = np.clip(np.array(rgb) + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(a).save(folder / f"{cls}{i:02d}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+@pytest.fixture
+def colours(tmp_path) -> Path:
+    """8 training and 4 validation images per class (red, blue), writable."""
+    return write_colour_dataset(tmp_path / "colours", {"train": 8, "valid": 4})

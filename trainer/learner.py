@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
+import os
+import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +21,30 @@ from serving.bundle import write_atomic
 from trainer.data import ImageClassifierData
 from trainer.metrics import accuracy, log_loss
 from trainer.model import ClassifierNet, InferenceNet, build_net
+from trainer.precompute import cache_key, cached, weights_digest
 from trainer.schedule import cycle_boundaries, sgdr_lrs
 from trainer.tta import predict_views
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_work_dir(data_path: Path) -> Path:
+    """Where models/ and tmp/ go: beside the data as in the lesson, or, when the data folder is
+    read-only (a shared dataset), a per-dataset folder in the user's cache."""
+    data_path = Path(data_path).resolve()
+    if os.access(data_path, os.W_OK):
+        return data_path
+    digest = hashlib.sha256(str(data_path).encode()).hexdigest()[:12]
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lesson2-classifier" / f"{data_path.name}-{digest}"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) for a reproducible run."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 @dataclass
@@ -54,9 +75,11 @@ class ConvLearner:
         device: torch.device | None = None,
         opt: str = "sgd",
         momentum: float = 0.9,
+        work_dir: Path | str | None = None,
         log=None,
     ):
         self.data = data
+        self.work_dir = Path(work_dir) if work_dir is not None else default_work_dir(data.path)
         self.device = device or default_device()
         self.net = net.to(self.device)
         if self.device.type == "cuda":
@@ -65,7 +88,10 @@ class ConvLearner:
         self.momentum = momentum
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.history: list[EpochStats] = []
+        self.lr_history: list[list[float]] = []  # the lr of every layer group at every training step
+        self.snapshots: list[str] = []  # names saved by fit(cycle_save_name=...), in order
         self._features: dict[str, torch.Tensor] = {}
+        self._features_weights: str | None = None  # digest of the backbone they were computed with
         self.opt = self._make_optimizer()
         self.freeze()
         self.precompute = precompute
@@ -155,9 +181,30 @@ class ConvLearner:
             self._ensure_features()
 
     def _ensure_features(self) -> None:
-        for name in ("train", "valid"):
-            if name not in self._features:
-                self._features[name] = self.compute_features(name)
+        tfms, weights = self.data.tfms, weights_digest(self.net.backbone)
+        if weights != self._features_weights:  # the backbone was trained since: activations are stale
+            self._features, self._features_weights = {}, weights
+        names = ["train", "valid"] + (["test"] if self.data.test_files else [])
+        for name in [n for n in names if n not in self._features]:
+            files = self._files(name)
+            key = cache_key(self.net.arch_name, weights, tfms.prep, tfms.tta_views[0], files)
+            path = self.work_dir / "tmp" / "precompute" / f"{self.net.arch_name}_{tfms.sz}_{name}.pt"
+            self._features[name] = cached(path, key, len(files), lambda: self.compute_features(name))
+
+    def _files(self, name: str) -> list[Path]:
+        return {"train": self.data.trn_files, "valid": self.data.val_files, "test": self.data.test_files or []}[name]
+
+    def _labels(self, name: str) -> list[int]:
+        return {"train": self.data.trn_y, "valid": self.data.val_y}.get(name) or [-1] * len(self._files(name))
+
+    def set_data(self, data: ImageClassifierData) -> None:
+        """Continue with other data, keeping the weights: progressive resizing (128 px, then 224 px)."""
+        if data.classes != self.data.classes:
+            raise ValueError(f"set_data: classes {data.classes} differ from the learner's {self.data.classes}")
+        self.data = data
+        self._features = {}
+        if self.precompute:
+            self._ensure_features()
 
     @torch.no_grad()
     def compute_features(self, name: str) -> torch.Tensor:
@@ -182,7 +229,7 @@ class ConvLearner:
         """(inputs, targets, forward) for every mini-batch of a dataset."""
         if self.precompute:
             x = self._features[name]
-            y = torch.tensor(self.data.trn_y if name == "train" else self.data.val_y)
+            y = torch.tensor(self._labels(name))
             order = torch.randperm(len(x)) if train else torch.arange(len(x))
             bs = self.data.bs
             for i in range(0, len(x), bs):
@@ -228,8 +275,10 @@ class ConvLearner:
             losses = []
             bar = tqdm(self._batches("train", train=True), total=spe, desc=f"epoch {len(self.history)}", unit="batch", leave=False)
             for xb, yb, forward in bar:
-                self.set_lrs(sgdr_lrs(step, lrs, n_cycle=n_cycle, cycle_len=cycle_len,
-                                      cycle_mult=cycle_mult, steps_per_epoch=spe))
+                step_lrs = sgdr_lrs(step, lrs, n_cycle=n_cycle, cycle_len=cycle_len, cycle_mult=cycle_mult,
+                                    steps_per_epoch=spe)
+                self.set_lrs(step_lrs)
+                self.lr_history.append(step_lrs)
                 with self._autocast():
                     loss = F.cross_entropy(forward(xb), yb)
                 self.opt.zero_grad(set_to_none=True)
@@ -245,7 +294,9 @@ class ConvLearner:
             new.append(stats)
             self.log(stats.line())
             if cycle_save_name and step in bounds[1:]:
-                self.save(f"{cycle_save_name}_cyc_{bounds.index(step) - 1}")
+                snapshot = f"{cycle_save_name}_cyc_{bounds.index(step) - 1}"
+                self.save(snapshot)
+                self.snapshots.append(snapshot)
         return new
 
     @torch.no_grad()
@@ -267,11 +318,29 @@ class ConvLearner:
         """Test-time augmentation: (mean probability over the bundle's views (n, classes), labels).
 
         Uses the exported graph's own wrapper and `serving.preprocess`, the code the server runs."""
-        files = {"valid": self.data.val_files, "train": self.data.trn_files, "test": self.data.test_files or []}[name]
-        labels = {"valid": self.data.val_y, "train": self.data.trn_y, "test": [-1] * len(files)}[name]
         views = list(views or self.data.tfms.tta_views)
-        per_view = predict_views(self.inference_net(), files, self.data.tfms.prep, views, device=self.device)
-        return per_view.mean(axis=1), np.asarray(labels)
+        per_view = predict_views(self.inference_net(), self._files(name), self.data.tfms.prep, views, device=self.device)
+        return per_view.mean(axis=1), np.asarray(self._labels(name))
+
+    def snapshot_ensemble(self, names: list[str] | None = None, name: str = "valid", *, tta: bool = True):
+        """Snapshot ensemble (Huang et al., 2017): the mean of the probabilities of the weights saved
+        at the end of each SGDR cycle. Returns (probs, labels); the current weights are kept."""
+        names = names or self.snapshots
+        if not names:
+            raise ValueError("no snapshots: train with fit(..., cycle_save_name=NAME) first")
+        current = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        try:
+            probs = []
+            for snapshot in names:
+                self.load(snapshot)
+                probs.append(self.TTA(name)[0] if tta else self.predict_files(name))
+        finally:
+            self.net.load_state_dict(current)
+        return np.mean(probs, axis=0), np.asarray(self._labels(name))
+
+    def predict_files(self, name: str = "valid") -> np.ndarray:
+        """Probabilities of the plain centre views read from the files (no precomputed activations)."""
+        return self.TTA(name, views=self.data.tfms.tta_views[:1])[0]
 
     def inference_net(self) -> InferenceNet:
         return InferenceNet(self.net).eval()
@@ -279,7 +348,7 @@ class ConvLearner:
     # --- save / load: state dicts of tensors only, so loading never unpickles arbitrary objects.
 
     def models_dir(self) -> Path:
-        return self.data.path / "models"
+        return self.work_dir / "models"
 
     def save(self, name: str) -> Path:
         path = self.models_dir() / f"{name}.pt"
