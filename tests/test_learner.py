@@ -163,3 +163,16 @@ class TestSnapshotsAndPersistence:
         assert all(torch.equal(v, learn.net.head.state_dict()[k]) for k, v in head.items())
         learn.fit(0.05, 1)
         assert learn.data.tfms.sz == 48 and len(learn.history) == 2
+
+
+class TestLrFind:
+    def test_lesson_spelling_restores_weights_and_plots(self, colours, tmp_path):
+        from PIL import Image
+
+        learn = make_learner(colours)
+        before = {k: v.clone() for k, v in learn.net.state_dict().items()}
+        sched = learn.lr_find(num_it=30)
+        assert learn.sched is sched and len(sched.lrs) <= 30
+        assert all(torch.equal(v, learn.net.state_dict()[k]) for k, v in before.items())
+        sched.plot(tmp_path / "lr_find.png", n_skip=2, n_skip_end=1)
+        assert Image.open(tmp_path / "lr_find.png").size[0] > 100

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import random
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,8 @@ class ImageClassifierData:
     num_workers: int = 2
     test_files: list[Path] | None = None
     seed: int | None = None
+    # Loaders are kept so that worker processes persist across epochs instead of restarting.
+    _loaders: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_paths(
@@ -214,7 +217,7 @@ class ImageClassifierData:
 
     def with_tfms(self, tfms: Tfms) -> ImageClassifierData:
         """The same files read with other transforms (progressive resizing: 128 px, then 224 px)."""
-        return ImageClassifierData(**{**self.__dict__, "tfms": tfms})
+        return dataclasses.replace(self, tfms=tfms)
 
     def dataset(self, name: str, *, augment: bool = False) -> ImageDataset:
         files, labels = {
@@ -225,17 +228,21 @@ class ImageClassifierData:
         return ImageDataset(files, labels, self.tfms.train if augment else self.tfms.eval)
 
     def loader(self, name: str, *, augment: bool = False, shuffle: bool = False) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
-        return DataLoader(
-            self.dataset(name, augment=augment),
-            batch_size=self.bs,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,
-            generator=generator,
-            worker_init_fn=_seed_worker,
-        )
+        """A loader of uint8 CHW batches; the same object on every call with the same arguments."""
+        key = (name, augment, shuffle, self.bs)
+        if key not in self._loaders:
+            generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+            self._loaders[key] = DataLoader(
+                self.dataset(name, augment=augment),
+                batch_size=self.bs,
+                shuffle=shuffle,
+                num_workers=self.num_workers,
+                pin_memory=torch.cuda.is_available(),
+                persistent_workers=self.num_workers > 0,
+                generator=generator,
+                worker_init_fn=_seed_worker,
+            )
+        return self._loaders[key]
 
 
 def _find_csv(path: Path, csv_fname: Path) -> Path:

@@ -118,7 +118,7 @@ class ConvLearner:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
-    def _autocast(self):
+    def autocast(self):
         dtype = self.amp_dtype
         return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
@@ -140,7 +140,7 @@ class ConvLearner:
     def unfreeze(self) -> None:
         self.freeze_to(0)
 
-    def _train_mode(self) -> None:
+    def train_mode(self) -> None:
         self.net.train()
         for group in self.layer_groups()[: self.frozen_groups]:
             for m in group.modules():
@@ -155,7 +155,7 @@ class ConvLearner:
             return torch.optim.AdamW(groups, lr=1e-3, betas=(self.momentum, 0.99))
         raise ValueError(f"unknown optimizer {self.opt_name!r}; use 'sgd' or 'adamw'")
 
-    def _group_values(self, values, name: str) -> list[float]:
+    def group_values(self, values, name: str) -> list[float]:
         n = len(self.layer_groups())
         if np.isscalar(values):
             return [float(values)] * n
@@ -213,7 +213,7 @@ class ConvLearner:
         out = []
         loader = self.data.loader(name)
         for xb, _ in tqdm(loader, desc=f"precompute {name}", unit="batch", leave=False):
-            with self._autocast():
+            with self.autocast():
                 out.append(self.net.features(self._to_device(xb)).float().cpu())
         return torch.cat(out) if out else torch.empty(0, 2 * self.net.head[0].num_features)
 
@@ -225,7 +225,7 @@ class ConvLearner:
 
     # --- batches
 
-    def _batches(self, name: str, *, train: bool):
+    def batches(self, name: str, *, train: bool):
         """(inputs, targets, forward) for every mini-batch of a dataset."""
         if self.precompute:
             x = self._features[name]
@@ -242,6 +242,30 @@ class ConvLearner:
                 if train and len(xb) < 2:
                     continue
                 yield self._to_device(xb), yb.to(self.device, non_blocking=True), self.net
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for float16 autocast; a no-op for bfloat16 and float32."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def train_step(self, xb: torch.Tensor, yb: torch.Tensor, forward, scaler: torch.amp.GradScaler) -> float:
+        """One optimizer step on a mini-batch at the optimizer's current lrs; returns the loss.
+        The only training step: fit and lr_find both call it."""
+        with self.autocast():
+            loss = F.cross_entropy(forward(xb), yb)
+        self.opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(self.opt)
+        scaler.update()
+        return loss.item()
+
+    def lr_find(self, start_lr=1e-5, end_lr=10, num_it: int | None = None, **kwargs):
+        """The lesson's lr finder (see trainer.lr_finder.lr_find); its result is kept as `self.sched`
+        so that `learn.sched.plot(path)` works as in the lesson. Weights and optimizer state are
+        exactly as they were afterwards."""
+        from trainer.lr_finder import lr_find  # lr_finder imports this module for type hints
+
+        self.sched = lr_find(self, start_lr, end_lr, num_it, **kwargs)
+        return self.sched
 
     def steps_per_epoch(self) -> int:
         n, bs = len(self.data.trn_files), self.data.bs
@@ -261,31 +285,25 @@ class ConvLearner:
     ) -> list[EpochStats]:
         """SGDR: n_cycle cosine cycles of cycle_len * cycle_mult**i epochs (cycle_len=None: one
         epoch per cycle). `lrs` and `wds` are one value or one per layer group."""
-        lrs = self._group_values(lrs, "lrs")
-        for g, wd in zip(self.opt.param_groups, self._group_values(wds or 0.0, "wds")):
+        lrs = self.group_values(lrs, "lrs")
+        for g, wd in zip(self.opt.param_groups, self.group_values(wds or 0.0, "wds")):
             g["weight_decay"] = wd
         cycle_len = cycle_len or 1
         spe = self.steps_per_epoch()
         bounds = cycle_boundaries(n_cycle, cycle_len, cycle_mult, spe)
         n_epochs = bounds[-1] // spe
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        scaler = self.grad_scaler()
         step, new = 0, []
         for _ in range(n_epochs):
-            self._train_mode()
+            self.train_mode()
             losses = []
-            bar = tqdm(self._batches("train", train=True), total=spe, desc=f"epoch {len(self.history)}", unit="batch", leave=False)
+            bar = tqdm(self.batches("train", train=True), total=spe, desc=f"epoch {len(self.history)}", unit="batch", leave=False)
             for xb, yb, forward in bar:
                 step_lrs = sgdr_lrs(step, lrs, n_cycle=n_cycle, cycle_len=cycle_len, cycle_mult=cycle_mult,
                                     steps_per_epoch=spe)
                 self.set_lrs(step_lrs)
                 self.lr_history.append(step_lrs)
-                with self._autocast():
-                    loss = F.cross_entropy(forward(xb), yb)
-                self.opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(self.opt)
-                scaler.update()
-                losses.append(loss.item())
+                losses.append(self.train_step(xb, yb, forward, scaler))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 step += 1
             val_loss, acc = self.validate()
@@ -304,8 +322,8 @@ class ConvLearner:
         """Probabilities of a dataset's plain centre views (no TTA), (n, classes)."""
         self.net.eval()
         out = []
-        for xb, _, forward in self._batches(name, train=False):
-            with self._autocast():
+        for xb, _, forward in self.batches(name, train=False):
+            with self.autocast():
                 out.append(torch.softmax(forward(xb).float(), dim=1).cpu())
         return torch.cat(out).numpy() if out else np.empty((0, self.data.c), np.float32)
 
