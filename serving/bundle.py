@@ -99,6 +99,22 @@ class ModelFile(_Strict):
     output_name: str
 
 
+class Variant(_Strict):
+    """A smaller or faster copy of the model, with its accuracy measured against the fp32 graph."""
+
+    precision: Literal["fp16", "int8"]
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    intended_for: Literal["cuda", "cpu"]  # fp16 pays off on GPUs; int8 on CPUs
+    # Validation accuracy with TTA through ONNX Runtime, and its change from the fp32 model's.
+    accuracy_tta: float
+    accuracy_tta_delta: float
+    max_probability_diff: float  # largest |variant - fp32| probability over the validation views
+
+
+Precision = Literal["fp32", "fp16", "int8"]
+
+
 class Manifest(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str = Field(min_length=1)
@@ -110,6 +126,9 @@ class Manifest(_Strict):
     normalization: Normalization
     tta: TTA
     model: ModelFile
+    variants: list[Variant] = Field(default_factory=list)
+    # Names of the SGDR snapshots averaged inside the graph (a snapshot ensemble); empty for one model.
+    ensemble: list[str] = Field(default_factory=list)
     # Validation metrics at export, e.g. accuracy, log_loss, accuracy_tta, log_loss_tta.
     metrics: dict[str, float] = Field(default_factory=dict)
     # The training recipe that produced the model (epochs, lrs, cycles, sizes): free-form, for people.
@@ -182,16 +201,28 @@ def read_manifest(bundle_dir: Path) -> Manifest:
         raise BundleError(f"{path}: invalid manifest: {problems}") from None
 
 
-def load_bundle(bundle_dir: Path) -> tuple[Manifest, Path]:
+def model_file(manifest: Manifest, precision: Precision = "fp32") -> tuple[str, str]:
+    """(file name, sha256) of the model at `precision`; a precision the bundle lacks is a BundleError."""
+    if precision == "fp32":
+        return manifest.model.file, manifest.model.sha256
+    for v in manifest.variants:
+        if v.precision == precision:
+            return v.file, v.sha256
+    have = ", ".join(["fp32", *(v.precision for v in manifest.variants)])
+    raise BundleError(f"the bundle has no {precision} model (it has: {have}); export with --{precision} or pick one of those")
+
+
+def load_bundle(bundle_dir: Path, precision: Precision = "fp32") -> tuple[Manifest, Path]:
     """Validate a bundle (manifest schema and the ONNX file's checksum); return it and the model path."""
     manifest = read_manifest(bundle_dir)
-    model_path = Path(bundle_dir) / manifest.model.file
+    name, expected = model_file(manifest, precision)
+    model_path = Path(bundle_dir) / name
     if not model_path.is_file():
-        raise BundleError(f"{model_path}: missing; the manifest names it as the model file")
+        raise BundleError(f"{model_path}: missing; the manifest names it as the {precision} model file")
     actual = sha256_file(model_path)
-    if actual != manifest.model.sha256:
+    if actual != expected:
         raise BundleError(
-            f"{model_path}: sha256 {actual[:12]}... does not match the manifest's {manifest.model.sha256[:12]}...; "
+            f"{model_path}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}...; "
             "the file was changed or corrupted after export: re-export or restore it"
         )
     return manifest, model_path

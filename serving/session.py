@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from serving.bundle import BundleError, Manifest, load_bundle
+from serving.bundle import BundleError, Manifest, Precision, load_bundle
 
 
 def choose_providers(device: str = "auto") -> list[str]:
@@ -48,12 +48,15 @@ class ModelSession:
         bundle_dir: Path | str,
         *,
         device: str = "auto",
+        precision: Precision = "fp32",
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
     ):
         self.bundle_dir = Path(bundle_dir)
+        self.precision = precision
         self.manifest: Manifest
-        self.manifest, model_path = load_bundle(self.bundle_dir)
+        self.manifest, model_path = load_bundle(self.bundle_dir, precision)
+        self.model_path = model_path
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads  # 0: ONNX Runtime's default (all cores)
         options.inter_op_num_threads = inter_op_threads
@@ -66,7 +69,7 @@ class ModelSession:
         self._check_io()
 
     def _check_io(self) -> None:
-        m, path = self.manifest, self.bundle_dir / self.manifest.model.file
+        m, path = self.manifest, self.model_path
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if [i.name for i in inputs] != [m.model.input_name] or [o.name for o in outputs] != [m.model.output_name]:
             raise BundleError(

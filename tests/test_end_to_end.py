@@ -67,7 +67,9 @@ def test_model_info(trained, client):
     assert info.model_name == "hymenoptera" and info.model_version == "test-1"
     assert list(info.classes) == learn.data.classes == ["ants", "bees"]
     assert info.input_size == 64 and info.model_sha256 == manifest.model.sha256
-    assert dict(info.metrics) == {"accuracy": 0.5}
+    assert dict(info.metrics) == manifest.metrics
+    assert info.metrics["accuracy"] == 0.5  # as given to export
+    assert info.metrics["accuracy_tta"] == pytest.approx(float(np.mean(learn.TTA()[0].argmax(1) == learn.TTA()[1])))
 
 
 def test_bad_image_is_invalid_argument_and_server_keeps_serving(trained, client):

@@ -14,17 +14,21 @@ import torch
 
 from serving.bundle import (
     MODEL_NAME,
+    TTA,
     Manifest,
     ModelFile,
     Normalization,
-    TTA,
+    Variant,
     now,
     sha256_file,
     write_manifest,
 )
+from serving.evaluate import predict_files
 from serving.preprocess import load_views
 from serving.session import ModelSession
-from trainer.model import InferenceNet, get_arch
+from trainer.metrics import accuracy, log_loss
+from trainer.model import EnsembleNet, InferenceNet, get_arch
+from trainer.tta import predict_views
 
 OPSET = 17
 INPUT_NAME = "image"
@@ -78,18 +82,30 @@ def export(
     version: str | None = None,
     metrics: dict[str, float] | None = None,
     recipe: dict | None = None,
+    snapshots: Sequence[str] = (),
+    fp16: bool = False,
+    int8: bool = False,
     parity_files: int = 8,
+    calibration_images: int = 64,
+    log=lambda msg: None,
 ) -> Manifest:
     """Write the bundle for `learn` into out_dir, replacing what was there only once it is complete.
 
-    The graph is checked with onnx.checker and against PyTorch on real validation images before
-    the bundle is moved into place, so a bundle folder is always whole and verified."""
+    snapshots: names saved by fit(cycle_save_name=...); when given, the graph averages their
+    probabilities (a snapshot ensemble) instead of using the current weights.
+    fp16 / int8: also write model.fp16.onnx (for GPUs) / model.int8.onnx (for CPUs, calibrated on
+    training images), each with its validation accuracy change against the fp32 graph.
+
+    Before the bundle moves into place it is verified: onnx.checker; ONNX Runtime against PyTorch on
+    real images (PARITY_TOLERANCE); and the bundle's TTA through ONNX Runtime reproducing the
+    PyTorch TTA accuracy on the validation set exactly. Raises ExportError when any check fails."""
     import onnx
 
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tfms, arch = learn.data.tfms, get_arch(learn.net.arch_name)
-    net = InferenceNet(copy.deepcopy(learn.net).cpu().float()).eval()
+    data, tfms, arch = learn.data, learn.data.tfms, get_arch(learn.net.arch_name)
+    net = _export_net(learn, snapshots)
+    metrics = dict(metrics or {})
     created = now()
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
@@ -99,7 +115,7 @@ def export(
             version=version or created.strftime("%Y%m%d-%H%M%S"),
             created_at=created,
             architecture=arch.name,
-            classes=list(learn.data.classes),
+            classes=list(data.classes),
             preprocessing=tfms.prep,
             normalization=Normalization(mean=arch.mean, std=arch.std),
             tta=TTA(views=list(tfms.tta_views)),
@@ -110,17 +126,137 @@ def export(
                 input_name=INPUT_NAME,
                 output_name=OUTPUT_NAME,
             ),
-            metrics=metrics or {},
+            ensemble=list(snapshots),
+            metrics=metrics,
             recipe=recipe or {},
-            versions={"torch": torch.__version__, "onnx": onnx.__version__},
+            versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": _ort_version()},
         )
         write_manifest(tmp, manifest)
-        files = list(learn.data.val_files[:parity_files]) or list(learn.data.trn_files[:parity_files])
-        check_parity(ModelSession(tmp, device="cpu"), net, files)
+        session = ModelSession(tmp, device="cpu")
+        check_parity(session, net, list(data.val_files[:parity_files]) or list(data.trn_files[:parity_files]))
+        reference = _verify_tta(session, net, learn, metrics, log)
+        manifest = manifest.model_copy(update={"metrics": metrics})
+        variants = []
+        if fp16:
+            variants.append(_variant(tmp, manifest, "fp16", reference, data, convert_fp16, log))
+        if int8:
+            calibration = list(data.trn_files[:calibration_images])
+            quantize = lambda src, dst: quantize_int8(src, dst, manifest, calibration)  # noqa: E731
+            variants.append(_variant(tmp, manifest, "int8", reference, data, quantize, log))
+        manifest = manifest.model_copy(update={"variants": variants})
+        write_manifest(tmp, Manifest.model_validate(manifest.model_dump()))
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _export_net(learn, snapshots: Sequence[str]) -> torch.nn.Module:
+    """The module to trace, on the CPU in float32: the current weights, or an ensemble of snapshots."""
+    if not snapshots:
+        return InferenceNet(copy.deepcopy(learn.net).cpu().float()).eval()
+    members = []
+    current = {k: v.detach().clone() for k, v in learn.net.state_dict().items()}
+    try:
+        for snapshot in snapshots:
+            learn.load(snapshot)
+            members.append(copy.deepcopy(learn.net).cpu().float())
+    finally:
+        learn.net.load_state_dict(current)
+    return EnsembleNet(members).eval()
+
+
+def _verify_tta(session: ModelSession, net: torch.nn.Module, learn, metrics: dict, log) -> np.ndarray:
+    """The bundle's TTA through ONNX Runtime must reproduce PyTorch's TTA accuracy exactly.
+    Fills metrics' accuracy_tta / log_loss_tta where absent; returns the ONNX probabilities."""
+    data, m = learn.data, session.manifest
+    y = np.asarray(data.val_y)
+    onnx_probs = predict_files(session, data.val_files)
+    if "accuracy_tta" not in metrics or isinstance(net, EnsembleNet):
+        torch_probs = predict_views(net, data.val_files, m.preprocessing, m.tta.views).mean(axis=1)
+        metrics["accuracy_tta"] = accuracy(torch_probs, y)
+        metrics["log_loss_tta"] = log_loss(torch_probs, y)
+    onnx_accuracy = accuracy(onnx_probs, y)
+    if len(y) and onnx_accuracy != metrics["accuracy_tta"]:
+        raise ExportError(
+            f"the bundle's TTA through ONNX Runtime scores {onnx_accuracy:.6f} on the validation set, "
+            f"PyTorch's TTA {metrics['accuracy_tta']:.6f}: the exported graph is not the validated model"
+        )
+    log(f"export: ONNX Runtime TTA accuracy {onnx_accuracy:.4f} equals the trainer's")
+    return onnx_probs
+
+
+def _variant(tmp: Path, manifest: Manifest, precision: str, reference: np.ndarray, data, make, log) -> Variant:
+    """Write the `precision` copy of model.onnx and measure it against the fp32 model's probabilities."""
+    file = f"model.{precision}.onnx"
+    make(tmp / MODEL_NAME, tmp / file)
+    variant = Variant(
+        precision=precision, file=file, sha256=sha256_file(tmp / file), intended_for="cuda" if precision == "fp16" else "cpu",
+        accuracy_tta=0.0, accuracy_tta_delta=0.0, max_probability_diff=0.0,
+    )
+    write_manifest(tmp, manifest.model_copy(update={"variants": [variant]}))
+    probs = predict_files(ModelSession(tmp, device="cpu", precision=precision), data.val_files)
+    y = np.asarray(data.val_y)
+    fp32 = accuracy(reference, y)
+    measured = variant.model_copy(update={
+        "accuracy_tta": accuracy(probs, y),
+        "accuracy_tta_delta": accuracy(probs, y) - fp32,
+        "max_probability_diff": float(np.abs(probs - reference).max()) if len(y) else 0.0,
+    })
+    log(f"export: {precision} TTA accuracy {measured.accuracy_tta:.4f} ({measured.accuracy_tta_delta:+.4f} vs fp32)")
+    return measured
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    """Float16 weights and arithmetic, uint8 input and float32 output kept (the bundle contract)."""
+    import onnx
+    from onnxconverter_common import float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one warning per weight too small for float16 (flushed to 0)
+        model = float16.convert_float_to_float16(
+            onnx.load(str(src)),
+            keep_io_types=True,
+            # Our graph's first node casts the uint8 input to float; converting that Cast yields a
+            # graph ONNX Runtime rejects (type mismatch), so it stays float32 and feeds a converted copy.
+            op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, "Cast"],
+        )
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+
+
+def quantize_int8(src: Path, dst: Path, manifest: Manifest, calibration_files: Sequence[Path]) -> None:
+    """Static int8 quantization (QDQ, per-channel weights) calibrated on real images' plain views."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            views = manifest.tta.views[:1]
+            self.batches = iter(
+                {INPUT_NAME: load_views(Path(f).read_bytes(), manifest.preprocessing, views)} for f in calibration_files
+            )
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    pre = dst.with_suffix(".pre.onnx")
+    try:
+        quant_pre_process(str(src), str(pre))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_static(
+                str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            )
+    finally:
+        pre.unlink(missing_ok=True)
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -76,10 +76,12 @@ class ConvLearner:
         opt: str = "sgd",
         momentum: float = 0.9,
         work_dir: Path | str | None = None,
+        models_dir: Path | str | None = None,
         log=None,
     ):
         self.data = data
         self.work_dir = Path(work_dir) if work_dir is not None else default_work_dir(data.path)
+        self._models_dir = Path(models_dir) if models_dir is not None else self.work_dir / "models"
         self.device = device or default_device()
         self.net = net.to(self.device)
         if self.device.type == "cuda":
@@ -366,7 +368,8 @@ class ConvLearner:
     # --- save / load: state dicts of tensors only, so loading never unpickles arbitrary objects.
 
     def models_dir(self) -> Path:
-        return self.work_dir / "models"
+        """Where save(name) writes name.pt: work_dir/models unless the learner was given another."""
+        return self._models_dir
 
     def save(self, name: str) -> Path:
         path = self.models_dir() / f"{name}.pt"

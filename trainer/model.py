@@ -226,6 +226,20 @@ class InferenceNet(nn.Module):
         return torch.softmax(self.net(x.permute(0, 3, 1, 2).float()), dim=1)
 
 
+class EnsembleNet(nn.Module):
+    """A snapshot ensemble as one graph: uint8 NHWC in, the mean of the members' probabilities out."""
+
+    def __init__(self, nets: list[ClassifierNet]):
+        super().__init__()
+        if not nets:
+            raise ValueError("an ensemble needs at least one member")
+        self.nets = nn.ModuleList(nets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2).float()
+        return torch.stack([torch.softmax(net(x), dim=1) for net in self.nets]).mean(dim=0)
+
+
 def build_net(
     arch_name: str,
     n_classes: int,

@@ -1,0 +1,28 @@
+"""Probabilities for whole image files through a bundle's ONNX session, TTA as the bundle says.
+
+The trainer's export uses this to verify that the bundle reproduces its TTA results; benchmarks
+and offline scoring use it too. No torch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from serving.preprocess import load_views
+from serving.session import ModelSession
+
+
+def predict_files(
+    session: ModelSession, files: Sequence[Path], *, tta: bool = True, batch_images: int = 16
+) -> np.ndarray:
+    """Mean probability over the views of every file, (n_files, n_classes), float32."""
+    m = session.manifest
+    views = m.tta.views if tta else m.tta.views[:1]
+    out = []
+    for i in range(0, len(files), batch_images):
+        chunk = files[i : i + batch_images]
+        x = np.concatenate([load_views(Path(f).read_bytes(), m.preprocessing, views) for f in chunk])
+        out.append(session.predict(x, counts=[len(views)] * len(chunk)))
+    return np.concatenate(out) if out else np.empty((0, len(m.classes)), np.float32)

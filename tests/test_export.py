@@ -1,0 +1,150 @@
+"""Export: ONNX parity with PyTorch, TTA reproduced through ONNX Runtime, ensembles, variants, tampering."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from serving.bundle import MODEL_NAME, BundleError, load_bundle, sha256_file
+from serving.evaluate import predict_files
+from serving.preprocess import load_views
+from serving.session import ModelSession
+from trainer import export as export_module
+from trainer.augment import tfms_from_model, transforms_side_on
+from trainer.data import ImageClassifierData
+from trainer.export import ExportError, check_parity, export
+from trainer.learner import ConvLearner
+from trainer.metrics import accuracy
+from trainer.model import InferenceNet
+
+
+@pytest.fixture(scope="module")
+def learn(tiny_hymenoptera, tmp_path_factory):
+    tfms = tfms_from_model("efficientnet_lite0", 64, aug_tfms=transforms_side_on, max_zoom=1.1)
+    data = ImageClassifierData.from_paths(tiny_hymenoptera, tfms, bs=8, num_workers=0, seed=0)
+    torch.manual_seed(0)
+    learn = ConvLearner.pretrained("efficientnet_lite0", data, precompute=True, log=lambda _: None,
+                                   models_dir=tmp_path_factory.mktemp("models"))
+    learn.fit(1e-2, 2, cycle_len=1, cycle_save_name="snap")
+    return learn
+
+
+@pytest.fixture(scope="module")
+def bundle(learn, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    return out, export(learn, out, name="ants-bees", version="7", fp16=True, int8=True)
+
+
+class TestParity:
+    def test_onnx_runtime_matches_pytorch_on_real_images(self, learn, bundle):
+        out, _ = bundle
+        gap = check_parity(ModelSession(out, device="cpu"), learn.inference_net().cpu(), learn.data.val_files)
+        assert gap < 1e-4
+
+    def test_bundle_tta_through_onnx_reproduces_the_trainers_tta_accuracy(self, learn, bundle):
+        out, manifest = bundle
+        probs, y = learn.TTA()
+        onnx_probs = predict_files(ModelSession(out, device="cpu"), learn.data.val_files)
+        assert accuracy(onnx_probs, y) == accuracy(probs, y) == manifest.metrics["accuracy_tta"]
+        np.testing.assert_allclose(onnx_probs, probs, atol=1e-4)
+
+    def test_graph_contract(self, bundle):
+        import onnx
+
+        out, manifest = bundle
+        model = onnx.load(str(out / MODEL_NAME))
+        assert model.opset_import[0].version >= 17
+        (inp,), (outp,) = model.graph.input, model.graph.output
+        assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+        dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+        assert dims == ["batch", 64, 64, 3]
+        assert manifest.versions["torch"] == torch.__version__
+
+
+class TestVariants:
+    @pytest.mark.parametrize("precision", ["fp16", "int8"])
+    def test_variant_is_recorded_with_its_measured_accuracy_change(self, learn, bundle, precision):
+        out, manifest = bundle
+        (variant,) = [v for v in manifest.variants if v.precision == precision]
+        assert sha256_file(out / variant.file) == variant.sha256
+        probs = predict_files(ModelSession(out, device="cpu", precision=precision), learn.data.val_files)
+        fp32 = manifest.metrics["accuracy_tta"]
+        assert variant.accuracy_tta == accuracy(probs, learn.data.val_y)
+        assert variant.accuracy_tta_delta == pytest.approx(variant.accuracy_tta - fp32)
+        assert variant.max_probability_diff < (0.02 if precision == "fp16" else 0.5)
+
+    def test_missing_variant_is_a_clear_error(self, tmp_path, learn):
+        export(learn, tmp_path / "plain")
+        with pytest.raises(BundleError, match="no int8 model .*export with --int8"):
+            load_bundle(tmp_path / "plain", "int8")
+
+
+class TestSnapshotEnsemble:
+    def test_graph_equals_the_mean_of_its_members(self, learn, tmp_path):
+        assert learn.snapshots == ["snap_cyc_0", "snap_cyc_1"]
+        manifest = export(learn, tmp_path / "ens", snapshots=learn.snapshots)
+        assert manifest.ensemble == learn.snapshots
+        views = np.concatenate([load_views(f.read_bytes(), manifest.preprocessing, manifest.tta.views)
+                                for f in learn.data.val_files[:4]])
+        members = []
+        for name in learn.snapshots:
+            learn.load(name)
+            with torch.no_grad():
+                members.append(learn.inference_net().cpu()(torch.from_numpy(views)).numpy())
+        learn.load("snap_cyc_1")
+        got = ModelSession(tmp_path / "ens", device="cpu").run(views)
+        np.testing.assert_allclose(got, np.mean(members, axis=0), atol=1e-5)
+        assert not np.allclose(members[0], members[1], atol=1e-3), "snapshots should differ"
+
+
+class TestTampering:
+    def test_changed_byte_in_the_onnx_file(self, bundle, tmp_path):
+        out = copy_bundle(bundle[0], tmp_path)
+        data = bytearray((out / MODEL_NAME).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (out / MODEL_NAME).write_bytes(bytes(data))
+        with pytest.raises(BundleError, match="sha256 .* does not match"):
+            ModelSession(out, device="cpu")
+
+    def test_missing_manifest_field(self, bundle, tmp_path):
+        out = copy_bundle(bundle[0], tmp_path)
+        raw = json.loads((out / "manifest.json").read_text())
+        del raw["tta"]
+        (out / "manifest.json").write_text(json.dumps(raw))
+        with pytest.raises(BundleError, match="tta: Field required"):
+            ModelSession(out, device="cpu")
+
+    def test_wrong_class_count(self, bundle, tmp_path):
+        out = copy_bundle(bundle[0], tmp_path)
+        raw = json.loads((out / "manifest.json").read_text())
+        raw["classes"].append("wasps")
+        (out / "manifest.json").write_text(json.dumps(raw))
+        with pytest.raises(BundleError, match="outputs 2 probabilities but the manifest lists 3 classes"):
+            ModelSession(out, device="cpu")
+
+    def test_failed_export_leaves_the_old_bundle_untouched(self, learn, bundle, tmp_path, monkeypatch):
+        out = copy_bundle(bundle[0], tmp_path)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        monkeypatch.setattr(export_module, "PARITY_TOLERANCE", -1.0)  # every graph now fails parity
+        with pytest.raises(ExportError, match="disagree"):
+            export(learn, out)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert [p.name for p in tmp_path.iterdir()] == [out.name], "temporary folders left behind"
+
+
+def copy_bundle(src, tmp_path):
+    import shutil
+
+    return shutil.copytree(src, tmp_path / "copy")
+
+
+def test_export_help_documents_every_option():
+    out = subprocess.run([sys.executable, "-m", "trainer.cli", "export", "--help"], capture_output=True, text=True).stdout
+    for option in ["--run", "--out", "--name", "--version", "--snapshots", "--fp16", "--int8", "--calibration-images"]:
+        assert option in out
+    assert out.count("default") >= 7
