@@ -176,3 +176,23 @@ class TestLrFind:
         assert all(torch.equal(v, learn.net.state_dict()[k]) for k, v in before.items())
         sched.plot(tmp_path / "lr_find.png", n_skip=2, n_skip_end=1)
         assert Image.open(tmp_path / "lr_find.png").size[0] > 100
+
+
+def test_submission_csv_for_a_test_folder(colours, tmp_path):
+    import csv
+
+    from conftest import write_colour_dataset
+
+    write_colour_dataset(tmp_path / "t", {"unlabelled": 3})
+    test_dir = colours / "test"
+    test_dir.mkdir()
+    for f in (tmp_path / "t" / "unlabelled" / "red").iterdir():
+        f.rename(test_dir / f.name)
+    tfms = tfms_from_model("efficientnet_lite0", 32, aug_tfms=transforms_side_on)
+    data = ImageClassifierData.from_paths(colours, tfms, bs=4, num_workers=0, test_name="test")
+    learn = ConvLearner.pretrained("efficientnet_lite0", data, precompute=True, log=lambda _: None)
+    learn.fit(0.1, 2)
+    rows = list(csv.reader(learn.write_submission(tmp_path / "sub.csv").open()))
+    assert rows[0] == ["id", "blue", "red"] and len(rows) == 4
+    assert {r[0] for r in rows[1:]} == {f.stem for f in test_dir.iterdir()}
+    assert all(abs(float(r[1]) + float(r[2]) - 1) < 1e-5 for r in rows[1:])

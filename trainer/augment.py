@@ -7,6 +7,7 @@ by `serving.preprocess`, the implementation the server runs too.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,15 +23,28 @@ from serving.preprocess import make_views, resize_shorter
 
 @dataclass(frozen=True)
 class RandomRotate:
-    """Rotate by a uniform angle in [-deg, deg] degrees; the uncovered corners are black."""
+    """Rotate by a uniform angle in [-deg, deg] degrees, with probability p.
+
+    The corners the rotation uncovers are filled by reflecting the image (as fastai does), not
+    with black: black wedges would shift the max-pooled activations the head was fitted on."""
 
     deg: float = 10.0
     p: float = 0.75
 
-    def __call__(self, im: Image.Image, rng: random.Random) -> Image.Image:
+    def __call__(self, im: Image.Image, rng) -> Image.Image:
         if rng.random() >= self.p:
             return im
-        return im.rotate(rng.uniform(-self.deg, self.deg), Image.Resampling.BILINEAR)
+        angle = rng.uniform(-self.deg, self.deg)
+        t = math.radians(abs(angle))
+        side = max(im.size)
+        pad = math.ceil(0.5 * side * (math.sin(t) + 1 - math.cos(t))) + 2
+        a = np.asarray(im)
+        pad = min(pad, min(a.shape[:2]) - 1)  # numpy's reflect needs the pad shorter than the image
+        if pad <= 0:
+            return im.rotate(angle, Image.Resampling.BILINEAR)
+        padded = Image.fromarray(np.pad(a, ((pad, pad), (pad, pad), (0, 0)), mode="reflect"))
+        rotated = padded.rotate(angle, Image.Resampling.BILINEAR)
+        return rotated.crop((pad, pad, pad + im.width, pad + im.height))
 
 
 @dataclass(frozen=True)

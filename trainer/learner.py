@@ -362,6 +362,17 @@ class ConvLearner:
         """Probabilities of the plain centre views read from the files (no precomputed activations)."""
         return self.TTA(name, views=self.data.tfms.tta_views[:1])[0]
 
+    def write_submission(self, path: Path | str, *, tta: bool = True, top_label: bool = False) -> Path:
+        """Predict the test set and write a submission CSV: id, then one probability per class
+        (or id, label with top_label=True)."""
+        from trainer.submission import write_predictions_csv
+
+        if not self.data.test_files:
+            raise ValueError("no test set: build the data with test_name=FOLDER of unlabelled images")
+        probs = self.TTA("test")[0] if tta else self.predict_files("test")
+        write_predictions_csv(Path(path), self.data.test_files, probs, self.data.classes, top_label=top_label)
+        return Path(path)
+
     def inference_net(self) -> InferenceNet:
         return InferenceNet(self.net).eval()
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from serving.bundle import write_atomic
 from trainer import augment
 from trainer.data import ImageClassifierData
-from trainer.learner import ConvLearner
+from trainer.learner import ConvLearner, seed_everything
 from trainer.metrics import accuracy, log_loss
 
 FINAL = "final"  # the trained weights, saved as <run>/models/final.pt
@@ -62,12 +62,10 @@ class RunConfig(BaseModel):
 
 def run(cfg: RunConfig, log=print) -> tuple[ConvLearner, dict[str, float]]:
     """Train as configured, evaluate with TTA, export `cfg.out / "bundle"`; return the learner and metrics."""
-    import torch
-
     from trainer.digits import materialise_digits
     from trainer.export import export
 
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
     write_atomic(cfg.out / "config.json", (cfg.model_dump_json(indent=2) + "\n").encode())
     data_path = cfg.data or materialise_digits(cfg.out / "digits")
@@ -92,11 +90,16 @@ def run(cfg: RunConfig, log=print) -> tuple[ConvLearner, dict[str, float]]:
         learn.fit(lr, cfg.aug_cycles, cycle_len=1)
     if cfg.unfreeze_cycles:
         learn.unfreeze()  # step 5
-        lrs = [lr / cfg.lr_ratio**2, lr / cfg.lr_ratio, lr]  # step 6: earlier groups train slower
-        # Step 7: look again; the lesson reads this plot rather than changing the lr it chose.
-        # Every batch now runs the whole network: 30 batches at least, enough to read a curve.
-        _find_lr(learn, cfg.out / "lr_find_unfrozen.png", log, start_lr=[x / 1000 for x in lrs],
-                 num_it=max(30, learn.steps_per_epoch()))
+        ratios = [1 / cfg.lr_ratio**2, 1 / cfg.lr_ratio, 1.0]  # step 6: earlier groups train slower
+        # Step 7: look again with every group unfrozen. A lower suggestion than the head's lr is
+        # taken (the whole network is more fragile than a head on fixed features); a higher one is
+        # not. Every batch now runs the whole network: 30 batches at least, enough for a curve.
+        if not cfg.lr:
+            again = _find_lr(learn, cfg.out / "lr_find_unfrozen.png", log, start_lr=[1e-5 * r for r in ratios],
+                             num_it=max(30, learn.steps_per_epoch()))
+            lr = min(lr, again)
+        lrs = [lr * r for r in ratios]
+        log(f"unfrozen lrs: {', '.join(f'{x:.2e}' for x in lrs)}")
         learn.fit(lrs, cfg.unfreeze_cycles, cycle_len=1, cycle_mult=2, cycle_save_name="snapshot")  # step 8
     learn.save(FINAL)
     _write_history(cfg.out / "history.csv", learn)
