@@ -8,6 +8,7 @@ import math
 import os
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,11 @@ def default_work_dir(data_path: Path) -> Path:
         return data_path
     digest = hashlib.sha256(str(data_path).encode()).hexdigest()[:12]
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lesson2-classifier" / f"{data_path.name}-{digest}"
+
+
+def _as_tuple(x):
+    """random.setstate wants the nested tuples that a save through torch turned into lists."""
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def seed_everything(seed: int) -> None:
@@ -95,6 +101,7 @@ class ConvLearner:
         self._features: dict[str, torch.Tensor] = {}
         self._features_weights: str | None = None  # digest of the backbone they were computed with
         self.opt = self._make_optimizer()
+        self.bn_frozen = False
         self.freeze()
         self.precompute = precompute
 
@@ -142,9 +149,18 @@ class ConvLearner:
     def unfreeze(self) -> None:
         self.freeze_to(0)
 
+    def bn_freeze(self, frozen: bool = True) -> None:
+        """The lesson's bn_freeze: keep every backbone BatchNorm on its ImageNet statistics even
+        when unfrozen (its weights still train). For small datasets of ImageNet-like photos, batch
+        statistics of a few dozen images are a noisier estimate than the ones shipped."""
+        self.bn_frozen = frozen
+
     def train_mode(self) -> None:
+        """Training mode, except the BatchNorm layers of frozen groups (and of the whole backbone
+        after bn_freeze), which keep their running statistics."""
         self.net.train()
-        for group in self.layer_groups()[: self.frozen_groups]:
+        groups = self.layer_groups()[:-1] if self.bn_frozen else self.layer_groups()[: self.frozen_groups]
+        for group in groups:
             for m in group.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
@@ -284,9 +300,15 @@ class ConvLearner:
         cycle_mult: int = 1,
         wds=None,
         cycle_save_name: str | None = None,
+        *,
+        start_epoch: int = 0,
+        on_epoch_end: Callable[[int], None] | None = None,
     ) -> list[EpochStats]:
         """SGDR: n_cycle cosine cycles of cycle_len * cycle_mult**i epochs (cycle_len=None: one
-        epoch per cycle). `lrs` and `wds` are one value or one per layer group."""
+        epoch per cycle). `lrs` and `wds` are one value or one per layer group.
+
+        start_epoch skips epochs already trained (resuming a checkpoint: the schedule continues
+        where it stopped); on_epoch_end(epochs_done) runs after every epoch, e.g. to checkpoint."""
         lrs = self.group_values(lrs, "lrs")
         for g, wd in zip(self.opt.param_groups, self.group_values(wds or 0.0, "wds")):
             g["weight_decay"] = wd
@@ -295,19 +317,23 @@ class ConvLearner:
         bounds = cycle_boundaries(n_cycle, cycle_len, cycle_mult, spe)
         n_epochs = bounds[-1] // spe
         scaler = self.grad_scaler()
-        step, new = 0, []
-        for _ in range(n_epochs):
+        new = []
+        for epoch in range(start_epoch, n_epochs):
+            step = epoch * spe
             self.train_mode()
             losses = []
-            bar = tqdm(self.batches("train", train=True), total=spe, desc=f"epoch {len(self.history)}", unit="batch", leave=False)
-            for xb, yb, forward in bar:
+            # Counted in images, so the bar shows throughput (img/s) and its ETA.
+            bar = tqdm(total=len(self.data.trn_files), desc=f"epoch {len(self.history)}", unit="img", leave=False)
+            for xb, yb, forward in self.batches("train", train=True):
                 step_lrs = sgdr_lrs(step, lrs, n_cycle=n_cycle, cycle_len=cycle_len, cycle_mult=cycle_mult,
                                     steps_per_epoch=spe)
                 self.set_lrs(step_lrs)
                 self.lr_history.append(step_lrs)
                 losses.append(self.train_step(xb, yb, forward, scaler))
+                bar.update(len(xb))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 step += 1
+            bar.close()
             val_loss, acc = self.validate()
             stats = EpochStats(len(self.history), float(np.mean(losses)) if losses else math.nan, val_loss, acc)
             self.history.append(stats)
@@ -317,6 +343,8 @@ class ConvLearner:
                 snapshot = f"{cycle_save_name}_cyc_{bounds.index(step) - 1}"
                 self.save(snapshot)
                 self.snapshots.append(snapshot)
+            if on_epoch_end:
+                on_epoch_end(epoch + 1)
         return new
 
     @torch.no_grad()
@@ -389,6 +417,43 @@ class ConvLearner:
         torch.save({k: v.detach().cpu() for k, v in self.net.state_dict().items()}, buf)
         write_atomic(path, buf.getvalue())
         return path
+
+    def training_state(self) -> dict:
+        """Everything needed to continue training exactly: weights, optimizer, freeze level, history,
+        lr history, snapshots and RNG states. Tensors and plain Python values only, so it loads
+        with weights_only=True."""
+        np_state = np.random.get_state()
+        return {
+            "net": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "opt": self.opt.state_dict(),
+            "frozen_groups": self.frozen_groups,
+            "bn_frozen": self.bn_frozen,
+            "precompute": self.precompute,
+            "history": [vars(h).copy() for h in self.history],
+            "lr_history": [list(x) for x in self.lr_history],
+            "snapshots": list(self.snapshots),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            },
+        }
+
+    def load_training_state(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.net.to(self.device)
+        self.freeze_to(state["frozen_groups"])
+        self.bn_frozen = state["bn_frozen"]
+        self.opt.load_state_dict(state["opt"])
+        self.history = [EpochStats(**h) for h in state["history"]]
+        self.lr_history = [list(x) for x in state["lr_history"]]
+        self.snapshots = list(state["snapshots"])
+        self.precompute = state["precompute"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_as_tuple(rng["python"]))
+        kind, keys, *rest = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
 
     def load(self, name: str) -> None:
         path = self.models_dir() / f"{name}.pt"

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serving.bundle import write_atomic
 from trainer import augment
 from trainer.data import ImageClassifierData
 from trainer.learner import ConvLearner, seed_everything
-from trainer.metrics import accuracy, log_loss
+from trainer import plots
+from trainer.metrics import accuracy, confusion_matrix, log_loss
+from trainer.report import write_report
 
 FINAL = "final"  # the trained weights, saved as <run>/models/final.pt
 
@@ -35,9 +40,13 @@ class RunConfig(BaseModel):
     data: Path | None = Field(None, description="dataset folder (train/, valid/ with one folder per class); none: the embedded digits")
     out: Path = Field(Path("runs/latest"), description="run folder: config, epoch table, bundle/")
     val_name: str = Field("valid", description="name of the validation folder under --data")
+    csv: str | None = Field(None, description="labels CSV under --data (id, label); a random fifth of its rows validate")
+    folder: str = Field("train", description="with --csv: the folder of images under --data")
+    suffix: str = Field("", description="with --csv: appended to each id to name its file, e.g. .jpg")
     arch: str = Field("efficientnet_lite0", description="backbone architecture")
     weights: Path | None = Field(None, description="local ImageNet weights file for the backbone")
     size: int = Field(224, ge=16, le=1024, description="network input side, pixels")
+    sizes: list[int] | None = Field(None, description="progressive resizing, e.g. 128,224: train at each size in turn (overrides --size)")
     crop_pct: float = Field(0.875, ge=0.5, le=1.0, description="centre crop as a fraction of the resized shorter side")
     aug: Literal["side_on", "top_down", "basic", "none"] = Field("side_on", description="training augmentation family")
     max_zoom: float = Field(1.1, ge=1.0, le=2.0, description="largest random zoom in training")
@@ -50,6 +59,23 @@ class RunConfig(BaseModel):
     num_workers: int = Field(2, ge=0, description="data-loading worker processes")
     seed: int = Field(42, description="seed for reproducible runs")
     name: str = Field("classifier", description="model name recorded in the bundle")
+    # On by default: the head was fitted on activations computed with the ImageNet statistics
+    # (precompute), and batch statistics of a few dozen images differ enough to undo it; on 32 px
+    # digits unfrozen BatchNorm in training mode collapsed accuracy to chance.
+    bn_freeze: bool = Field(True, description="keep the backbone's BatchNorm statistics when unfrozen (the lesson's bn_freeze); --no-bn-freeze to train them")
+    full: bool = Field(False, description="train the final model on train+valid (validation scores are then not held out)")
+
+    @field_validator("sizes", mode="before")
+    @classmethod
+    def _parse_sizes(cls, sizes):
+        if isinstance(sizes, str):
+            try:
+                sizes = [int(x) for x in sizes.split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(f"sizes must be whole numbers separated by commas, e.g. 128,224; got {sizes!r}") from None
+        if sizes is not None and (not sizes or any(not 16 <= x <= 1024 for x in sizes)):
+            raise ValueError(f"sizes must be between 16 and 1024 pixels, got {sizes}")
+        return sizes
 
     @field_validator("arch")
     @classmethod
@@ -60,49 +86,176 @@ class RunConfig(BaseModel):
         return arch
 
 
-def run(cfg: RunConfig, log=print) -> tuple[ConvLearner, dict[str, float]]:
-    """Train as configured, evaluate with TTA, export `cfg.out / "bundle"`; return the learner and metrics."""
+CHECKPOINT = "checkpoint.pt"
+
+
+def make_data(cfg: RunConfig, size: int, run_dir: Path) -> ImageClassifierData:
+    """The run's data at `size` pixels: a folder dataset, a labels CSV, or the embedded digits."""
     from trainer.digits import materialise_digits
+
+    tfms = augment.tfms_from_model(
+        cfg.arch, size, aug_tfms=AUGMENTATIONS[cfg.aug], max_zoom=cfg.max_zoom, crop_pct=cfg.crop_pct
+    )
+    common = dict(bs=cfg.bs, num_workers=cfg.num_workers, seed=cfg.seed)
+    if cfg.data is None:
+        return ImageClassifierData.from_paths(materialise_digits(run_dir / "digits"), tfms, **common)
+    if cfg.csv:
+        return ImageClassifierData.from_csv(cfg.data, cfg.folder, cfg.csv, tfms, suffix=cfg.suffix, **common)
+    return ImageClassifierData.from_paths(cfg.data, tfms, val_name=cfg.val_name, **common)
+
+
+def train_on_validation_too(data: ImageClassifierData) -> ImageClassifierData:
+    """--full: the final model also learns from the validation images (its scores are then not
+    held out; the held-out ones come from the run before it)."""
+    return dataclasses.replace(data, trn_files=data.trn_files + data.val_files, trn_y=data.trn_y + data.val_y)
+
+
+@dataclass
+class Stage:
+    """One step of the recipe: an lr_find, or a fit whose epochs are checkpointed one by one."""
+
+    name: str
+    size: int
+    kind: Literal["lr_find", "fit"]
+    cycles: int = 0
+    cycle_mult: int = 1
+    unfrozen: bool = False
+    precompute: bool = False
+
+
+def stages(cfg: RunConfig) -> list[Stage]:
+    """The lesson's 8 steps at the first size, then all layers again at each larger size."""
+    sizes = cfg.sizes or [cfg.size]
+    first = sizes[0]
+    plan = [] if cfg.lr else [Stage("lr_find", first, "lr_find", precompute=True)]  # steps 1-2
+    if cfg.head_epochs:
+        plan.append(Stage("head", first, "fit", cfg.head_epochs, precompute=True))  # step 3
+    if cfg.aug_cycles:
+        plan.append(Stage("head_aug", first, "fit", cfg.aug_cycles))  # step 4
+    if cfg.unfreeze_cycles:
+        if not cfg.lr:
+            plan.append(Stage("lr_find_unfrozen", first, "lr_find", unfrozen=True))  # steps 5-7
+        for size in sizes:  # step 8, once per size: progressive resizing
+            plan.append(Stage(f"unfrozen_{size}", size, "fit", cfg.unfreeze_cycles, 2, unfrozen=True))
+    elif len(sizes) > 1:
+        plan += [Stage(f"head_aug_{size}", size, "fit", max(cfg.aug_cycles, 1)) for size in sizes[1:]]
+    return plan
+
+
+def run(cfg: RunConfig, log=print, *, resume: bool = False) -> tuple[ConvLearner, dict[str, float]]:
+    """Train as configured, evaluate with TTA, export `cfg.out / "bundle"`; return the learner and metrics.
+
+    Every epoch ends with an atomically written checkpoint; with resume=True a run that was
+    interrupted (Ctrl-C, a killed process) continues from its last completed epoch."""
     from trainer.export import export
 
-    seed_everything(cfg.seed)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(cfg.out / "config.json", (cfg.model_dump_json(indent=2) + "\n").encode())
-    data_path = cfg.data or materialise_digits(cfg.out / "digits")
-    tfms = augment.tfms_from_model(
-        cfg.arch, cfg.size, aug_tfms=AUGMENTATIONS[cfg.aug], max_zoom=cfg.max_zoom, crop_pct=cfg.crop_pct
-    )
-    data = ImageClassifierData.from_paths(
-        data_path, tfms, bs=cfg.bs, val_name=cfg.val_name, num_workers=cfg.num_workers, seed=cfg.seed
-    )
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out / CHECKPOINT
+    state = _load_checkpoint(checkpoint_path, cfg) if resume else None
+    if not resume or state is None:
+        seed_everything(cfg.seed)
+        write_atomic(out / "config.json", (cfg.model_dump_json(indent=2) + "\n").encode())
+    plan = stages(cfg)
+    done_stage, done_epochs = (state["stage"], state["epochs"]) if state else (0, 0)
+    lr = state["lr"] if state else cfg.lr
+    size = plan[min(done_stage, len(plan) - 1)].size if plan else cfg.size
+    data = make_data(cfg, size, out)
+    if cfg.full:
+        data = train_on_validation_too(data)
     log(f"data: {len(data.trn_files)} train, {len(data.val_files)} valid images, {data.c} classes")
     learn = ConvLearner.pretrained(
-        cfg.arch, data, precompute=True, weights=cfg.weights, models_dir=cfg.out / "models", log=log
+        cfg.arch, data, precompute=not state, weights=cfg.weights, models_dir=out / "models", log=log
     )
-    # Steps 1-2: augmentation is set and activations precomputed; find the head's lr.
-    # On precomputed activations a sweep is cheap: at least 100 batches, cycling a small dataset.
-    lr = cfg.lr or _find_lr(learn, cfg.out / "lr_find.png", log, num_it=max(100, learn.steps_per_epoch()))
+    learn.bn_freeze(cfg.bn_freeze)
+    if state:
+        learn.load_training_state(state["learner"])
+        log(f"resumed: stage {done_stage + 1}/{len(plan)}, {len(learn.history)} epochs done")
+
+    def checkpoint(stage: int, epochs: int) -> None:
+        blob = {"stage": stage, "epochs": epochs, "lr": lr, "config": cfg.model_dump(mode="json"),
+                "learner": learn.training_state()}
+        buf = io.BytesIO()
+        torch.save(blob, buf)
+        write_atomic(checkpoint_path, buf.getvalue())
+        _write_history(out / "history.csv", learn)
+
     log("epoch, trn_loss, val_loss, accuracy")
-    if cfg.head_epochs:  # step 3: the head on precomputed activations
-        learn.fit(lr, cfg.head_epochs)
+    for i, stage in enumerate(plan):
+        if i < done_stage:
+            continue
+        if stage.size != learn.data.tfms.sz:
+            new = make_data(cfg, stage.size, out)
+            learn.set_data(train_on_validation_too(new) if cfg.full else new)
+            log(f"progressive resizing: now {stage.size} px")
+        if stage.unfrozen:
+            learn.unfreeze()  # step 5
+        learn.precompute = stage.precompute
+        # Step 6: earlier groups train lr_ratio times slower than the next.
+        ratios = [1 / cfg.lr_ratio**2, 1 / cfg.lr_ratio, 1.0] if stage.unfrozen else [1.0, 1.0, 1.0]
+        if stage.kind == "lr_find":
+            found = _find_lr(learn, out / f"{stage.name}.png", log, start_lr=[1e-5 * r for r in ratios],
+                             # On precomputed activations a sweep is cheap (100 batches, cycling a small
+                             # dataset); unfrozen, every batch runs the whole network: 30 are enough.
+                             num_it=max(100 if stage.precompute else 30, learn.steps_per_epoch()))
+            # Step 7 may lower the lr (a whole network is more fragile than a head on fixed
+            # activations) but never raises it.
+            lr = found if lr is None else min(lr, found)
+        else:
+            lrs = [lr * r for r in ratios]
+            if stage.unfrozen and i == done_stage and done_epochs == 0:
+                log(f"{stage.name}: lrs {', '.join(f'{x:.2e}' for x in lrs)}")
+            learn.fit(lrs, stage.cycles, cycle_len=1, cycle_mult=stage.cycle_mult,
+                      cycle_save_name=f"snapshot_{stage.size}" if stage.unfrozen else None,
+                      start_epoch=done_epochs if i == done_stage else 0,
+                      on_epoch_end=lambda epochs, i=i: checkpoint(i, epochs))
+        checkpoint(i + 1, 0)
     learn.precompute = False
-    if cfg.aug_cycles:  # step 4: the head with fresh augmentation every epoch
-        learn.fit(lr, cfg.aug_cycles, cycle_len=1)
-    if cfg.unfreeze_cycles:
-        learn.unfreeze()  # step 5
-        ratios = [1 / cfg.lr_ratio**2, 1 / cfg.lr_ratio, 1.0]  # step 6: earlier groups train slower
-        # Step 7: look again with every group unfrozen. A lower suggestion than the head's lr is
-        # taken (the whole network is more fragile than a head on fixed features); a higher one is
-        # not. Every batch now runs the whole network: 30 batches at least, enough for a curve.
-        if not cfg.lr:
-            again = _find_lr(learn, cfg.out / "lr_find_unfrozen.png", log, start_lr=[1e-5 * r for r in ratios],
-                             num_it=max(30, learn.steps_per_epoch()))
-            lr = min(lr, again)
-        lrs = [lr * r for r in ratios]
-        log(f"unfrozen lrs: {', '.join(f'{x:.2e}' for x in lrs)}")
-        learn.fit(lrs, cfg.unfreeze_cycles, cycle_len=1, cycle_mult=2, cycle_save_name="snapshot")  # step 8
     learn.save(FINAL)
-    _write_history(cfg.out / "history.csv", learn)
+    _write_history(out / "history.csv", learn)
+    metrics, probs, y = evaluate(learn, log)
+    recipe = cfg.model_dump(mode="json", exclude={"out", "data", "weights"})
+    recipe.update(epochs=len(learn.history), lr=lr, stages=[s.name for s in plan])
+    export(learn, out / "bundle", name=cfg.name, metrics=metrics, recipe=recipe, log=log)
+    write_atomic(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    write_figures(learn, out, probs, y)
+    write_report(out, title=f"{cfg.name}: {cfg.arch} at {learn.data.tfms.sz} px", config=cfg.model_dump(mode="json"),
+                 metrics=metrics, history=[vars(h) for h in learn.history],
+                 images=[(caption, out / png) for png, caption in FIGURES.items() if (out / png).is_file()])
+    log(f"bundle: {out / 'bundle'}; report: {out / 'report.html'}")
+    return learn, metrics
+
+
+FIGURES = {
+    "lr_find.png": "lr_find: smoothed loss against the head's lr",
+    "lr_find_unfrozen.png": "lr_find again, all layers unfrozen (the last group's lr)",
+    "schedule.png": "the learning rates used, per batch and layer group (SGDR)",
+    "losses.png": "training and validation loss per epoch",
+    "confusion_matrix.png": "confusion matrix on the validation set (with TTA)",
+    "most_incorrect.png": "most confidently wrong validation images",
+    "most_uncertain.png": "most uncertain validation images",
+    "most_correct.png": "most confidently right validation images",
+}
+
+
+def write_figures(learn: ConvLearner, out: Path, probs: np.ndarray, y: np.ndarray, k: int = 8) -> None:
+    """The run's pictures: schedule, losses, confusion matrix and the lesson's image grids."""
+    classes, files = learn.data.classes, learn.data.val_files
+    if learn.lr_history:
+        plots.plot_schedule(learn.lr_history, out / "schedule.png")
+    plots.plot_losses([vars(h) for h in learn.history], out / "losses.png")
+    plots.plot_confusion_matrix(confusion_matrix(probs, y, len(classes)), classes, out / "confusion_matrix.png")
+    for name, idx in [
+        ("most_incorrect", plots.most_incorrect(probs, y, k)),
+        ("most_uncertain", plots.most_uncertain(probs, k)),
+        ("most_correct", plots.most_correct(probs, y, k)),
+    ]:
+        titles = plots.image_grid_titles(probs, y, classes, idx)
+        plots.plot_image_grid([files[i] for i in idx], titles, out / f"{name}.png")
+
+
+def evaluate(learn: ConvLearner, log) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Validation metrics with and without TTA; also the TTA probabilities and the labels."""
     plain = learn.predict("valid")
     tta, y = learn.TTA()
     metrics = {
@@ -112,12 +265,21 @@ def run(cfg: RunConfig, log=print) -> tuple[ConvLearner, dict[str, float]]:
         "log_loss_tta": log_loss(tta, y),
     }
     log("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    recipe = cfg.model_dump(mode="json", exclude={"out", "data", "weights"})
-    recipe["epochs"] = len(learn.history)
-    export(learn, cfg.out / "bundle", name=cfg.name, metrics=metrics, recipe=recipe)
-    write_atomic(cfg.out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
-    log(f"bundle: {cfg.out / 'bundle'}")
-    return learn, metrics
+    return metrics, tta, y
+
+
+def _load_checkpoint(path: Path, cfg: RunConfig) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged file: atomic writes make this unlikely, but never crash on it
+        raise ValueError(f"{path}: cannot read the checkpoint ({e}); delete it to start the run afresh") from None
+    saved = RunConfig.model_validate(state["config"])
+    if saved.model_dump(exclude={"out"}) != cfg.model_dump(exclude={"out"}):
+        raise ValueError(f"{path}: the checkpoint was made with other settings; resume with the same flags, "
+                         "or use another --out")
+    return state
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
@@ -129,26 +291,19 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 def learner_from_run(run_dir: Path, log=print) -> ConvLearner:
     """The learner of a finished run, rebuilt from its config.json with its final weights loaded."""
-    from trainer.digits import materialise_digits
     from trainer.model import build_net
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     weights = run_dir / "models" / f"{FINAL}.pt"
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: missing; the run did not finish (re-run it, or use --resume)")
-    tfms = augment.tfms_from_model(
-        cfg.arch, cfg.size, aug_tfms=AUGMENTATIONS[cfg.aug], max_zoom=cfg.max_zoom, crop_pct=cfg.crop_pct
-    )
-    data = ImageClassifierData.from_paths(
-        cfg.data or materialise_digits(run_dir / "digits"), tfms, bs=cfg.bs, val_name=cfg.val_name,
-        num_workers=cfg.num_workers, seed=cfg.seed,
-    )
-    net = build_net(cfg.arch, data.c, pretrained=False)
-    learn = ConvLearner(data, net, models_dir=run_dir / "models", log=log)
+        raise FileNotFoundError(f"{weights}: missing; the run did not finish (finish it with --resume)")
+    data = make_data(cfg, (cfg.sizes or [cfg.size])[-1], run_dir)
+    learn = ConvLearner(data, build_net(cfg.arch, data.c, pretrained=False), models_dir=run_dir / "models", log=log)
     learn.load(FINAL)
     learn.snapshots = sorted(
-        (p.stem for p in (run_dir / "models").glob("snapshot_cyc_*.pt")), key=lambda n: int(n.rsplit("_", 1)[1])
+        (p.stem for p in (run_dir / "models").glob("snapshot_*_cyc_*.pt")),
+        key=lambda n: (int(n.split("_")[1]), int(n.rsplit("_", 1)[1])),
     )
     return learn
 

@@ -1,0 +1,197 @@
+"""trainer.plots: every plot writes a PNG, edge cases included; the lesson's selections pick exact rows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainer.plots import (
+    image_grid_titles,
+    most_correct,
+    most_incorrect,
+    most_uncertain,
+    plot_confusion_matrix,
+    plot_image_grid,
+    plot_losses,
+    plot_schedule,
+    restart_steps,
+)
+from trainer.schedule import sgdr_lrs
+
+
+def assert_png(path, min_side: int = 100) -> tuple[int, int]:
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.width > min_side and im.height > min_side, im.size
+        return im.size
+
+
+def sgdr_history(n_cycle=3, cycle_len=1, cycle_mult=2, spe=4, lrs=(1e-4, 1e-3, 1e-2)) -> list[list[float]]:
+    kw = dict(n_cycle=n_cycle, cycle_len=cycle_len, cycle_mult=cycle_mult, steps_per_epoch=spe)
+    n_steps = spe * sum(cycle_len * cycle_mult**i for i in range(n_cycle))
+    return [sgdr_lrs(s, lrs, **kw) for s in range(n_steps)]
+
+
+class TestSchedule:
+    def test_sgdr_history(self, tmp_path):
+        assert_png(plot_schedule(sgdr_history(), tmp_path / "lr.png"))
+
+    def test_restarts_are_the_cycle_starts(self):
+        # cycles of 1, 2 and 4 epochs of 4 batches start at batches 0, 4 and 12
+        assert restart_steps(sgdr_history()) == [4, 12]
+
+    def test_one_batch_and_one_group(self, tmp_path):
+        assert_png(plot_schedule([[0.01]], tmp_path / "lr.png"))
+
+    def test_zero_lr_is_left_out(self, tmp_path):
+        assert_png(plot_schedule([[0.1, 0.2, 0.3], [0.0, 0.0, 0.0]], tmp_path / "lr.png"))
+
+    def test_group_names_used_when_they_fit(self, tmp_path):
+        assert_png(plot_schedule(sgdr_history(lrs=(1e-3, 1e-2)), tmp_path / "lr.png", group_names=("body", "head")))
+
+    def test_empty_history(self, tmp_path):
+        with pytest.raises(ValueError, match="empty"):
+            plot_schedule([], tmp_path / "lr.png")
+        assert not (tmp_path / "lr.png").exists()
+
+    def test_ragged_rows(self, tmp_path):
+        with pytest.raises(ValueError, match="one lr per layer group"):
+            plot_schedule([[0.1, 0.2], [0.1]], tmp_path / "lr.png")
+
+
+def epochs(n: int) -> list[dict]:
+    return [dict(epoch=i, trn_loss=1 / (i + 1), val_loss=1.2 / (i + 1), accuracy=0.5 + 0.04 * i) for i in range(n)]
+
+
+class TestLosses:
+    @pytest.mark.parametrize("n", [1, 7])
+    def test_epochs(self, tmp_path, n):
+        assert_png(plot_losses(epochs(n), tmp_path / "sub" / "losses.png"))
+
+    def test_nan_losses(self, tmp_path):
+        history = epochs(4)
+        history[0]["trn_loss"] = math.nan  # precompute epochs may have no training loss
+        history[2]["val_loss"] = float("nan")
+        assert_png(plot_losses(history, tmp_path / "losses.png"))
+
+    def test_all_nan(self, tmp_path):
+        assert_png(plot_losses([dict(epoch=0, trn_loss=math.nan, val_loss=math.nan, accuracy=math.nan)],
+                               tmp_path / "losses.png"))
+
+    def test_empty_and_missing_key(self, tmp_path):
+        with pytest.raises(ValueError, match="empty"):
+            plot_losses([], tmp_path / "losses.png")
+        with pytest.raises(ValueError, match="val_loss"):
+            plot_losses([dict(epoch=0, trn_loss=1.0, accuracy=0.5)], tmp_path / "losses.png")
+
+
+class TestConfusionMatrix:
+    @pytest.mark.parametrize("normalize", [False, True])
+    def test_two_classes(self, tmp_path, normalize):
+        cm = np.array([[50, 3], [7, 40]])
+        assert_png(plot_confusion_matrix(cm, ["ants", "bees"], tmp_path / "cm.png", normalize=normalize))
+
+    def test_one_class(self, tmp_path):
+        assert_png(plot_confusion_matrix(np.array([[5]]), ["ants"], tmp_path / "cm.png"))
+
+    def test_empty_row_normalized(self, tmp_path):
+        cm = np.array([[0, 0], [0, 0]])
+        assert_png(plot_confusion_matrix(cm, ["ants", "bees"], tmp_path / "cm.png", normalize=True))
+
+    def test_fifty_classes(self, tmp_path):
+        rng = np.random.default_rng(0)
+        cm = rng.integers(0, 5, size=(50, 50)) + np.diag(rng.integers(20, 60, size=50))
+        w, h = assert_png(plot_confusion_matrix(cm, [f"class_{i}" for i in range(50)], tmp_path / "cm.png"))
+        assert w < 3000 and h < 3000
+
+    def test_shape_errors(self, tmp_path):
+        with pytest.raises(ValueError, match="square"):
+            plot_confusion_matrix(np.zeros((2, 3)), ["a", "b"], tmp_path / "cm.png")
+        with pytest.raises(ValueError, match="class names"):
+            plot_confusion_matrix(np.zeros((2, 2)), ["a"], tmp_path / "cm.png")
+
+
+# Rows: 0 right 0.9, 1 wrong (pred 0, 0.8), 2 right 0.6, 3 wrong (pred 1, 0.55), 4 right 0.9 (tie with 0),
+# 5 wrong (pred 0, 0.8; tie with 1), 6 right 0.51.
+PROBS = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.45, 0.55], [0.1, 0.9], [0.8, 0.2], [0.51, 0.49]])
+Y = np.array([0, 1, 1, 0, 1, 1, 0])
+
+
+class TestSelections:
+    def test_most_correct(self):
+        np.testing.assert_array_equal(most_correct(PROBS, Y, 3), [0, 4, 2])
+        np.testing.assert_array_equal(most_correct(PROBS, Y, 10), [0, 4, 2, 6])
+
+    def test_most_incorrect(self):
+        np.testing.assert_array_equal(most_incorrect(PROBS, Y, 10), [1, 5, 3])
+        np.testing.assert_array_equal(most_incorrect(PROBS, Y, 1), [1])
+
+    def test_most_uncertain_binary(self):
+        # margins: 0.8, 0.6, 0.2, 0.1, 0.8, 0.6, 0.02
+        np.testing.assert_array_equal(most_uncertain(PROBS, 3), [6, 3, 2])
+
+    def test_most_uncertain_uses_the_top_two(self):
+        # Row 1's top two are far apart though its top is near 1/3; row 0's top two nearly tie.
+        probs = np.array([[0.45, 0.44, 0.11], [0.34, 0.06, 0.60], [0.5, 0.3, 0.2]])
+        np.testing.assert_array_equal(most_uncertain(probs, 3), [0, 2, 1])
+
+    def test_empty_selection_and_k_zero(self):
+        assert most_incorrect(PROBS[[0, 2]], Y[[0, 2]], 5).tolist() == []
+        assert most_correct(PROBS, Y, 0).tolist() == []
+
+    def test_bad_input(self):
+        with pytest.raises(ValueError, match="one label per row"):
+            most_correct(PROBS, Y[:3], 2)
+        with pytest.raises(ValueError, match="k must be"):
+            most_uncertain(PROBS, -1)
+        with pytest.raises(ValueError, match="2\\+ classes"):
+            most_uncertain(np.ones((3, 1)), 1)
+
+    def test_titles(self):
+        titles = image_grid_titles(PROBS, Y, ["ants", "bees"], [1, 4])
+        assert titles == ["true bees\npred ants (p=0.80)", "true bees\npred bees (p=0.90)"]
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """A landscape JPEG, a portrait PNG, and a JPEG stored sideways with EXIF orientation 6."""
+    a = tmp_path / "wide.jpg"
+    Image.new("RGB", (300, 150), (200, 40, 40)).save(a)
+    b = tmp_path / "tall.png"
+    Image.new("RGBA", (80, 200), (40, 40, 200, 128)).save(b)
+    c = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the decoded image is 100 wide, 240 tall
+    Image.new("RGB", (240, 100), (40, 200, 40)).save(c, exif=exif)
+    return [a, b, c]
+
+
+class TestImageGrid:
+    def test_grid(self, tmp_path, photos):
+        titles = ["true ants\npred bees (p=0.93)", "tall", "rotated"]
+        assert_png(plot_image_grid(photos, titles, tmp_path / "grid.png", cols=2))
+
+    def test_many_columns_one_row(self, tmp_path, photos):
+        assert_png(plot_image_grid(photos[:1], ["one"], tmp_path / "grid.png", cols=4))
+
+    def test_exif_orientation_applied(self, photos):
+        from serving.preprocess import decode_image
+
+        assert decode_image(photos[2].read_bytes()).size == (100, 240)
+
+    def test_unreadable_file_gets_a_cell(self, tmp_path, photos):
+        bad = tmp_path / "bad.jpg"
+        bad.write_bytes(b"not an image")
+        assert_png(plot_image_grid([photos[0], bad, tmp_path / "gone.jpg"], ["a", "b", "c"], tmp_path / "grid.png"))
+
+    def test_empty(self, tmp_path):
+        assert_png(plot_image_grid([], [], tmp_path / "grid.png"))
+
+    def test_titles_must_match(self, tmp_path, photos):
+        with pytest.raises(ValueError, match="one title per file"):
+            plot_image_grid(photos, ["a"], tmp_path / "grid.png")
