@@ -43,6 +43,8 @@ class RunConfig(BaseModel):
     csv: str | None = Field(None, description="labels CSV under --data (id, label); a random fifth of its rows validate")
     folder: str = Field("train", description="with --csv: the folder of images under --data")
     suffix: str = Field("", description="with --csv: appended to each id to name its file, e.g. .jpg")
+    id_col: str | None = Field(None, description="with --csv: the id column's name; none: the first column")
+    label_col: str | None = Field(None, description="with --csv: the label column's name; none: the second column")
     arch: str = Field("efficientnet_lite0", description="backbone architecture")
     weights: Path | None = Field(None, description="local ImageNet weights file for the backbone")
     size: int = Field(224, ge=16, le=1024, description="network input side, pixels")
@@ -100,7 +102,9 @@ def make_data(cfg: RunConfig, size: int, run_dir: Path) -> ImageClassifierData:
     if cfg.data is None:
         return ImageClassifierData.from_paths(materialise_digits(run_dir / "digits"), tfms, **common)
     if cfg.csv:
-        return ImageClassifierData.from_csv(cfg.data, cfg.folder, cfg.csv, tfms, suffix=cfg.suffix, **common)
+        return ImageClassifierData.from_csv(
+            cfg.data, cfg.folder, cfg.csv, tfms, suffix=cfg.suffix, id_col=cfg.id_col, label_col=cfg.label_col, **common
+        )
     return ImageClassifierData.from_paths(cfg.data, tfms, val_name=cfg.val_name, **common)
 
 

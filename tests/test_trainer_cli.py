@@ -1,0 +1,108 @@
+"""`trainer` through its real entry point: a whole run, --resume after a kill, and user errors."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import write_colour_dataset
+
+TRAINER = shutil.which("trainer")
+pytestmark = pytest.mark.skipif(not TRAINER, reason="console script not installed (pip install -e .)")
+
+FAST = ["--size", "32", "--bs", "4", "--head-epochs", "1", "--aug-cycles", "1", "--unfreeze-cycles", "2",
+        "--num-workers", "0"]
+RUN_FILES = ["config.json", "history.csv", "lr_find.png", "lr_find_unfrozen.png", "schedule.png", "losses.png",
+             "confusion_matrix.png", "most_incorrect.png", "most_uncertain.png", "most_correct.png", "metrics.json",
+             "report.html", "bundle/model.onnx", "bundle/manifest.json"]
+
+
+def trainer(*args, timeout=600, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([TRAINER, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def epochs(run: Path) -> int:
+    with open(run / "history.csv") as f:
+        return len(list(csv.reader(f))) - 1
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_colour_dataset(tmp_path_factory.mktemp("cli") / "colours", {"train": 8, "valid": 4})
+
+
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "run"
+    proc = trainer("run", "--data", data, "--out", out, *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_run_writes_every_file(full_run):
+    for name in RUN_FILES:
+        assert (full_run / name).is_file(), f"{name} missing"
+    for png in full_run.glob("*.png"):
+        with Image.open(png) as im:
+            im.verify()
+    assert epochs(full_run) == 1 + 1 + 3  # head, head with augmentation, unfrozen cycles 1 + 2
+    html = (full_run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 8
+
+
+def test_resume_after_a_kill_finishes_with_the_same_epochs(data, full_run, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([TRAINER, "run", "--data", str(data), "--out", str(out), *FAST],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        # Kill once training has checkpointed at least one epoch: the process is then inside another.
+        while not ((out / "history.csv").is_file() and epochs(out) >= 2):
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "bundle").exists()
+    done = trainer("run", "--out", out, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed" in done.stdout
+    assert epochs(out) == epochs(full_run)
+    assert (out / "bundle" / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("what", ["missing folder", "no classes", "one class", "csv columns", "unknown arch", "weights"])
+def test_user_errors_are_one_line(what, tmp_path, data):
+    root = tmp_path / "d"
+    (root / "train").mkdir(parents=True)
+    args = ["run", "--data", root, "--out", tmp_path / "out", *FAST]
+    expected = {"missing folder": "no such folder", "no classes": "no class folders", "one class": "only one class",
+                "csv columns": "no column named 'breed'", "unknown arch": "unknown architecture",
+                "weights": "not found at"}[what]
+    if what == "missing folder":
+        args[2] = tmp_path / "nowhere"
+    elif what == "one class":
+        write_colour_dataset(root, {"train": 2})
+        shutil.rmtree(root / "train" / "red")
+    elif what == "csv columns":
+        (root / "labels.csv").write_text("id,label\nred00,red\n")
+        args += ["--csv", "labels.csv", "--folder", "train", "--label-col", "breed"]
+    elif what == "unknown arch":
+        args += ["--arch", "vgg_nonexistent"]
+    elif what == "weights":
+        args = ["run", "--data", data, "--out", tmp_path / "out", "--arch", "resnet34", "--weights", tmp_path / "r.pth"]
+    proc = trainer(*args, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
