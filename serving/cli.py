@@ -17,13 +17,12 @@ def _serve_parser(sub) -> None:
     p = sub.add_parser(
         "serve",
         help="serve a bundle over gRPC",
-        description="Serve an export bundle over gRPC. Every flag can also be set as SERVING_<NAME> in the environment.",
+        description="Serve an export bundle over gRPC, with the standard health service, server reflection and "
+        "Prometheus metrics. Every flag can also be set as SERVING_<NAME> in the environment; flags win. "
+        "Requests larger than --max-message-bytes are refused by gRPC with RESOURCE_EXHAUSTED.",
     )
-    p.add_argument("--bundle", type=Path, help=describe("bundle") + f" (env SERVING_BUNDLE)")
-    for name, field in ServerConfig.model_fields.items():
-        if name == "bundle":
-            continue
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=describe(name))
+    for name in ServerConfig.model_fields:
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar=name.upper(), help=describe(name))
 
 
 def _predict_parser(sub) -> None:
@@ -33,13 +32,15 @@ def _predict_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default: %(default)s)")
     p.add_argument("--no-tta", action="store_true", help="run only the plain centre view")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default: %(default)s)")
+    p.add_argument("--tls-ca", type=Path, default=None,
+                   help="PEM file of the CA that signed the server's certificate, for a TLS server (default: plaintext)")
 
 
 def run_predict(args) -> int:
     from serving.client import Client
 
     status = 0
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client(args.target, timeout=args.timeout, tls_ca=args.tls_ca) as client:
         for path in args.images:
             try:
                 reply = client.predict(path.read_bytes(), top_k=args.top_k, tta=False if args.no_tta else None)

@@ -1,42 +1,66 @@
-"""A small Python client for the Classifier service."""
+"""A small Python client for the Classifier service and its standard health service."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 
 
 class Client:
-    """`with Client("localhost:50051") as c: c.predict(Path("cat.jpg").read_bytes())`"""
+    """`with Client("localhost:50051") as c: c.predict(Path("cat.jpg").read_bytes())`
 
-    def __init__(self, target: str, *, timeout: float | None = 30.0, max_message_bytes: int = 64 * 2**20):
+    tls_ca: PEM bytes or file of the certificate authority that signed the server's certificate
+    (for a self-signed server, its own certificate); None talks plaintext.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 30.0,
+        max_message_bytes: int = 64 * 2**20,
+        tls_ca: bytes | Path | str | None = None,
+    ):
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-            ],
-        )
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        if tls_ca is None:
+            self.channel = grpc.insecure_channel(target, options=options)
+        else:
+            ca = tls_ca if isinstance(tls_ca, bytes) else Path(tls_ca).read_bytes()
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca), options=options)
         self.stub = pb_grpc.ClassifierStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     def predict(self, image: bytes, *, top_k: int = 0, tta: bool | None = None) -> pb.PredictResponse:
-        request = pb.PredictRequest(image=image, top_k=top_k)
-        if tta is not None:
-            request.tta = tta
-        return self.stub.Predict(request, timeout=self.timeout)
+        return self.stub.Predict(_request(image, top_k, tta), timeout=self.timeout)
 
     def predict_file(self, path: Path | str, **kwargs) -> pb.PredictResponse:
         return self.predict(Path(path).read_bytes(), **kwargs)
 
+    def predict_batch(self, images: Iterable[bytes], *, top_k: int = 0, tta: bool | None = None) -> pb.PredictBatchResponse:
+        """One call for several images; check each result's status.code (0 is OK) before its response."""
+        request = pb.PredictBatchRequest(requests=[_request(image, top_k, tta) for image in images])
+        return self.stub.PredictBatch(request, timeout=self.timeout)
+
     def model_info(self) -> pb.ModelInfoResponse:
         return self.stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout)
 
+    def health(self, service: str = "") -> str:
+        """The server's health status name (SERVING, NOT_SERVING, ...) for `service` ("" is the whole server)."""
+        reply = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
     def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the channel connects (the server listens; it may still be loading its model)."""
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
 
     def close(self) -> None:
@@ -47,3 +71,10 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _request(image: bytes, top_k: int, tta: bool | None) -> pb.PredictRequest:
+    request = pb.PredictRequest(image=image, top_k=top_k)
+    if tta is not None:
+        request.tta = tta
+    return request

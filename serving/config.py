@@ -6,9 +6,13 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from serving.bundle import Precision
 
 ENV_PREFIX = "SERVING_"
+# Words that turn an optional setting off when given as a flag or environment variable.
+OFF = ("off", "none", "")
 
 
 class ConfigError(ValueError):
@@ -21,19 +25,76 @@ class ServerConfig(BaseModel):
     bundle: Path = Field(description="bundle folder written by `trainer export` (model.onnx + manifest.json)")
     host: str = Field("127.0.0.1", description="address to listen on; 0.0.0.0 or [::] for all interfaces")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
-    workers: int = Field(8, ge=1, le=256, description="gRPC handler threads (concurrent calls in progress)")
+    workers: int = Field(16, ge=1, le=1024, description="gRPC handler threads: calls decoded and waiting on the model at once")
+    max_concurrent_calls: int = Field(
+        256, ge=1, description="calls accepted at once, running or waiting for a handler thread; more get RESOURCE_EXHAUSTED"
+    )
+    # ONNX Runtime.
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime device; auto uses CUDA when present")
+    precision: Precision = Field("fp32", description="model variant to run: fp32, fp16 (for GPUs) or int8 (for CPUs), as exported")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads within an operator; 0 = its default")
     inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads across operators; 0 = its default")
+    # Dynamic batching (serving/batcher.py); the unit of a batch is a TTA view, one row of the graph's input.
+    max_batch_views: int = Field(64, ge=1, description="largest ONNX Runtime batch, in views (an image with TTA is several)")
+    max_delay_us: int = Field(
+        2000, ge=0, description="longest wait for more requests to fill a batch, microseconds; 0 runs what is queued at once"
+    )
+    max_queue: int = Field(
+        256, ge=1, description="images waiting for the model; when full, calls fail fast with RESOURCE_EXHAUSTED"
+    )
+    max_batch_images: int = Field(64, ge=1, description="images in one PredictBatch call")
+    # Input limits.
     max_image_bytes: int = Field(20 * 2**20, ge=1024, description="largest encoded image accepted, bytes")
-    max_image_pixels: int = Field(50_000_000, ge=1, description="largest decoded image accepted, width x height")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="largest decoded image accepted, width x height (decompression bombs)")
+    max_message_bytes: int = Field(
+        64 * 2**20, ge=4096, description="largest request message, bytes; gRPC refuses larger ones with RESOURCE_EXHAUSTED"
+    )
+    # Operations.
+    metrics_port: int | None = Field(9464, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free one, off disables")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain for TLS; with --tls-key, else plaintext")
+    tls_key: Path | None = Field(None, description="PEM private key for --tls-cert")
     grace_s: float = Field(10.0, ge=0, description="on SIGTERM/SIGINT, seconds in-flight calls get to finish")
+    drain_s: float = Field(
+        0.0, ge=0, description="on SIGTERM/SIGINT, seconds to keep answering with health NOT_SERVING so load balancers move away first"
+    )
+
+    @field_validator("metrics_port", "tls_cert", "tls_key", mode="before")
+    @classmethod
+    def _off_is_none(cls, value):
+        return None if isinstance(value, str) and value.strip().lower() in OFF else value
+
+    @field_validator("tls_cert", "tls_key")
+    @classmethod
+    def _file_exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"{path}: no such file")
+        return path
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both for TLS, or neither for plaintext")
+        if self.max_batch_images > self.max_queue:
+            raise ValueError(
+                f"max_batch_images {self.max_batch_images} is more than max_queue {self.max_queue}: a PredictBatch call "
+                "queues all its images at once, so a full one would always be refused; lower the first or raise the second"
+            )
+        if self.max_message_bytes <= self.max_image_bytes:
+            raise ValueError(
+                f"max_message_bytes {self.max_message_bytes} must exceed max_image_bytes {self.max_image_bytes} "
+                "(the message carries the image and its envelope)"
+            )
+        return self
 
 
 def describe(name: str) -> str:
+    """A field's help text with its default and environment variable, for `serving serve --help`."""
     field = ServerConfig.model_fields[name]
-    default = "" if field.is_required() else f" (default: {field.default}; env {ENV_PREFIX}{name.upper()})"
-    return f"{field.description}{default}"
+    env = f"env {ENV_PREFIX}{name.upper()}"
+    if field.is_required():
+        return f"{field.description} (required; {env})"
+    default = "off" if field.default is None else field.default
+    return f"{field.description} (default: {default}; {env})"
 
 
 def load_config(flags: dict, environ: dict[str, str] | None = None) -> ServerConfig:
@@ -49,8 +110,13 @@ def load_config(flags: dict, environ: dict[str, str] | None = None) -> ServerCon
         return ServerConfig.model_validate(values)
     except ValidationError as e:
         problems = "; ".join(
-            f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
-            + ("" if err["type"] == "missing" else f" (got {err.get('input')!r})")
+            f"{'.'.join(map(str, err['loc'])) or 'settings'}: {_message(err)}"
+            + ("" if err["type"] == "missing" or not err["loc"] else f" (got {err.get('input')!r})")
             for err in e.errors()
         )
         raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+def _message(err: dict) -> str:
+    # pydantic prefixes the messages of our own validators with "Value error, "; people need only ours.
+    return err["msg"].removeprefix("Value error, ")

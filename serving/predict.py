@@ -1,4 +1,9 @@
-"""The work behind Predict, as plain functions: bytes in, ranked probabilities out. No network."""
+"""The work behind Predict, as plain functions: bytes in, ranked probabilities out. No network.
+
+The server splits it in two: `prepare` (decode, check, make the TTA views) runs in each call's
+handler thread, in parallel; `run_batch` is the batch step the batcher calls with the views of
+several calls at once, so that all of them go through ONNX Runtime in one run.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.preprocess import load_views
+from serving.bundle import Manifest
+from serving.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_views
 from serving.session import ModelSession
+
+
+@dataclass(frozen=True)
+class Prepared:
+    views: np.ndarray  # uint8 (n_views, size, size, 3)
+    names: list[str]  # the TTA views' names, in that order
 
 
 @dataclass(frozen=True)
@@ -17,16 +29,40 @@ class Result:
 
     def top(self, k: int = 0) -> list[tuple[int, float]]:
         """(class index, probability), most probable first; k=0 gives every class."""
-        order = np.argsort(-self.probabilities, kind="stable")
-        if k:
-            order = order[:k]
-        return [(int(i), float(self.probabilities[i])) for i in order]
+        return top(self.probabilities, k)
 
 
-def predict_image(session: ModelSession, data: bytes, *, tta: bool = True, max_pixels: int) -> Result:
-    """Decode, make the bundle's views (all of them, or only the first with tta=False), run them
-    through ONNX Runtime in one call and average the probabilities. Raises ImageError on bad input."""
-    m = session.manifest
-    views = m.tta.views if tta else m.tta.views[:1]
-    x = load_views(data, m.preprocessing, views, max_pixels=max_pixels)
-    return Result(session.predict(x)[0], [v.name for v in views])
+def top(probabilities: np.ndarray, k: int = 0) -> list[tuple[int, float]]:
+    """(class index, probability), most probable first (ties by index); k=0 gives every class."""
+    order = np.argsort(-probabilities, kind="stable")
+    if k:
+        order = order[:k]
+    return [(int(i), float(probabilities[i])) for i in order]
+
+
+def prepare(
+    manifest: Manifest, data: bytes, *, tta: bool = True, max_bytes: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Prepared:
+    """Check and decode one encoded image and make the bundle's views of it (all of them, or only
+    the first, plain one with tta=False). Raises ImageError saying what was wrong."""
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageError(
+            f"image is {len(data)} bytes, over the limit of {max_bytes}; the model sees "
+            f"{manifest.preprocessing.input_size}x{manifest.preprocessing.input_size} pixels, so send a smaller file"
+        )
+    views = manifest.tta.views if tta else manifest.tta.views[:1]
+    return Prepared(load_views(data, manifest.preprocessing, views, max_pixels=max_pixels), [v.name for v in views])
+
+
+def run_batch(session: ModelSession, batch: list[np.ndarray]) -> list[np.ndarray]:
+    """The batch step: the views of several images, run through ONNX Runtime in one call, and each
+    image's probabilities averaged over its own views. Returns one (n_classes,) array per image."""
+    if not batch:
+        return []
+    return list(session.predict(np.concatenate(batch), counts=[len(v) for v in batch]))
+
+
+def predict_image(session: ModelSession, data: bytes, *, tta: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> Result:
+    """prepare + one model run, without a batcher: for scripts and tests. Raises ImageError on bad input."""
+    p = prepare(session.manifest, data, tta=tta, max_pixels=max_pixels)
+    return Result(run_batch(session, [p.views])[0], p.names)

@@ -46,7 +46,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     except UnidentifiedImageError:
         raise ImageError("not a recognised image format (expected JPEG, PNG, WebP, BMP, ...)") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(f"decompression bomb refused: {e}") from None
+        # PIL refuses sizes past twice its own limit while opening, before our check above can run.
+        raise ImageError(f"decompression bomb refused: {e} (this limit: {max_pixels} pixels)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"corrupt or truncated image: {e}") from None
     if im.width < 1 or im.height < 1:

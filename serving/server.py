@@ -1,71 +1,177 @@
-"""Build, start and stop the gRPC server for one bundle."""
+"""Build, start and stop the gRPC server for one bundle: classifier, health, reflection, metrics, TLS.
+
+Life of a server: it listens first and reports NOT_SERVING on the standard grpc.health.v1 service
+while the model loads and warms up; SERVING once it can answer; NOT_SERVING again from the moment
+it starts to drain. Orchestrators (Kubernetes gRPC probes, grpc_health_probe) and load balancers
+read that service, and server reflection lets generic tools (grpcurl, grpcui) discover the API.
+"""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
+from functools import partial
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
+from serving.batcher import Batcher
+from serving.bundle import model_file
 from serving.config import ServerConfig
+from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from serving.servicer import ClassifierServicer
+from serving.metrics import Metrics, MetricsInterceptor
+from serving.predict import run_batch
+from serving.servicer import ClassifierServicer, LoadedModel
 from serving.session import ModelSession
 
 log = logging.getLogger("serving")
 
-# Room for the protobuf envelope around the largest image we accept.
-_MESSAGE_OVERHEAD = 64 * 1024
+SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # classifier.v1.Classifier
+# Health is reported for the whole server ("") and for the classifier by name, as the protocol suggests.
+HEALTH_NAMES = ("", SERVICE)
 
 
 class Server:
-    """A started gRPC server; `port` is the one actually bound (useful with port=0)."""
+    """A started gRPC server; `port` is the one actually bound (useful with port=0).
 
-    def __init__(self, config: ServerConfig):
+    load=False starts it listening with health NOT_SERVING and no model; call `load()` later.
+    `session` replaces the bundle's ModelSession (tests wrap one to hold the model busy).
+    """
+
+    def __init__(self, config: ServerConfig, *, session: ModelSession | None = None, load: bool = True):
         self.config = config
-        self.session = ModelSession(
-            config.bundle,
-            device=config.device,
-            intra_op_threads=config.intra_op_threads,
-            inter_op_threads=config.inter_op_threads,
-        )
-        self.session.warm_up()
-        limit = config.max_image_bytes + _MESSAGE_OVERHEAD
+        self.metrics = Metrics()
+        self.health = health.HealthServicer()
+        for name in HEALTH_NAMES:
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.servicer = ClassifierServicer(config, self.metrics)
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
-            options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)],
+            interceptors=[MetricsInterceptor(self.metrics, SERVICE)],
+            options=[
+                # Larger messages are refused by gRPC itself with RESOURCE_EXHAUSTED, before any handler runs.
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),  # a port in use is an error, not a silently shared socket
+            ],
+            # Past this many calls gRPC answers RESOURCE_EXHAUSTED instead of queueing without bound.
+            maximum_concurrent_rpcs=config.max_concurrent_calls,
         )
-        pb_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.session, config), self.grpc_server)
-        address = f"{config.host}:{config.port}"
-        self.port = self.grpc_server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {address}: address in use or not available")
-        self.grpc_server.start()
-        m = self.session.manifest
-        log.info("serving %s %s on %s:%d (%s)", m.name, m.version, config.host, self.port, ", ".join(self.session.providers))
+        pb_grpc.add_ClassifierServicer_to_server(self.servicer, self.grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
+        self.metrics_port: int | None = None
+        self._stopped = False
+        try:
+            self.port = self._bind()
+            self.grpc_server.start()
+            if config.metrics_port is not None:
+                self.metrics_port = self.metrics.serve_http(config.host, config.metrics_port)
+            if load:
+                self.load(session)
+        except BaseException:
+            self.stop(0)
+            raise
+
+    def _bind(self) -> int:
+        c = self.config
+        address = f"{c.host}:{c.port}"
+        try:
+            if c.tls_cert is None:
+                port = self.grpc_server.add_insecure_port(address)
+            else:
+                credentials = grpc.ssl_server_credentials([(c.tls_key.read_bytes(), c.tls_cert.read_bytes())])
+                port = self.grpc_server.add_secure_port(address, credentials)
+        except RuntimeError:  # newer grpcio raises instead of returning 0
+            port = 0
+        if port == 0:
+            raise OSError(f"cannot listen on {address}: address in use or not available; pick another --port (0 for a free one)")
+        return port
+
+    def load(self, session: ModelSession | None = None) -> None:
+        """Load the bundle (unless a session is given), warm it up, start batching, report SERVING."""
+        c = self.config
+        if session is None:
+            session = ModelSession(c.bundle, device=c.device, precision=c.precision,
+                                   intra_op_threads=c.intra_op_threads, inter_op_threads=c.inter_op_threads)
+        m = session.manifest
+        # A full batch, so that the first real ones pay no allocation or kernel-selection cost.
+        session.warm_up(batch=max(1, c.max_batch_views // len(m.tta.views)))
+        batcher = Batcher(partial(run_batch, session), max_batch_views=c.max_batch_views, max_delay_us=c.max_delay_us,
+                          max_queue=c.max_queue, on_batch=self.metrics.observe_batch)
+        self.metrics.watch_queue(lambda: batcher.depth)
+        self.metrics.model_loaded(m, precision=session.precision, sha256=model_file(m, session.precision)[1],
+                                  providers=session.providers)
+        self.servicer.model = LoadedModel(session, batcher)
+        for name in HEALTH_NAMES:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s %s (%s) on %s:%d with %s", m.name, m.version, session.precision, c.host, self.port,
+                 ", ".join(session.providers))
+
+    @property
+    def batcher(self) -> Batcher | None:
+        return self.servicer.model.batcher if self.servicer.model else None
+
+    def drain(self) -> None:
+        """Report NOT_SERVING from now on, for good; calls are still answered until `stop`."""
+        self.health.enter_graceful_shutdown()
 
     def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, let in-flight ones finish for up to `grace` seconds, then stop."""
-        self.grpc_server.stop(self.config.grace_s if grace is None else grace).wait()
+        """Drain, refuse new calls (UNAVAILABLE), let in-flight ones finish for up to `grace` seconds, then stop."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.drain()
+        grace = self.config.grace_s if grace is None else grace
+        end = time.monotonic() + grace
+        if not self.servicer.admission.close(grace):
+            log.warning("calls still in progress after the %.1fs grace period are cancelled", grace)
+        # What is left are health watchers and reflection streams; calls past the grace are cancelled.
+        self.grpc_server.stop(max(0.0, end - time.monotonic())).wait()
+        # Only now: until the handlers are done, they wait on the batcher for their results.
+        if self.batcher is not None:
+            self.batcher.close()
+        self.metrics.close()
 
     def wait(self) -> None:
         self.grpc_server.wait_for_termination()
 
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop(0)
+
 
 def serve(config: ServerConfig) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully; returns the exit code."""
-    server = Server(config)
     done = threading.Event()
 
     def on_signal(signum, frame):
-        log.info("received %s: draining for up to %.1fs", signal.Signals(signum).name, config.grace_s)
+        log.info("received %s: draining for %.1fs, then up to %.1fs for calls in flight",
+                 signal.Signals(signum).name, config.drain_s, config.grace_s)
         done.set()
 
+    # Before loading, so that a signal during a slow load still ends in a clean exit.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"serving on {config.host}:{server.port}", flush=True)
-    done.wait()
-    server.stop()
+    server = Server(config, load=False)
+    try:
+        if not done.is_set():
+            server.load()
+            metrics = "" if server.metrics_port is None else f", metrics on http://{config.host}:{server.metrics_port}/metrics"
+            print(f"serving on {config.host}:{server.port}{metrics}", flush=True)
+        # The kernel may hand the signal to any thread (gRPC's, ONNX Runtime's) while Python runs the
+        # handler only in the main thread, once it runs bytecode again: so wake it, never block for good.
+        while not done.wait(0.1):
+            pass
+        server.drain()
+        # Load balancers poll health every few seconds; answering meanwhile loses no traffic.
+        time.sleep(config.drain_s)
+    finally:
+        server.stop()
     return 0

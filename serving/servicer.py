@@ -1,46 +1,187 @@
-"""The gRPC servicer: thin methods named after the RPCs; the work lives in serving.predict."""
+"""The gRPC servicer: thin methods named after the RPCs; the work lives in serving.predict and serving.batcher.
+
+Each call decodes and preprocesses its images in its own handler thread, queues the views with the
+batcher, and waits for the probabilities no longer than the call's deadline allows.
+"""
 
 from __future__ import annotations
 
-import grpc
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import CancelledError, Future
+from contextlib import contextmanager
+from dataclasses import dataclass
 
+import grpc
+import numpy as np
+
+from serving.batcher import Batcher, DeadlineExpired, QueueFull, ShuttingDown
 from serving.config import ServerConfig
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from serving.predict import predict_image
+from serving.metrics import Metrics
+from serving.predict import Prepared, prepare, top
 from serving.preprocess import ImageError
 from serving.session import ModelSession
 
+log = logging.getLogger("serving")
+
+# gRPC reports "no deadline" as a time remaining of about 292 years; anything past a day is none.
+_NO_DEADLINE_S = 86_400.0
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    session: ModelSession
+    batcher: Batcher
+
+
+class CallFailed(Exception):
+    """Ends a whole call with a status; raised by the helpers, turned into context.abort by the RPCs."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status a failure is reported with, and its message for people."""
+    if isinstance(error, CallFailed):
+        return error.code, str(error)
+    if isinstance(error, ImageError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    if isinstance(error, DeadlineExpired):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exceeded before the model ran: {error}"
+    if isinstance(error, ShuttingDown):
+        return grpc.StatusCode.UNAVAILABLE, str(error)
+    return grpc.StatusCode.INTERNAL, f"the model failed on this input: {type(error).__name__}: {error}"
+
+
+def deadline_of(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline on time.monotonic()'s clock, or None when the caller set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > _NO_DEADLINE_S else time.monotonic() + remaining
+
+
+def wait_all(futures: list[Future], deadline: float | None) -> list[np.ndarray | Exception]:
+    """Each future's result, or its exception when only that item failed. Raises CallFailed when
+    the whole call must end: the deadline passed, the caller went away, or the server is stopping."""
+    out: list[np.ndarray | Exception] = []
+    try:
+        for f in futures:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                out.append(f.result(timeout))
+            except TimeoutError:
+                raise CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while waiting for the model") from None
+            except CancelledError:
+                raise CallFailed(grpc.StatusCode.CANCELLED, "the call was cancelled") from None
+            except (DeadlineExpired, ShuttingDown) as e:
+                raise CallFailed(*status_for(e)) from None
+            except Exception as e:  # the batch step failed on this item only
+                log.error("model run failed: %s: %s", type(e).__name__, e)
+                out.append(e)
+    except CallFailed:
+        for f in futures:
+            f.cancel()  # whatever is still queued need not run
+        raise
+    return out
+
+
+class Admission:
+    """Counts the calls in progress; once closed, refuses new ones so that shutdown can wait for the rest.
+
+    gRPC's own graceful stop ends calls that reached the server but no handler yet with CANCELLED
+    (grpc/grpc#41785), which tells a client nothing useful. Refusing them here first answers them
+    UNAVAILABLE, the code clients retry on another replica; the listener is closed only once the
+    calls in progress are done and callers have stopped arriving for a moment."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._open = True
+        self._last_refused = float("-inf")  # time.monotonic() of the latest refusal
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        with self._cond:
+            if not self._open:
+                self._last_refused = time.monotonic()
+                raise CallFailed(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def close(self, timeout: float, *, quiet: float = 0.1) -> bool:
+        """Refuse new calls; wait up to `timeout` seconds until none is in progress and none was
+        refused (or closing began) for `quiet` seconds. True when no call is left in progress."""
+        closed = time.monotonic()
+        end = closed + timeout
+        with self._cond:
+            self._open = False
+            while True:
+                now = time.monotonic()
+                settled_at = max(closed, self._last_refused) + quiet
+                if self._active == 0 and now >= settled_at:
+                    return True
+                if now >= end:
+                    return self._active == 0
+                self._cond.wait(min(end, settled_at if self._active == 0 else end) - now)
+
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    def __init__(self, session: ModelSession, config: ServerConfig):
-        self.session = session
+    def __init__(self, config: ServerConfig, metrics: Metrics):
         self.config = config
+        self.metrics = metrics
+        self.model: LoadedModel | None = None  # set by Server.load once the session is warm
+        self.admission = Admission()
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
-        m = self.session.manifest
-        if len(request.image) > self.config.max_image_bytes:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"image is {len(request.image)} bytes, over the limit of {self.config.max_image_bytes}",
-            )
-        tta = request.tta if request.HasField("tta") else True
         try:
-            result = predict_image(self.session, request.image, tta=tta, max_pixels=self.config.max_image_pixels)
-        except ImageError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return pb.PredictResponse(
-            predictions=[
-                pb.Prediction(label=m.classes[i], index=i, probability=p) for i, p in result.top(request.top_k)
-            ],
-            probabilities=result.probabilities.tolist(),
-            model_name=m.name,
-            model_version=m.version,
-            tta_views=result.views,
-        )
+            with self.admission.admitted():
+                model = self._ready()
+                prepared = self._prepare(model, request)
+                [result] = self._run(model, [prepared], context)
+                if isinstance(result, Exception):
+                    raise result
+                return self._respond(model, request, prepared, result)
+        except Exception as e:
+            context.abort(*status_for(e))
+
+    def PredictBatch(self, request: pb.PredictBatchRequest, context: grpc.ServicerContext) -> pb.PredictBatchResponse:
+        try:
+            with self.admission.admitted():
+                model = self._ready()
+                if len(request.requests) > self.config.max_batch_images:
+                    raise CallFailed(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{len(request.requests)} images in one PredictBatch call, over the limit of "
+                        f"{self.config.max_batch_images}; split them over several calls",
+                    )
+                prepared = [self._prepare_or_error(model, item) for item in request.requests]
+                good = [i for i, p in enumerate(prepared) if isinstance(p, Prepared)]
+                probs = dict(zip(good, self._run(model, [prepared[i] for i in good], context)))
+                return pb.PredictBatchResponse(results=[
+                    self._batch_result(model, item, prepared[i], probs.get(i)) for i, item in enumerate(request.requests)
+                ])
+        except Exception as e:
+            context.abort(*status_for(e))
 
     def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfoResponse:
-        m = self.session.manifest
+        try:
+            with self.admission.admitted():
+                model = self._ready()
+        except CallFailed as e:
+            context.abort(*status_for(e))
+        m = model.session.manifest
         return pb.ModelInfoResponse(
             model_name=m.name,
             model_version=m.version,
@@ -51,4 +192,53 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             metrics=m.metrics,
             model_sha256=m.model.sha256,
             schema_version=m.schema_version,
+            precision=model.session.precision,
+            providers=model.session.providers,
         )
+
+    # Helpers shared by the RPCs.
+
+    def _ready(self) -> LoadedModel:
+        model = self.model
+        if model is None:
+            raise CallFailed(grpc.StatusCode.UNAVAILABLE,
+                             "the model is still loading; retry shortly (health reports SERVING once it is ready)")
+        return model
+
+    def _prepare(self, model: LoadedModel, request: pb.PredictRequest) -> Prepared:
+        tta = request.tta if request.HasField("tta") else True
+        return prepare(model.session.manifest, request.image, tta=tta,
+                       max_bytes=self.config.max_image_bytes, max_pixels=self.config.max_image_pixels)
+
+    def _prepare_or_error(self, model: LoadedModel, request: pb.PredictRequest) -> Prepared | ImageError:
+        try:
+            return self._prepare(model, request)
+        except ImageError as e:
+            return e
+
+    def _run(self, model: LoadedModel, prepared: list[Prepared], context: grpc.ServicerContext) -> list:
+        deadline = deadline_of(context)
+        futures = model.batcher.submit([p.views for p in prepared], deadline=deadline)
+        # A caller that hangs up or times out frees its place: queued views it left are not run.
+        context.add_callback(lambda: [f.cancel() for f in futures])
+        return wait_all(futures, deadline)
+
+    def _respond(self, model: LoadedModel, request: pb.PredictRequest, prepared: Prepared, probs: np.ndarray) -> pb.PredictResponse:
+        m = model.session.manifest
+        ranked = top(probs, request.top_k)
+        self.metrics.predicted.labels(m.classes[ranked[0][0]]).inc()
+        return pb.PredictResponse(
+            predictions=[pb.Prediction(label=m.classes[i], index=i, probability=p) for i, p in ranked],
+            probabilities=probs.tolist(),
+            model_name=m.name,
+            model_version=m.version,
+            tta_views=prepared.names,
+        )
+
+    def _batch_result(self, model: LoadedModel, request: pb.PredictRequest, prepared: Prepared | Exception,
+                      probs: np.ndarray | Exception | None) -> pb.PredictBatchResult:
+        failure = prepared if isinstance(prepared, Exception) else probs if isinstance(probs, Exception) else None
+        if failure is not None:
+            code, message = status_for(failure)
+            return pb.PredictBatchResult(status=pb.Status(code=code.value[0], message=message))
+        return pb.PredictBatchResult(status=pb.Status(code=0), response=self._respond(model, request, prepared, probs))

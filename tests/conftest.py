@@ -75,3 +75,27 @@ def write_colour_dataset(root: Path, per_class: dict[str, int], size=(40, 30), s
 def colours(tmp_path) -> Path:
     """8 training and 4 validation images per class (red, blue), writable."""
     return write_colour_dataset(tmp_path / "colours", {"train": 8, "valid": 4})
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A real export bundle for the serving tests: EfficientNet-Lite0 with a head trained for one
+    epoch on the red/blue images at 32 px (4 TTA views). About 15 s on 2 cores, made once per session;
+    the tests need a real graph and manifest, not a good model."""
+    import torch
+
+    from trainer.augment import tfms_from_model, transforms_side_on
+    from trainer.data import ImageClassifierData
+    from trainer.export import export
+    from trainer.learner import ConvLearner
+
+    root = tmp_path_factory.mktemp("tiny_bundle")
+    data_dir = write_colour_dataset(root / "colours", {"train": 4, "valid": 2})
+    tfms = tfms_from_model("efficientnet_lite0", 32, aug_tfms=transforms_side_on, max_zoom=1.1)
+    data = ImageClassifierData.from_paths(data_dir, tfms, bs=8, num_workers=0, seed=0)
+    torch.manual_seed(0)
+    learn = ConvLearner.pretrained("efficientnet_lite0", data, precompute=True, log=lambda _: None,
+                                   models_dir=root / "models")
+    learn.fit(1e-2, 1)
+    export(learn, root / "bundle", name="colours", version="test-1", metrics={"accuracy": 1.0})
+    return root / "bundle"

@@ -37,7 +37,7 @@ def test_demo_trains_serves_and_reports_accuracy(demo):
 def test_serve_predict_and_sigterm(demo):
     out, _ = demo
     server = subprocess.Popen(
-        [SERVING, "serve", "--bundle", str(out / "bundle"), "--port", "0"],
+        [SERVING, "serve", "--bundle", str(out / "bundle"), "--port", "0", "--metrics-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -62,6 +62,8 @@ def test_serve_predict_and_sigterm(demo):
         ([SERVING, "serve"], "bundle: Field required"),
         ([SERVING, "serve", "--bundle", "/nonexistent/bundle"], "no such bundle folder"),
         ([SERVING, "serve", "--bundle", "x", "--port", "99999"], "port: Input should be less than or equal to 65535"),
+        ([SERVING, "serve", "--bundle", "x", "--tls-cert", "cert.pem"], "tls_cert: cert.pem: no such file"),
+        ([SERVING, "serve", "--bundle", "x", "--max-queue", "8"], "max_batch_images 64 is more than max_queue 8"),
         ([TRAINER, "run", "--data", "/nonexistent/data"], "/nonexistent/data/train: no such folder"),
         ([TRAINER, "run", "--arch", "vgg_nonexistent", "--data", "."], "unknown architecture"),
     ],

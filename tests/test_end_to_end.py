@@ -31,7 +31,7 @@ def trained(tiny_hymenoptera, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(trained):
     _, bundle, _ = trained
-    srv = Server(ServerConfig(bundle=bundle, port=0, device="cpu"))
+    srv = Server(ServerConfig(bundle=bundle, port=0, device="cpu", metrics_port=None))
     yield srv
     srv.stop(0)
 
@@ -51,6 +51,18 @@ def test_served_probabilities_equal_the_trainers_tta(trained, client):
         np.testing.assert_allclose(reply.probabilities, expected[i], atol=1e-4, rtol=0)
         assert reply.predictions[0].index == int(np.argmax(expected[i]))
         assert reply.predictions[0].label == learn.data.classes[reply.predictions[0].index]
+
+
+def test_predict_batch_equals_the_trainers_tta_in_order(trained, client):
+    learn, _, manifest = trained
+    expected, _ = learn.TTA()
+    files = list(learn.data.val_files)
+    reply = client.predict_batch([f.read_bytes() for f in files])
+    assert len(reply.results) == len(files)
+    for i, result in enumerate(reply.results):
+        assert result.status.code == 0, result.status.message
+        assert list(result.response.tta_views) == [v.name for v in manifest.tta.views]
+        np.testing.assert_allclose(result.response.probabilities, expected[i], atol=1e-4, rtol=0)
 
 
 def test_tta_off_runs_only_the_centre_view(trained, client):

@@ -40,12 +40,40 @@ class PredictResponse(_message.Message):
     tta_views: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., probabilities: _Optional[_Iterable[float]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., tta_views: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class PredictBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[PredictRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[PredictRequest, _Mapping]]] = ...) -> None: ...
+
+class Status(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class PredictBatchResult(_message.Message):
+    __slots__ = ("status", "response")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    status: Status
+    response: PredictResponse
+    def __init__(self, status: _Optional[_Union[Status, _Mapping]] = ..., response: _Optional[_Union[PredictResponse, _Mapping]] = ...) -> None: ...
+
+class PredictBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[PredictBatchResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[PredictBatchResult, _Mapping]]] = ...) -> None: ...
+
 class ModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "architecture", "classes", "input_size", "tta_views", "metrics", "model_sha256", "schema_version")
+    __slots__ = ("model_name", "model_version", "architecture", "classes", "input_size", "tta_views", "metrics", "model_sha256", "schema_version", "precision", "providers")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +90,8 @@ class ModelInfoResponse(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     architecture: str
@@ -71,4 +101,6 @@ class ModelInfoResponse(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     model_sha256: str
     schema_version: int
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., architecture: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., tta_views: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., model_sha256: _Optional[str] = ..., schema_version: _Optional[int] = ...) -> None: ...
+    precision: str
+    providers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., architecture: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., tta_views: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., model_sha256: _Optional[str] = ..., schema_version: _Optional[int] = ..., precision: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -39,6 +39,11 @@ class ClassifierStub:
                 request_serializer=serving_dot_gen_dot_classifier_dot_v1_dot_classifier__pb2.PredictRequest.SerializeToString,
                 response_deserializer=serving_dot_gen_dot_classifier_dot_v1_dot_classifier__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.PredictBatch = channel.unary_unary(
+                '/classifier.v1.Classifier/PredictBatch',
+                request_serializer=serving_dot_gen_dot_classifier_dot_v1_dot_classifier__pb2.PredictBatchRequest.SerializeToString,
+                response_deserializer=serving_dot_gen_dot_classifier_dot_v1_dot_classifier__pb2.PredictBatchResponse.FromString,
+                _registered_method=True)
         self.ModelInfo = channel.unary_unary(
                 '/classifier.v1.Classifier/ModelInfo',
                 request_serializer=serving_dot_gen_dot_classifier_dot_v1_dot_classifier__pb2.ModelInfoRequest.SerializeToString,
@@ -51,6 +56,15 @@ class ClassifierServicer:
 
     def Predict(self, request, context):
         """Classify one encoded image (JPEG, PNG, WebP, BMP, ...), with the bundle's TTA views by default.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PredictBatch(self, request, context):
+        """Classify several images in one call: one result per image, in request order. A bad image fails
+        only its own result (see PredictBatchResult.status); the call itself fails only when nothing can
+        run (deadline, full queue, server not ready or shutting down).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,6 +84,11 @@ def add_ClassifierServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=serving_dot_gen_dot_classifier_dot_v1_dot_classifier__pb2.PredictRequest.FromString,
                     response_serializer=serving_dot_gen_dot_classifier_dot_v1_dot_classifier__pb2.PredictResponse.SerializeToString,
+            ),
+            'PredictBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PredictBatch,
+                    request_deserializer=serving_dot_gen_dot_classifier_dot_v1_dot_classifier__pb2.PredictBatchRequest.FromString,
+                    response_serializer=serving_dot_gen_dot_classifier_dot_v1_dot_classifier__pb2.PredictBatchResponse.SerializeToString,
             ),
             'ModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfo,
@@ -104,6 +123,33 @@ class Classifier:
             '/classifier.v1.Classifier/Predict',
             serving_dot_gen_dot_classifier_dot_v1_dot_classifier__pb2.PredictRequest.SerializeToString,
             serving_dot_gen_dot_classifier_dot_v1_dot_classifier__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/classifier.v1.Classifier/PredictBatch',
+            serving_dot_gen_dot_classifier_dot_v1_dot_classifier__pb2.PredictBatchRequest.SerializeToString,
+            serving_dot_gen_dot_classifier_dot_v1_dot_classifier__pb2.PredictBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,89 @@
+"""`serving serve` as a process under load: SIGTERM drains, answers every accepted call, exits 0."""
+
+from __future__ import annotations
+
+import io
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.client import Client
+
+CLIENTS = 6
+
+
+def png(seed: int) -> bytes:
+    a = np.random.default_rng(seed).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def serving_process(tiny_bundle):
+    argv = [sys.executable, "-m", "serving.cli", "serve", "--bundle", str(tiny_bundle), "--port", "0",
+            "--device", "cpu", "--metrics-port", "off", "--drain-s", "2", "--grace-s", "20", "--workers", "8"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        port = re.search(r"serving on [\d.]+:(\d+)", line)
+        assert port, line + proc.stderr.read()
+        yield proc, f"127.0.0.1:{port[1]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_under_load_answers_every_accepted_call_and_exits_0(serving_process):
+    proc, target = serving_process
+    outcomes: list[tuple[float, str]] = []  # (time answered, status code name)
+    lock = threading.Lock()
+    enough_answered = threading.Event()
+
+    def hammer(seed: int) -> None:
+        with Client(target, timeout=30) as c:
+            for i in range(10_000):
+                try:
+                    c.predict(png(seed * 1000 + i % 5))
+                    code = "OK"
+                except grpc.RpcError as e:
+                    code = e.code().name if e.code() == grpc.StatusCode.UNAVAILABLE else f"{e.code().name}: {e.details()}"
+                with lock:
+                    outcomes.append((time.monotonic(), code))
+                    if len(outcomes) >= 30:
+                        enough_answered.set()
+                if code != "OK":
+                    return  # the server is gone (or something failed: checked below)
+
+    threads = [threading.Thread(target=hammer, args=(s,), daemon=True) for s in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    assert enough_answered.wait(60), "the server answered too few calls before the signal"
+
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    with Client(target, timeout=10) as c:
+        # --drain-s 2: still reachable, telling load balancers to go away (once the signal is handled).
+        end = time.monotonic() + 10
+        while c.health() != "NOT_SERVING":
+            assert time.monotonic() < end, "health never turned NOT_SERVING after SIGTERM"
+            time.sleep(0.01)
+
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a call hung after SIGTERM"
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()[-3000:]
+
+    codes = {code for _, code in outcomes}
+    assert codes <= {"OK", "UNAVAILABLE"}, f"calls lost or failed otherwise: {codes}"
+    assert sum(1 for when, code in outcomes if code == "UNAVAILABLE") == CLIENTS  # each client's last call: refused
+    assert any(code == "OK" and when > signalled for when, code in outcomes), "no call answered while draining"
