@@ -45,3 +45,14 @@ def test_whole_recipe_on_hymenoptera_beats_the_references(hymenoptera, tmp_path,
         _, metrics = run(cfg, log=lambda msg: print(msg, flush=True))
     assert metrics["accuracy_tta"] >= 0.95, metrics
     assert (Path(cfg.out) / "bundle" / "model.onnx").is_file()
+
+
+def test_full_adds_the_validation_images_to_training(colours):
+    from trainer.augment import tfms_from_model
+    from trainer.data import ImageClassifierData
+    from trainer.recipe import train_on_validation_too
+
+    data = ImageClassifierData.from_paths(colours, tfms_from_model("efficientnet_lite0", 32))
+    full = train_on_validation_too(data)
+    assert full.trn_files == data.trn_files + data.val_files and full.trn_y == data.trn_y + data.val_y
+    assert full.val_files == data.val_files

@@ -106,3 +106,15 @@ def test_user_errors_are_one_line(what, tmp_path, data):
     assert proc.returncode == 2, proc.stderr
     assert expected in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_full_trains_on_train_and_valid(data, tmp_path):
+    import json
+
+    out = tmp_path / "full"
+    proc = trainer("run", "--data", data, "--out", out, *FAST[:-4], "--unfreeze-cycles", "0", "--num-workers", "0",
+                   "--full")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data: 24 train, 8 valid images" in proc.stdout  # 16 + 8 training images
+    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    assert manifest["recipe"]["full"] is True
