@@ -118,3 +118,33 @@ def test_full_trains_on_train_and_valid(data, tmp_path):
     assert "data: 24 train, 8 valid images" in proc.stdout  # 16 + 8 training images
     manifest = json.loads((out / "bundle" / "manifest.json").read_text())
     assert manifest["recipe"]["full"] is True
+
+
+class TestStepCommands:
+    def test_tta_fit_predict_on_a_finished_run(self, full_run, data, tmp_path):
+        run = tmp_path / "run"
+        shutil.copytree(full_run, run)
+        tta = trainer("tta", "--run", run)
+        assert tta.returncode == 0, tta.stderr[-2000:]
+        assert "validation: accuracy" in tta.stdout and "accuracy_tta" in tta.stdout
+        before = epochs(run)
+        fit = trainer("fit", "--run", run, "--lr", "0.01", "--cycles", "2")
+        assert fit.returncode == 0, fit.stderr[-2000:]
+        assert epochs(run) == before + 2
+        predict = trainer("predict", "--run", run, "--test", data / "valid" / "red", "--top-label")
+        assert predict.returncode == 0, predict.stderr[-2000:]
+        rows = list(csv.reader((run / "submission.csv").open()))
+        assert rows[0] == ["id", "label"] and len(rows) == 1 + 4
+
+    def test_lr_find_sizes_and_resize_on_a_dataset(self, data, tmp_path):
+        out = tmp_path / "lr"
+        found = trainer("lr-find", "--data", data, "--out", out, "--size", "32", "--bs", "4", "--num-workers", "0")
+        assert found.returncode == 0, found.stderr[-2000:]
+        assert "lr: " in found.stdout and (out / "lr_find.png").is_file()
+        sizes = trainer("sizes", "--data", data, "--out", tmp_path)
+        assert sizes.returncode == 0 and "24 images; width median 40" in sizes.stdout
+        Image.open(tmp_path / "sizes.png").verify()
+        resized = trainer("resize", "--data", data, "--target", "20")
+        assert resized.returncode == 0, resized.stderr
+        cached = list((data / "tmp" / "20").rglob("*.png"))
+        assert cached and all(min(Image.open(p).size) == 20 for p in cached)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from serving.bundle import write_atomic
 from trainer import augment
 from trainer.data import ImageClassifierData
-from trainer.learner import ConvLearner, seed_everything
+from trainer.learner import ConvLearner, EpochStats, seed_everything
 from trainer import plots
 from trainer.metrics import accuracy, confusion_matrix, log_loss
 from trainer.report import write_report
@@ -305,6 +305,7 @@ def learner_from_run(run_dir: Path, log=print) -> ConvLearner:
     data = make_data(cfg, (cfg.sizes or [cfg.size])[-1], run_dir)
     learn = ConvLearner(data, build_net(cfg.arch, data.c, pretrained=False), models_dir=run_dir / "models", log=log)
     learn.load(FINAL)
+    learn.history = _read_history(run_dir / "history.csv")  # so that further epochs extend it
     learn.snapshots = sorted(
         (p.stem for p in (run_dir / "models").glob("snapshot_*_cyc_*.pt")),
         key=lambda n: (int(n.split("_")[1]), int(n.rsplit("_", 1)[1])),
@@ -323,6 +324,14 @@ def _find_lr(learn: ConvLearner, png: Path, log, *, num_it: int, start_lr=1e-5) 
         return 1e-2
     log(f"lr_find: suggests lr {suggestion.lr:.2e} (steepest descent at {suggestion.lr_steep:.2e}); plot {png}")
     return suggestion.lr
+
+
+def _read_history(path: Path) -> list[EpochStats]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [EpochStats(int(r["epoch"]), float(r["trn_loss"]), float(r["val_loss"]), float(r["accuracy"]))
+                for r in csv.DictReader(f)]
 
 
 def _write_history(path: Path, learn: ConvLearner) -> None:
