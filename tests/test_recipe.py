@@ -34,7 +34,7 @@ class TestPlan:
 @pytest.mark.timeout(2400)  # about 15 minutes on a 2-core CPU
 @pytest.mark.xfail(
     strict=False,
-    reason="target not reached yet: on this 2-core CPU the recipe ended at 92-93% TTA accuracy "
+    reason="target not reached yet: on a 2-core CPU the recipe ended at 94.1% with TTA (92.2% without) "
     "(lr_find picks 3.5e-2 for the head, which swings the 153-image val score between 89.5% and 96% "
     "from one epoch to the next); see the closing note of issue 3",
 )
