@@ -192,7 +192,7 @@ def cmd_demo(args) -> int:
 
     cfg = digits_demo_config(Path(args.out))
     learn, metrics = run(cfg)
-    server = Server(ServerConfig(bundle=cfg.out / "bundle", port=0))
+    server = Server(ServerConfig(bundle=cfg.out / "bundle", port=0, metrics_port=None))
     try:
         target = f"127.0.0.1:{server.port}"
         data = learn.data
