@@ -119,14 +119,14 @@ def cmd_resize(args) -> int:
 
 def cmd_lr_find(args) -> int:
     from trainer.learner import ConvLearner
-    from trainer.recipe import _find_lr
+    from trainer.recipe import find_lr
 
     cfg = _config(args)
     data = _data(args)
     cfg.out.mkdir(parents=True, exist_ok=True)
     write_atomic(cfg.out / "config.json", (cfg.model_dump_json(indent=2) + "\n").encode())
     learn = ConvLearner.pretrained(cfg.arch, data, precompute=True, weights=cfg.weights, models_dir=cfg.out / "models")
-    lr = _find_lr(learn, cfg.out / "lr_find.png", print, num_it=max(100, learn.steps_per_epoch()))
+    lr = find_lr(learn, cfg.out / "lr_find.png", print, num_it=max(100, learn.steps_per_epoch()))
     print(f"lr: {lr:.2e}")
     return 0
 
@@ -144,7 +144,7 @@ def _run_learner(run_dir: Path):
 
 
 def cmd_fit(args) -> int:
-    from trainer.recipe import FINAL, _write_history
+    from trainer.recipe import FINAL, write_history
 
     learn = _run_learner(args.run)
     learn.precompute = args.precompute
@@ -154,7 +154,7 @@ def cmd_fit(args) -> int:
     learn.fit(lrs, args.cycles, cycle_len=args.cycle_len, cycle_mult=args.cycle_mult)
     learn.precompute = False
     learn.save(FINAL)
-    _write_history(Path(args.run) / "history.csv", learn)
+    write_history(Path(args.run) / "history.csv", learn)
     return 0
 
 

@@ -182,7 +182,7 @@ def run(cfg: RunConfig, log=print, *, resume: bool = False) -> tuple[ConvLearner
         buf = io.BytesIO()
         torch.save(blob, buf)
         write_atomic(checkpoint_path, buf.getvalue())
-        _write_history(out / "history.csv", learn)
+        write_history(out / "history.csv", learn)
 
     log("epoch, trn_loss, val_loss, accuracy")
     for i, stage in enumerate(plan):
@@ -198,7 +198,7 @@ def run(cfg: RunConfig, log=print, *, resume: bool = False) -> tuple[ConvLearner
         # Step 6: earlier groups train lr_ratio times slower than the next.
         ratios = [1 / cfg.lr_ratio**2, 1 / cfg.lr_ratio, 1.0] if stage.unfrozen else [1.0, 1.0, 1.0]
         if stage.kind == "lr_find":
-            found = _find_lr(learn, out / f"{stage.name}.png", log, start_lr=[1e-5 * r for r in ratios],
+            found = find_lr(learn, out / f"{stage.name}.png", log, start_lr=[1e-5 * r for r in ratios],
                              # On precomputed activations a sweep is cheap (100 batches, cycling a small
                              # dataset); unfrozen, every batch runs the whole network: 30 are enough.
                              num_it=max(100 if stage.precompute else 30, learn.steps_per_epoch()))
@@ -216,7 +216,7 @@ def run(cfg: RunConfig, log=print, *, resume: bool = False) -> tuple[ConvLearner
         checkpoint(i + 1, 0)
     learn.precompute = False
     learn.save(FINAL)
-    _write_history(out / "history.csv", learn)
+    write_history(out / "history.csv", learn)
     metrics, probs, y = evaluate(learn, log)
     recipe = cfg.model_dump(mode="json", exclude={"out", "data", "weights"})
     recipe.update(epochs=len(learn.history), lr=lr, stages=[s.name for s in plan])
@@ -313,7 +313,7 @@ def learner_from_run(run_dir: Path, log=print) -> ConvLearner:
     return learn
 
 
-def _find_lr(learn: ConvLearner, png: Path, log, *, num_it: int, start_lr=1e-5) -> float:
+def find_lr(learn: ConvLearner, png: Path, log, *, num_it: int, start_lr=1e-5) -> float:
     """Run lr_find, save its plot, and return the lesson's pick (one decade below the minimum)."""
     sched = learn.lr_find(start_lr=start_lr, num_it=num_it)
     try:
@@ -334,7 +334,7 @@ def _read_history(path: Path) -> list[EpochStats]:
                 for r in csv.DictReader(f)]
 
 
-def _write_history(path: Path, learn: ConvLearner) -> None:
+def write_history(path: Path, learn: ConvLearner) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["epoch", "trn_loss", "val_loss", "accuracy"])
