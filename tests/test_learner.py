@@ -128,6 +128,21 @@ class TestPrecomputeCache:
         assert sorted(calls) == ["train", "valid"]
 
 
+    def test_a_read_only_dataset_is_never_written_to(self, colours, tmp_path, monkeypatch):
+        """Shared data (mode r-x) stays untouched, even for root, whom os.access lets write anywhere."""
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        for folder in [colours, *[p for p in colours.rglob("*") if p.is_dir()]]:
+            folder.chmod(0o555)
+        try:
+            learn = make_learner(colours)
+            assert learn.work_dir.is_relative_to(tmp_path / "cache")
+            assert len(self.cache_files(learn)) == 2
+            assert not (colours / "tmp").exists()
+        finally:
+            for folder in [colours, *[p for p in colours.rglob("*") if p.is_dir()]]:
+                folder.chmod(0o755)
+
+
 class TestSnapshotsAndPersistence:
     def test_one_snapshot_per_cycle_and_their_ensemble(self, colours):
         learn = make_learner(colours)
