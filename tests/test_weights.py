@@ -27,7 +27,9 @@ def test_imagenet_head_tells_ants_from_bees(hymenoptera):
         logits = torch.cat([model(chunk) for chunk in x.split(32)])
     predicted_bee = (logits[:, BEE] > logits[:, ANT]).numpy()
     accuracy = float((predicted_bee == np.array([y for _, y in files])).mean())
-    assert accuracy >= 0.90, f"zero-shot ant/bee accuracy {accuracy:.3f}: weights did not load as trained"
+    # 0.974 measured; symmetric padding (timm's efficientnet_lite0, not how these weights were
+    # trained) gives 0.961, random or misloaded weights about 0.5.
+    assert accuracy >= 0.97, f"zero-shot ant/bee accuracy {accuracy:.3f}: weights did not load as trained"
 
 
 def test_missing_weights_name_the_file(tmp_path):

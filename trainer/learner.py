@@ -208,7 +208,8 @@ class ConvLearner:
         names = ["train", "valid"] + (["test"] if self.data.test_files else [])
         for name in [n for n in names if n not in self._features]:
             files = self._files(name)
-            key = cache_key(self.net.arch_name, weights, tfms.prep, tfms.tta_views[0], files)
+            arch = f"{self.net.arch_name} ({self.net.arch_definition})"
+            key = cache_key(arch, weights, tfms.prep, tfms.tta_views[0], files)
             path = self.work_dir / "tmp" / "precompute" / f"{self.net.arch_name}_{tfms.sz}_{name}.pt"
             self._features[name] = cached(path, key, len(files), lambda: self.compute_features(name))
 

