@@ -129,11 +129,11 @@ class TestPrecomputeCache:
         learn.precompute = True
         assert sorted(calls) == ["train", "valid"]
 
-
     def test_a_read_only_dataset_is_never_written_to(self, colours, tmp_path, monkeypatch):
         """Shared data (mode r-x) stays untouched, even for root, whom os.access lets write anywhere."""
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-        for folder in [colours, *[p for p in colours.rglob("*") if p.is_dir()]]:
+        folders = [colours, *(p for p in colours.rglob("*") if p.is_dir())]
+        for folder in folders:
             folder.chmod(0o555)
         try:
             learn = make_learner(colours)
@@ -141,7 +141,7 @@ class TestPrecomputeCache:
             assert len(self.cache_files(learn)) == 2
             assert not (colours / "tmp").exists()
         finally:
-            for folder in [colours, *[p for p in colours.rglob("*") if p.is_dir()]]:
+            for folder in folders:
                 folder.chmod(0o755)
 
 
