@@ -6,9 +6,11 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serving.bundle import Precision
+from serving.preprocess import DEFAULT_FORMATS
 
 ENV_PREFIX = "SERVING_"
 # Words that turn an optional setting off when given as a flag or environment variable.
@@ -46,6 +48,18 @@ class ServerConfig(BaseModel):
     # Input limits.
     max_image_bytes: int = Field(20 * 2**20, ge=1024, description="largest encoded image accepted, bytes")
     max_image_pixels: int = Field(50_000_000, ge=1, description="largest decoded image accepted, width x height (decompression bombs)")
+    max_call_pixels: int = Field(
+        200_000_000, ge=1, description="pixels one call may decode in all its images; images past it get INVALID_ARGUMENT"
+    )
+    max_decode_pixels: int = Field(
+        100_000_000, ge=1,
+        description="pixels decoded at once across all calls (memory: about 16 bytes each at worst, so 1.6 GB by default); "
+        "calls wait for room no longer than their deadline",
+    )
+    allowed_formats: tuple[str, ...] = Field(
+        ",".join(DEFAULT_FORMATS), validate_default=True, min_length=1,
+        description="image formats accepted, comma-separated Pillow format names; others get INVALID_ARGUMENT",
+    )
     max_message_bytes: int = Field(
         64 * 2**20, ge=4096, description="largest request message, bytes; gRPC refuses larger ones with RESOURCE_EXHAUSTED"
     )
@@ -63,6 +77,21 @@ class ServerConfig(BaseModel):
     def _off_is_none(cls, value):
         return None if isinstance(value, str) and value.strip().lower() in OFF else value
 
+    @field_validator("allowed_formats", mode="before")
+    @classmethod
+    def _format_names(cls, value):
+        names = value.split(",") if isinstance(value, str) else value
+        return tuple(str(n).strip().upper() for n in names if str(n).strip())
+
+    @field_validator("allowed_formats")
+    @classmethod
+    def _formats_known(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        Image.init()
+        unknown = [n for n in names if n not in Image.OPEN]
+        if unknown:
+            raise ValueError(f"unknown image format(s) {', '.join(unknown)}; Pillow knows {', '.join(sorted(Image.OPEN))}")
+        return names
+
     @field_validator("tls_cert", "tls_key")
     @classmethod
     def _file_exists(cls, path: Path | None) -> Path | None:
@@ -78,6 +107,11 @@ class ServerConfig(BaseModel):
             raise ValueError(
                 f"max_batch_images {self.max_batch_images} is more than max_queue {self.max_queue}: a PredictBatch call "
                 "queues all its images at once, so a full one would always be refused; lower the first or raise the second"
+            )
+        if self.max_call_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"max_call_pixels {self.max_call_pixels} is less than max_image_pixels {self.max_image_pixels}: "
+                "an image the server accepts could never be decoded; raise the first or lower the second"
             )
         if self.max_message_bytes <= self.max_image_bytes:
             raise ValueError(

@@ -1,17 +1,14 @@
-"""Prometheus metrics for one server: its own registry, its own HTTP port, a gRPC interceptor.
+"""Prometheus metrics for one server: its own registry and its own HTTP port.
 
 Each Server owns a Metrics with a dedicated CollectorRegistry (not prometheus_client's global
 one), so several servers can run in one process, as the tests do, without sharing counters.
-Calls that gRPC itself refuses before a handler runs (a message over max_message_bytes, more than
-max_concurrent_calls) are not counted here: they never reach the server's code.
+The calls are counted by serving.interceptor, including those gRPC refuses before a handler runs.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from serving.batcher import BatchStats
@@ -52,6 +49,15 @@ class Metrics:
             "classifier_predicted_class", "Top-1 label of every image answered; watch its mix for drift", ["label"],
             registry=r,
         )
+        self.not_run = Counter(
+            "classifier_calls_not_run", "Calls that ended before their handler ran: a request over --max-message-bytes "
+            "(refused by gRPC with RESOURCE_EXHAUSTED) or a caller that hung up or timed out while its call waited "
+            "for a handler thread", ["method"], registry=r,
+        )
+        self.decoder_warnings = Counter(
+            "classifier_decoder_warnings", "Warnings Pillow and libtiff raised while decoding requests' images "
+            "(counted instead of logged: their text comes from the sender's bytes)", ["source"], registry=r,
+        )
         self.model = Info("classifier_model", "The model being served", registry=r)
         self._http = None
 
@@ -88,47 +94,3 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
-
-
-class MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts, times and tracks in flight every unary call to `service` (e.g. classifier.v1.Classifier)."""
-
-    def __init__(self, metrics: Metrics, service: str):
-        self.metrics = metrics
-        self.prefix = f"/{service}/"
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or handler.unary_unary is None or not method.startswith(self.prefix):
-            return handler
-        return grpc.unary_unary_rpc_method_handler(
-            self._measured(method[len(self.prefix):], handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    def _measured(self, name: str, behaviour):
-        m = self.metrics
-
-        def measured(request, context):
-            start = time.perf_counter()
-            m.in_flight.inc()
-            try:
-                response = behaviour(request, context)
-            except BaseException:
-                # context.abort sets the code before raising; anything else is a bug: UNKNOWN, as gRPC reports it.
-                m.requests.labels(name, _code_name(context.code(), grpc.StatusCode.UNKNOWN)).inc()
-                raise
-            else:
-                m.requests.labels(name, _code_name(context.code(), grpc.StatusCode.OK)).inc()
-                return response
-            finally:
-                m.latency.labels(name).observe(time.perf_counter() - start)
-                m.in_flight.dec()
-
-        return measured
-
-
-def _code_name(code, default: grpc.StatusCode) -> str:
-    return (code if isinstance(code, grpc.StatusCode) else default).name

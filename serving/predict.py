@@ -7,12 +7,13 @@ several calls at once, so that all of them go through ONNX Runtime in one run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from serving.bundle import Manifest
-from serving.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_views
+from serving.preprocess import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, Admit, ImageError, load_views
 from serving.session import ModelSession
 
 
@@ -41,17 +42,27 @@ def top(probabilities: np.ndarray, k: int = 0) -> list[tuple[int, float]]:
 
 
 def prepare(
-    manifest: Manifest, data: bytes, *, tta: bool = True, max_bytes: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    manifest: Manifest,
+    data: bytes,
+    *,
+    tta: bool = True,
+    max_bytes: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    formats: Sequence[str] = DEFAULT_FORMATS,
+    admit: Admit | None = None,
 ) -> Prepared:
     """Check and decode one encoded image and make the bundle's views of it (all of them, or only
-    the first, plain one with tta=False). Raises ImageError saying what was wrong."""
+    the first, plain one with tta=False). Raises ImageError saying what was wrong; `admit` is
+    load_views' hook for bounding the decoding work."""
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageError(
             f"image is {len(data)} bytes, over the limit of {max_bytes}; the model sees "
             f"{manifest.preprocessing.input_size}x{manifest.preprocessing.input_size} pixels, so send a smaller file"
         )
     views = manifest.tta.views if tta else manifest.tta.views[:1]
-    return Prepared(load_views(data, manifest.preprocessing, views, max_pixels=max_pixels), [v.name for v in views])
+    limits = {} if admit is None else {"admit": admit}
+    views_array = load_views(data, manifest.preprocessing, views, max_pixels=max_pixels, formats=formats, **limits)
+    return Prepared(views_array, [v.name for v in views])
 
 
 def run_batch(session: ModelSession, batch: list[np.ndarray]) -> list[np.ndarray]:

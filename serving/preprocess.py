@@ -8,8 +8,10 @@ so the probabilities the server returns equal the trainer's TTA probabilities. N
 from __future__ import annotations
 
 import io
-import warnings
-from collections.abc import Sequence
+import re
+import struct
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -18,42 +20,86 @@ from serving.bundle import Preprocessing, TTAView
 
 # A decompression bomb is refused before its pixels are decoded: 50 megapixels is a 8660x5773 photo.
 DEFAULT_MAX_PIXELS = 50_000_000
+# Formats whose decoders see bytes from anyone. Pillow knows ~40 more, some of which hand the bytes
+# to an interpreter (EPS goes to Ghostscript) or to rarely exercised parsers; they are refused by name.
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# Resizing the shorter side of a 1 x 300,000 strip up to 256 pixels would make 77 gigapixels: the
+# long side is cut (centred) to this many times the short side before resizing, which bounds the
+# work after resizing to MAX_ASPECT_RATIO x size^2 pixels whatever the image's shape.
+MAX_ASPECT_RATIO = 10
+# Peak memory while one image is decoded and its views made, bytes per decoded pixel: 16-bit and
+# transparent PNGs are the worst (measured with ru_maxrss, see tests/test_preprocess.py), an RGB
+# JPEG needs about 8. Used to size how many pixels may be decoded at once.
+PEAK_BYTES_PER_PIXEL = 16
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# Pillow's own refusal message carries the size it found: "Image size (400000000 pixels) exceeds ..."
+_PILLOW_BOMB_SIZE = re.compile(r"\((\d+) pixels\)")
 
 
 class ImageError(ValueError):
     """An image that cannot be used; the message says what was wrong with it."""
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode an encoded image into 8-bit RGB, upright as its EXIF orientation says."""
+def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, formats: Sequence[str] = DEFAULT_FORMATS) -> Image.Image:
+    """Read an encoded image's header only: its format must be one of `formats` and its size at
+    most `max_pixels`. Nothing is decoded yet, so this is cheap whatever the image claims to be."""
     if not data:
         raise ImageError("empty image: the request carried no bytes")
     try:
-        with warnings.catch_warnings():
-            # We enforce our own pixel limit below; PIL's warning would only be noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            width, height = im.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
-                )
-            im.load()
-    except ImageError:
-        raise
+        im = Image.open(io.BytesIO(data), formats=list(formats))
     except UnidentifiedImageError:
-        raise ImageError("not a recognised image format (expected JPEG, PNG, WebP, BMP, ...)") from None
+        found = sniff_format(data)
+        if found is not None and found not in formats:
+            raise ImageError(f"{found} images are not accepted; send one of {', '.join(formats)}") from None
+        raise ImageError(f"not a recognised image format (expected one of {', '.join(formats)})") from None
     except Image.DecompressionBombError as e:
-        # PIL refuses sizes past twice its own limit while opening, before our check above can run.
-        raise ImageError(f"decompression bomb refused: {e} (this limit: {max_pixels} pixels)") from None
-    except (OSError, SyntaxError, ValueError) as e:
+        # Pillow refuses sizes past twice its own limit while opening, before our check below runs.
+        size = _PILLOW_BOMB_SIZE.search(str(e))
+        claimed = f"{int(size[1])} pixels" if size else "far too many pixels"
+        raise ImageError(f"image is {claimed}, over the limit of {max_pixels} (decompression bomb refused)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"corrupt or truncated image: {e}") from None
-    if im.width < 1 or im.height < 1:
-        raise ImageError(f"image has no pixels ({im.width}x{im.height})")
-    im = ImageOps.exif_transpose(im)
-    return to_rgb(im)
+    width, height = im.size
+    if width < 1 or height < 1:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+    return im
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format Pillow would take `data` for, from its leading bytes alone (no parser runs)."""
+    Image.init()
+    prefix = data[:16]
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        if accept is not None and accept(prefix):
+            return name
+    return None
+
+
+def load_rgb(im: Image.Image) -> Image.Image:
+    """Decode an opened image into 8-bit RGB, upright as its EXIF orientation says."""
+    try:
+        im.load()
+        # exif_transpose copies even an upright image; that copy of a 50-megapixel photo is 200 MB.
+        im = ImageOps.exif_transpose(im) if _needs_transpose(im) else im
+        return to_rgb(im)
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError,
+            ZeroDivisionError) as e:
+        # Pillow's parsers let these out on crafted files; each means the bytes are not a usable image.
+        raise ImageError(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
+
+
+def _needs_transpose(im: Image.Image) -> bool:
+    orientation = im.getexif().get(0x0112, 1)
+    return orientation in (2, 3, 4, 5, 6, 7, 8)
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, formats: Sequence[str] = DEFAULT_FORMATS) -> Image.Image:
+    """Decode an encoded image into 8-bit RGB, upright as its EXIF orientation says."""
+    return load_rgb(open_image(data, max_pixels=max_pixels, formats=formats))
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -61,9 +107,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(im, dtype=np.uint32 if im.mode == "I" else np.uint16).astype(np.float64)
-        peak = 65535.0 if im.mode != "I" or a.max() > 255 else 255.0
-        a8 = np.clip(np.round(a / peak * 255.0), 0, 255).astype(np.uint8)
+        # round(v / 65535 * 255) is (v + 128) // 257 exactly (65535 = 255 x 257, and no v lies on a
+        # tie): integers instead of float64 keep a 50-megapixel 16-bit PNG from needing 400 MB more.
+        a = np.asarray(im, dtype=np.int64 if im.mode == "I" else np.uint32)
+        if im.mode == "I" and a.max() <= 255:
+            a8 = np.clip(a, 0, 255).astype(np.uint8)
+        else:
+            np.clip(a, 0, 65535, out=a)
+            a += 128
+            a //= 257
+            a8 = a.astype(np.uint8)
         return Image.fromarray(a8, mode="L").convert("RGB")
     if im.mode == "F":
         a = np.asarray(im, dtype=np.float32)
@@ -71,14 +124,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        im = im.convert("RGBA")
+        im = im if im.mode == "RGBA" else im.convert("RGBA")
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, im).convert("RGB")
     return im.convert("RGB")
 
 
 def resize_shorter(im: Image.Image, size: int, interpolation: str = "bilinear") -> Image.Image:
-    """Resize so that the shorter side is `size` pixels, keeping the aspect ratio."""
+    """Resize so that the shorter side is `size` pixels, keeping the aspect ratio; a longer side
+    than MAX_ASPECT_RATIO times the shorter is first cut to that, keeping its middle."""
+    im = cap_aspect_ratio(im)
     width, height = im.size
     scale = size / min(width, height)
     new = (max(size, round(width * scale)), max(size, round(height * scale)))
@@ -87,11 +142,23 @@ def resize_shorter(im: Image.Image, size: int, interpolation: str = "bilinear") 
     return im.resize(new, _RESAMPLE[interpolation], reducing_gap=None)
 
 
-def crop_box(width: int, height: int, side: int, anchor: str) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of a side x side square at `anchor` inside width x height."""
-    left = {"center": (width - side) // 2, "top_left": 0, "bottom_left": 0}.get(anchor, width - side)
-    top = {"center": (height - side) // 2, "top_left": 0, "top_right": 0}.get(anchor, height - side)
-    return left, top, left + side, top + side
+def cap_aspect_ratio(im: Image.Image, ratio: int = MAX_ASPECT_RATIO) -> Image.Image:
+    """The middle of `im` at most `ratio` times as long as it is wide (or tall); `im` itself when it is."""
+    width, height = im.size
+    short = min(width, height)
+    if max(width, height) <= ratio * short:
+        return im
+    if width > height:
+        return im.crop(crop_box(width, height, (ratio * short, short), "center"))
+    return im.crop(crop_box(width, height, (short, ratio * short), "center"))
+
+
+def crop_box(width: int, height: int, side: int | tuple[int, int], anchor: str) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a `side` square (or (w, h) rectangle) at `anchor` inside width x height."""
+    w, h = (side, side) if isinstance(side, int) else side
+    left = {"center": (width - w) // 2, "top_left": 0, "bottom_left": 0}.get(anchor, width - w)
+    top = {"center": (height - h) // 2, "top_left": 0, "top_right": 0}.get(anchor, height - h)
+    return left, top, left + w, top + h
 
 
 def view(im: Image.Image, prep: Preprocessing, spec: TTAView) -> np.ndarray:
@@ -117,8 +184,24 @@ def make_views(im: Image.Image, prep: Preprocessing, views: Sequence[TTAView]) -
     return np.stack([view(resized, prep, spec) for spec in views])
 
 
+# admit(pixels) -> a context held while an image of that many pixels is decoded and its views made.
+Admit = Callable[[int], AbstractContextManager]
+
+
 def load_views(
-    data: bytes, prep: Preprocessing, views: Sequence[TTAView], *, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    prep: Preprocessing,
+    views: Sequence[TTAView],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    formats: Sequence[str] = DEFAULT_FORMATS,
+    admit: Admit = lambda pixels: nullcontext(),
 ) -> np.ndarray:
-    """Encoded image bytes -> uint8 (n_views, size, size, 3)."""
-    return make_views(decode_image(data, max_pixels=max_pixels), prep, views)
+    """Encoded image bytes -> uint8 (n_views, size, size, 3).
+
+    `admit` is called with the image's pixel count once its header is read and before any pixel is
+    decoded; the server uses it to bound the memory all calls decode with at once, and to stop
+    work whose caller is gone. It may raise to refuse the image."""
+    im = open_image(data, max_pixels=max_pixels, formats=formats)
+    with admit(im.width * im.height):
+        return make_views(load_rgb(im), prep, views)

@@ -24,7 +24,8 @@ from serving.bundle import model_file
 from serving.config import ServerConfig
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from serving.metrics import Metrics, MetricsInterceptor
+from serving.interceptor import EdgeInterceptor
+from serving.metrics import Metrics
 from serving.predict import run_batch
 from serving.servicer import ClassifierServicer, LoadedModel
 from serving.session import ModelSession
@@ -52,7 +53,8 @@ class Server:
         self.servicer = ClassifierServicer(config, self.metrics)
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
-            interceptors=[MetricsInterceptor(self.metrics, SERVICE)],
+            interceptors=[EdgeInterceptor(self.metrics, SERVICE, max_concurrent_calls=config.max_concurrent_calls,
+                                          active_calls=lambda: _grpc_active_calls(self.grpc_server))],
             options=[
                 # Larger messages are refused by gRPC itself with RESOURCE_EXHAUSTED, before any handler runs.
                 ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -145,6 +147,12 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop(0)
+
+
+def _grpc_active_calls(server: grpc.Server) -> int | None:
+    """gRPC's own count of calls in progress, the one it compares with maximum_concurrent_rpcs.
+    Private to grpcio (pinned in pyproject.toml); a test fails if a new release moves it."""
+    return getattr(getattr(server, "_state", None), "active_rpc_count", None)
 
 
 def serve(config: ServerConfig) -> int:

@@ -7,16 +7,15 @@ batcher, and waits for the probabilities no longer than the call's deadline allo
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
+from serving import decoder_log
+from serving.admission import Admission, CallFailed, CallGuard, PixelBudget
 from serving.batcher import Batcher, DeadlineExpired, QueueFull, ShuttingDown
 from serving.config import ServerConfig
 from serving.gen.classifier.v1 import classifier_pb2 as pb
@@ -38,8 +37,8 @@ class LoadedModel:
     batcher: Batcher
 
 
-class CallFailed(Exception):
-    """Ends a whole call with a status; raised by the helpers, turned into context.abort by the RPCs."""
+class ItemFailed(Exception):
+    """One image of a call failed for a reason of the server's, not of the image: its own status."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
@@ -48,7 +47,7 @@ class CallFailed(Exception):
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status a failure is reported with, and its message for people."""
-    if isinstance(error, CallFailed):
+    if isinstance(error, (CallFailed, ItemFailed)):
         return error.code, str(error)
     if isinstance(error, ImageError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
@@ -92,63 +91,21 @@ def wait_all(futures: list[Future], deadline: float | None) -> list[np.ndarray |
     return out
 
 
-class Admission:
-    """Counts the calls in progress; once closed, refuses new ones so that shutdown can wait for the rest.
-
-    gRPC's own graceful stop ends calls that reached the server but no handler yet with CANCELLED
-    (grpc/grpc#41785), which tells a client nothing useful. Refusing them here first answers them
-    UNAVAILABLE, the code clients retry on another replica; the listener is closed only once the
-    calls in progress are done and callers have stopped arriving for a moment."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._active = 0
-        self._open = True
-        self._last_refused = float("-inf")  # time.monotonic() of the latest refusal
-
-    @contextmanager
-    def admitted(self) -> Iterator[None]:
-        with self._cond:
-            if not self._open:
-                self._last_refused = time.monotonic()
-                raise CallFailed(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._active -= 1
-                self._cond.notify_all()
-
-    def close(self, timeout: float, *, quiet: float = 0.1) -> bool:
-        """Refuse new calls; wait up to `timeout` seconds until none is in progress and none was
-        refused (or closing began) for `quiet` seconds. True when no call is left in progress."""
-        closed = time.monotonic()
-        end = closed + timeout
-        with self._cond:
-            self._open = False
-            while True:
-                now = time.monotonic()
-                settled_at = max(closed, self._last_refused) + quiet
-                if self._active == 0 and now >= settled_at:
-                    return True
-                if now >= end:
-                    return self._active == 0
-                self._cond.wait(min(end, settled_at if self._active == 0 else end) - now)
-
-
 class ClassifierServicer(pb_grpc.ClassifierServicer):
     def __init__(self, config: ServerConfig, metrics: Metrics):
         self.config = config
         self.metrics = metrics
         self.model: LoadedModel | None = None  # set by Server.load once the session is warm
         self.admission = Admission()
+        self.decode_budget = PixelBudget(config.max_decode_pixels)
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         try:
             with self.admission.admitted():
                 model = self._ready()
-                prepared = self._prepare(model, request)
+                prepared = self._prepare(model, request, self._guard(context), "Predict")
+                if isinstance(prepared, Exception):
+                    raise prepared
                 [result] = self._run(model, [prepared], context)
                 if isinstance(result, Exception):
                     raise result
@@ -166,7 +123,11 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                         f"{len(request.requests)} images in one PredictBatch call, over the limit of "
                         f"{self.config.max_batch_images}; split them over several calls",
                     )
-                prepared = [self._prepare_or_error(model, item) for item in request.requests]
+                guard = self._guard(context)
+                prepared = []
+                for i, item in enumerate(request.requests):
+                    guard.check()  # no more decoding once the caller's deadline passed or it hung up
+                    prepared.append(self._prepare(model, item, guard, f"PredictBatch image {i}"))
                 good = [i for i, p in enumerate(prepared) if isinstance(p, Prepared)]
                 probs = dict(zip(good, self._run(model, [prepared[i] for i in good], context)))
                 return pb.PredictBatchResponse(results=[
@@ -205,16 +166,33 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                              "the model is still loading; retry shortly (health reports SERVING once it is ready)")
         return model
 
-    def _prepare(self, model: LoadedModel, request: pb.PredictRequest) -> Prepared:
-        tta = request.tta if request.HasField("tta") else True
-        return prepare(model.session.manifest, request.image, tta=tta,
-                       max_bytes=self.config.max_image_bytes, max_pixels=self.config.max_image_pixels)
+    def _guard(self, context: grpc.ServicerContext) -> CallGuard:
+        return CallGuard(deadline=deadline_of(context), is_active=context.is_active, budget=self.decode_budget,
+                         max_pixels=self.config.max_call_pixels)
 
-    def _prepare_or_error(self, model: LoadedModel, request: pb.PredictRequest) -> Prepared | ImageError:
+    def _prepare(self, model: LoadedModel, request: pb.PredictRequest, guard: CallGuard, where: str) -> Prepared | Exception:
+        """The image's views, or the error that fails this image alone. Raises CallFailed when the
+        whole call must end (deadline passed, caller gone)."""
+        tta = request.tta if request.HasField("tta") else True
         try:
-            return self._prepare(model, request)
+            with decoder_log.counted(self._decoder_warning):
+                return prepare(model.session.manifest, request.image, tta=tta, max_bytes=self.config.max_image_bytes,
+                               max_pixels=self.config.max_image_pixels, formats=self.config.allowed_formats,
+                               admit=guard.admit)
+        except CallFailed:
+            raise
         except ImageError as e:
             return e
+        except MemoryError:
+            log.exception("%s: out of memory preparing a %d-byte image", where, len(request.image))
+            return ItemFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              "the server ran out of memory preparing this image; retry later or send a smaller image")
+        except Exception as e:  # a decoder bug on this input: it fails this image, never the server or the call
+            log.exception("%s: preparing a %d-byte image failed", where, len(request.image))
+            return ItemFailed(grpc.StatusCode.INTERNAL, f"the server failed to prepare this image: {type(e).__name__}: {e}")
+
+    def _decoder_warning(self, source: str) -> None:
+        self.metrics.decoder_warnings.labels(source).inc()
 
     def _run(self, model: LoadedModel, prepared: list[Prepared], context: grpc.ServicerContext) -> list:
         deadline = deadline_of(context)

@@ -9,7 +9,16 @@ import pytest
 from PIL import Image
 
 from serving.bundle import CENTER, Preprocessing, TTAView
-from serving.preprocess import ImageError, crop_box, decode_image, load_views, make_views
+from serving.preprocess import (
+    MAX_ASPECT_RATIO,
+    ImageError,
+    cap_aspect_ratio,
+    crop_box,
+    decode_image,
+    load_views,
+    make_views,
+    resize_shorter,
+)
 
 
 def encode(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -99,3 +108,68 @@ class TestViews:
     def test_one_pixel_image(self):
         out = load_views(encode(Image.new("RGB", (1, 1), (10, 20, 30))), PREP, [CENTER])
         assert out.shape == (1, 32, 32, 3) and (out[0] == [10, 20, 30]).all()
+
+
+class TestWorkIsBounded:
+    """Whatever an image's shape or format, the work it costs after decoding has a ceiling."""
+
+    @pytest.mark.parametrize("size", [(1, 5_000), (5_000, 1), (3, 400), (1000, 99)])
+    def test_a_thin_strip_is_cut_before_it_is_resized(self, size):
+        out = resize_shorter(Image.new("L", size, 7), 256)
+        assert min(out.size) == 256 and max(out.size) <= MAX_ASPECT_RATIO * 256
+
+    def test_images_within_the_ratio_are_resized_whole(self):
+        im = gradient(MAX_ASPECT_RATIO * 20, 20)
+        assert cap_aspect_ratio(im) is im
+        assert resize_shorter(im, 40).size == (MAX_ASPECT_RATIO * 40, 40)
+
+    def test_the_middle_of_a_strip_is_kept(self):
+        strip = gradient(1000, 10)
+        np.testing.assert_array_equal(np.asarray(cap_aspect_ratio(strip)), np.asarray(strip)[:, 450:550])
+
+    def test_a_one_pixel_high_panorama_makes_views(self):
+        out = load_views(encode(Image.new("L", (1, 300_000), 90)), PREP, [CENTER])
+        assert out.shape == (1, 32, 32, 3) and (out == 90).all()
+
+    def test_admit_is_told_the_pixels_before_any_is_decoded(self):
+        seen = []
+
+        def admit(pixels):
+            seen.append(pixels)
+            raise ImageError("refused")
+
+        with pytest.raises(ImageError, match="refused"):
+            load_views(encode(gradient(30, 20)), PREP, [CENTER], admit=admit)
+        assert seen == [600]
+
+
+def eps() -> bytes:
+    return b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\n%%EOF\n"
+
+
+class TestFormats:
+    @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"])
+    def test_the_default_formats_are_accepted(self, fmt):
+        assert decode_image(encode(gradient(20, 10), fmt)).size == (20, 10)
+
+    @pytest.mark.parametrize("data, name", [
+        (eps(), "EPS"),
+        (encode(gradient(20, 10), "TGA"), None),  # TGA has no signature: a guess by its first bytes, or none
+        (encode(gradient(20, 10), "PCX"), "PCX"),
+        (encode(gradient(20, 10), "ICO"), "ICO"),
+        (encode(gradient(20, 10), "PPM"), "PPM"),
+    ])
+    def test_other_formats_are_refused_by_name_without_being_parsed(self, data, name):
+        message = f"{name} images are not accepted" if name else "images are not accepted|not a recognised image format"
+        with pytest.raises(ImageError, match=message):
+            decode_image(data)
+
+    def test_the_list_is_the_callers(self):
+        with pytest.raises(ImageError, match="JPEG images are not accepted; send one of PNG"):
+            decode_image(encode(gradient(20, 10), "JPEG"), formats=("PNG",))
+
+    def test_a_camera_jpeg_with_a_second_picture_is_a_jpeg(self):
+        im = gradient(20, 10)
+        buf = io.BytesIO()
+        im.save(buf, "MPO", save_all=True, append_images=[im])
+        assert decode_image(buf.getvalue()).size == (20, 10)

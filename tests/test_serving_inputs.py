@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
 
 import grpc
@@ -19,6 +20,7 @@ from PIL import Image, ImageOps
 
 from serving.client import Client
 from serving.config import ServerConfig
+from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.server import Server
 
 MAX_IMAGE_BYTES = 64 * 1024
@@ -75,8 +77,8 @@ BAD = {
     "empty": (lambda: b"", "empty image"),
     "random bytes": (lambda: np.random.default_rng(0).bytes(2000), "not a recognised image format"),
     "truncated JPEG": (lambda: encode(photo((256, 256)), "JPEG")[:600], "corrupt or truncated image"),
-    # Over PIL's own hard limit (2 x 89 megapixels), which refuses it while opening...
-    "decompression bomb": (decompression_bomb, "decompression bomb refused: Image size (400000000 pixels)"),
+    # Over PIL's own hard limit (2 x 89 megapixels), which refuses it while opening: the message names ours...
+    "decompression bomb": (decompression_bomb, "image is 400000000 pixels, over the limit of 50000000"),
     # ... and under it but over the server's max_image_pixels.
     "too many pixels": (lambda: decompression_bomb(10_000), "image is 10000x10000 = 100000000 pixels, over the limit of 50000000"),
     "too many bytes": (lambda: encode(photo((200, 200)), "PNG"), f"over the limit of {MAX_IMAGE_BYTES}"),
@@ -138,3 +140,118 @@ def test_one_batch_holding_the_whole_matrix(client):
     assert [r.status.code for r in results] == [0] * len(GOOD) + [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * len(BAD)
     for r, (_, message) in zip(results[len(GOOD):], BAD.values()):
         assert message in r.status.message
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_a_664_byte_strip_is_answered_with_bounded_memory(client):
+    strip = encode(Image.new("L", (1, 300_000), 128), "PNG")
+    assert len(strip) < 1000
+    before = peak_rss_mb()
+    assert client.predict(strip).predictions
+    # Resized whole, its shorter side up to the bundle's 37 px, it would be 37 x 11,100,000 pixels (1.6 GB).
+    assert peak_rss_mb() - before < 150
+
+
+def test_formats_outside_the_list_are_refused_by_name(client):
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\n%%EOF\n"
+    with pytest.raises(grpc.RpcError) as err:
+        client.predict(eps)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "EPS images are not accepted; send one of JPEG, PNG, WEBP, BMP, GIF, TIFF" in err.value.details()
+
+
+def test_an_eps_that_ghostscript_would_render_is_refused(client):
+    import shutil
+
+    if shutil.which("gs") is None:
+        pytest.skip("no Ghostscript (Debian's ghostscript package): without it Pillow cannot decode EPS anyway")
+    eps = encode(photo(), "EPS")
+    Image.open(io.BytesIO(eps)).load()  # Ghostscript renders it: a server that let it through would answer
+    with pytest.raises(grpc.RpcError) as err:
+        client.predict(eps)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "EPS images are not accepted" in err.value.details()
+
+
+def test_the_format_list_is_configurable(tiny_bundle):
+    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, allowed_formats="png, webp")
+    with Server(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
+        assert c.predict(encode(photo(), "WEBP")).predictions
+        with pytest.raises(grpc.RpcError) as err:
+            c.predict(encode(photo(), "JPEG"))
+        assert "JPEG images are not accepted; send one of PNG, WEBP" in err.value.details()
+
+
+def test_pixels_per_call_are_bounded(tiny_bundle):
+    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None,
+                       max_image_pixels=48 * 32, max_call_pixels=2 * 48 * 32)
+    with Server(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
+        results = c.predict_batch([encode(photo(seed=i), "PNG") for i in range(3)]).results
+        assert [r.status.code for r in results] == [0, 0, grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+        assert "over the limit of 3072 pixels per call; send it in another call" in results[2].status.message
+
+
+class TestOneImageFailsAlone:
+    """A failure of the server's own while preparing one image (here the allocator refusing memory,
+    the one thing a test must fake) fails that image only, with its own status, and is logged."""
+
+    @pytest.fixture
+    def out_of_memory_for_tall_images(self, monkeypatch):
+        import serving.preprocess
+
+        real = serving.preprocess.to_rgb
+
+        def to_rgb(im):
+            if im.height > im.width:
+                raise MemoryError
+            return real(im)
+
+        monkeypatch.setattr(serving.preprocess, "to_rgb", to_rgb)
+
+    def test_in_a_batch(self, client, out_of_memory_for_tall_images, caplog):
+        tall = encode(photo((32, 48)), "PNG")
+        with caplog.at_level("ERROR", logger="serving"):
+            results = client.predict_batch([encode(photo(), "PNG"), tall, encode(photo(seed=3), "PNG")]).results
+        assert [r.status.code for r in results] == [0, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], 0]
+        assert "ran out of memory preparing this image" in results[1].status.message
+        assert results[0].response.predictions and results[2].response.predictions
+        assert any("PredictBatch image 1: out of memory" in r.getMessage() for r in caplog.records)
+
+    def test_alone(self, client, out_of_memory_for_tall_images):
+        with pytest.raises(grpc.RpcError) as err:
+            client.predict(encode(photo((32, 48)), "PNG"))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert_still_serving(client)
+
+
+def test_decoding_stops_at_the_deadline(tiny_bundle):
+    """A PredictBatch of images that take seconds to decode in all: once the deadline passes, the
+    server stops decoding rather than finishing the lot for a caller who is gone."""
+    side = 3000
+    ramp = (np.arange(side)[None, :] + np.arange(side)[:, None]).astype(np.uint8)
+    big = encode(Image.fromarray(np.stack([ramp] * 3, -1)), "PNG", compress_level=1)
+    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, max_call_pixels=10**10)
+    with Server(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=120) as c:
+        start = time.monotonic()
+        assert c.predict(big).predictions
+        one = time.monotonic() - start  # decoding one image, plus a model run
+        images = 24
+
+        def handled(code: str) -> float:
+            return srv.metrics.registry.get_sample_value(
+                "classifier_requests_total", {"method": "PredictBatch", "code": code}) or 0
+
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            c.stub.PredictBatch(pb.PredictBatchRequest(requests=[pb.PredictRequest(image=big)] * images), timeout=2 * one)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        while handled("DEADLINE_EXCEEDED") < 1:
+            assert time.monotonic() - start < images * one * 3, "the handler never finished"
+            time.sleep(0.01)
+        took = time.monotonic() - start
+        # Decoding everything takes about `images * one`; stopping at the deadline, about 3 x one.
+        assert took < images * one / 3, f"the handler ran {took:.2f}s past a {2 * one:.2f}s deadline"

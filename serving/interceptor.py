@@ -1,0 +1,137 @@
+"""The server's edge: every call to the classifier counted by method and the status its caller got.
+
+gRPC answers some calls before any handler of ours runs. Counting only in the handlers would hide
+exactly the calls operators need to see under overload, so this interceptor also counts:
+
+- calls past `maximum_concurrent_rpcs`, which gRPC refuses with RESOURCE_EXHAUSTED. gRPC decides
+  that from its count of active calls under the lock it holds while it calls `intercept_service`,
+  so reading the same count here makes the same decision (`active_calls`);
+- calls that end before their handler runs: a request over the message-size limit, or a caller
+  that went away while its call waited for a handler thread (`classifier_calls_not_run_total`);
+- requests that are not valid protobuf: gRPC would answer INTERNAL and log a traceback; they are
+  answered INVALID_ARGUMENT here instead.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable
+
+import grpc
+
+from serving.metrics import Metrics
+
+
+class Malformed:
+    """What the request deserializer returns for bytes that are not a valid message."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+class _Call:
+    __slots__ = ("ran",)
+
+    def __init__(self) -> None:
+        self.ran = False
+
+
+class EdgeInterceptor(grpc.ServerInterceptor):
+    """Counts, times and tracks in flight every unary call to `service` (e.g. classifier.v1.Classifier).
+
+    active_calls: gRPC's own count of calls in progress, which it compares with `max_concurrent_calls`
+    (None when unknown: then its refusals cannot be counted)."""
+
+    def __init__(self, metrics: Metrics, service: str, *, max_concurrent_calls: int | None,
+                 active_calls: Callable[[], int | None]):
+        self.metrics = metrics
+        self.prefix = f"/{service}/"
+        self.max_concurrent_calls = max_concurrent_calls
+        self.active_calls = active_calls
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if not method.startswith(self.prefix):
+            return handler
+        name = method[len(self.prefix):]
+        if handler is None:
+            self.metrics.requests.labels(name, grpc.StatusCode.UNIMPLEMENTED.name).inc()
+            return handler
+        if handler.unary_unary is None:
+            return handler
+        if self._refused_by_grpc():
+            self.metrics.requests.labels(name, grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
+            return handler  # gRPC answers it; none of our code needs to run
+        call = _Call()
+        behaviour = self._measured(name, handler.unary_unary, call)
+        # The handler function is dropped without having run when the call ended first.
+        weakref.finalize(behaviour, self._ended, name, call)
+        return grpc.unary_unary_rpc_method_handler(
+            behaviour,
+            request_deserializer=_lenient(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+    def _refused_by_grpc(self) -> bool:
+        if self.max_concurrent_calls is None:
+            return False
+        active = self.active_calls()
+        return active is not None and active >= self.max_concurrent_calls
+
+    def _ended(self, name: str, call: _Call) -> None:
+        if not call.ran:
+            self.metrics.not_run.labels(name).inc()
+
+    def _measured(self, name: str, behaviour, call: _Call):
+        m = self.metrics
+
+        def measured(request, context):
+            call.ran = True
+            start = time.perf_counter()
+            m.in_flight.inc()
+            code = grpc.StatusCode.UNKNOWN  # anything that escapes the handler is a bug: gRPC reports UNKNOWN
+            try:
+                if isinstance(request, Malformed):
+                    code = grpc.StatusCode.INVALID_ARGUMENT
+                    context.abort(code, f"the request is not a valid {name} message: {request.reason}")
+                response = behaviour(request, context)
+                code = _seen_by_caller(context)
+                return response
+            except BaseException:
+                # context.abort sets the code before raising.
+                code = context.code() if isinstance(context.code(), grpc.StatusCode) else code
+                raise
+            finally:
+                m.requests.labels(name, code.name).inc()
+                m.latency.labels(name).observe(time.perf_counter() - start)
+                m.in_flight.dec()
+
+        return measured
+
+
+def _seen_by_caller(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """The code a caller gets for a handler that returned: OK, unless its deadline passed or it hung up first."""
+    if isinstance(context.code(), grpc.StatusCode):
+        return context.code()
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if not context.is_active():
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.OK
+
+
+def _lenient(deserialize):
+    """A request deserializer that hands bytes it cannot parse to the handler as Malformed."""
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as e:  # protobuf's DecodeError, or whatever a deserializer raises
+            return Malformed(f"{type(e).__name__}: {e}")
+
+    return parse
