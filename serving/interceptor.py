@@ -100,8 +100,7 @@ class EdgeInterceptor(grpc.ServerInterceptor):
                 code = _seen_by_caller(context)
                 return response
             except BaseException:
-                # context.abort sets the code before raising.
-                code = context.code() if isinstance(context.code(), grpc.StatusCode) else code
+                code = _seen_by_caller(context, default=code)  # context.abort sets the code before raising
                 raise
             finally:
                 m.requests.labels(name, code.name).inc()
@@ -111,16 +110,16 @@ class EdgeInterceptor(grpc.ServerInterceptor):
         return measured
 
 
-def _seen_by_caller(context: grpc.ServicerContext) -> grpc.StatusCode:
-    """The code a caller gets for a handler that returned: OK, unless its deadline passed or it hung up first."""
-    if isinstance(context.code(), grpc.StatusCode):
-        return context.code()
+def _seen_by_caller(context: grpc.ServicerContext, default: grpc.StatusCode = grpc.StatusCode.OK) -> grpc.StatusCode:
+    """The code a caller gets as the handler ends: the one it set (else `default`), unless the
+    caller's deadline passed or it hung up first, which is what the caller then sees."""
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         return grpc.StatusCode.DEADLINE_EXCEEDED
-    if not context.is_active():
+    code = context.code()
+    if not isinstance(code, grpc.StatusCode) and not context.is_active():
         return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.OK
+    return code if isinstance(code, grpc.StatusCode) else default
 
 
 def _lenient(deserialize):

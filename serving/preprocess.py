@@ -74,8 +74,11 @@ def sniff_format(data: bytes) -> str | None:
     prefix = data[:16]
     for name in Image.ID:
         accept = Image.OPEN[name][1]
-        if accept is not None and accept(prefix):
-            return name
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except (struct.error, IndexError, TypeError, ValueError):  # a prefix too short for its test
+            continue
     return None
 
 

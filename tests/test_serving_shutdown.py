@@ -87,3 +87,43 @@ def test_sigterm_under_load_answers_every_accepted_call_and_exits_0(serving_proc
     assert codes <= {"OK", "UNAVAILABLE"}, f"calls lost or failed otherwise: {codes}"
     assert sum(1 for when, code in outcomes if code == "UNAVAILABLE") == CLIENTS  # each client's last call: refused
     assert any(code == "OK" and when > signalled for when, code in outcomes), "no call answered while draining"
+
+
+def test_stop_under_steady_traffic_ends_when_the_calls_in_flight_are_done(tiny_bundle):
+    """Clients that retry at once after each refusal (as a load balancer's would) must not hold the
+    server open for its whole grace period: the 10 s here are for calls in flight, none of which is long."""
+    from serving.config import ServerConfig
+    from serving.server import Server
+
+    srv = Server(ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, grace_s=10))
+    target = f"127.0.0.1:{srv.port}"
+    stop = threading.Event()
+    codes: set[str] = set()
+    answered = threading.Semaphore(0)
+
+    def knock(seed: int) -> None:
+        with Client(target, timeout=5) as c:
+            for i in range(20_000):
+                if stop.is_set():
+                    return
+                try:
+                    c.predict(png(seed * 1000 + i % 5), tta=False)
+                    answered.release()
+                    codes.add("OK")
+                except grpc.RpcError as e:
+                    codes.add(e.code().name)
+
+    threads = [threading.Thread(target=knock, args=(s,), daemon=True) for s in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for _ in range(20):
+        assert answered.acquire(timeout=60), "the server answered too few calls before stopping"
+    start = time.monotonic()
+    srv.stop()
+    took = time.monotonic() - start
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert took < 3, f"stop took {took:.1f}s of its 10s grace under steady traffic"
+    # CANCELLED: a call that reaches gRPC in the instant it stops listening (grpc/grpc#41785).
+    assert codes <= {"OK", "UNAVAILABLE", "CANCELLED"}, codes
