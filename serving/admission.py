@@ -1,9 +1,9 @@
 """What work the server takes on: calls while it shuts down, and pixels decoded at once and per call.
 
-Decoding is where a request costs the most memory (a 50-megapixel PNG needs about 16 bytes a pixel
-while it becomes RGB and then views), so it is bounded twice: `PixelBudget` caps the pixels all
-calls decode at the same moment, and `CallGuard` caps the pixels one PredictBatch call may decode
-in total. Both stop waiting or working as soon as the caller's deadline passes or it hangs up.
+Decoding is where a request costs the most memory (a transparent WebP needs about 20 bytes a pixel
+while it becomes RGB and then views: 1 GB at 50 megapixels), so it is bounded twice: `PixelBudget`
+caps the pixels all calls decode at the same moment, and `CallGuard` caps the pixels one
+PredictBatch call may decode in total. Both stop waiting or working as soon as the caller's deadline passes or it hangs up.
 """
 
 from __future__ import annotations

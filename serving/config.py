@@ -10,7 +10,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serving.bundle import Precision
-from serving.preprocess import DEFAULT_FORMATS
+from serving.preprocess import DEFAULT_FORMATS, PEAK_BYTES_PER_PIXEL
 
 ENV_PREFIX = "SERVING_"
 # Words that turn an optional setting off when given as a flag or environment variable.
@@ -52,9 +52,9 @@ class ServerConfig(BaseModel):
         200_000_000, ge=1, description="pixels one call may decode in all its images; images past it get INVALID_ARGUMENT"
     )
     max_decode_pixels: int = Field(
-        100_000_000, ge=1,
-        description="pixels decoded at once across all calls (memory: about 16 bytes each at worst, so 1.6 GB by default); "
-        "calls wait for room no longer than their deadline",
+        64_000_000, ge=1,
+        description=f"pixels decoded at once across all calls (memory: up to {PEAK_BYTES_PER_PIXEL} bytes each, so "
+        f"{PEAK_BYTES_PER_PIXEL * 0.064:.1f} GB by default); calls wait for room no longer than their deadline",
     )
     allowed_formats: tuple[str, ...] = Field(
         ",".join(DEFAULT_FORMATS), validate_default=True, min_length=1,

@@ -27,10 +27,11 @@ DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # long side is cut (centred) to this many times the short side before resizing, which bounds the
 # work after resizing to MAX_ASPECT_RATIO x size^2 pixels whatever the image's shape.
 MAX_ASPECT_RATIO = 10
-# Peak memory while one image is decoded and its views made, bytes per decoded pixel: 16-bit and
-# transparent PNGs are the worst (measured with ru_maxrss, see tests/test_preprocess.py), an RGB
-# JPEG needs about 8. Used to size how many pixels may be decoded at once.
-PEAK_BYTES_PER_PIXEL = 16
+# Peak memory while one image is decoded and its views made, bytes per decoded pixel, measured with
+# VmHWM (tests/test_preprocess_fuzz.py): a transparent WebP needs 20 (libwebp's buffer, Pillow's copy,
+# the white background, the composite, RGB), a transparent PNG 16, a 16-bit PNG 11, a CMYK JPEG 8.4
+# and an RGB JPEG 4.4. It sizes how many pixels the server lets all calls decode at once.
+PEAK_BYTES_PER_PIXEL = 24
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 # Pillow's own refusal message carries the size it found: "Image size (400000000 pixels) exceeds ..."
