@@ -34,13 +34,23 @@ def _predict_parser(sub) -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default: %(default)s)")
     p.add_argument("--tls-ca", type=Path, default=None,
                    help="PEM file of the CA that signed the server's certificate, for a TLS server (default: plaintext)")
+    p.add_argument("--tls-cert", type=Path, default=None,
+                   help="PEM certificate chain to present to a server that requires client certificates (mutual TLS); "
+                   "with --tls-key and --tls-ca (default: none)")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert (default: none)")
 
 
 def run_predict(args) -> int:
     from serving.client import Client
 
+    try:
+        client = Client(args.target, timeout=args.timeout,
+                        tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    except (ValueError, OSError) as e:  # TLS flags that do not go together, or a PEM file that cannot be read
+        print(f"serving: {e}", file=sys.stderr)
+        return 2
     status = 0
-    with Client(args.target, timeout=args.timeout, tls_ca=args.tls_ca) as client:
+    with client:
         for path in args.images:
             try:
                 reply = client.predict(path.read_bytes(), top_k=args.top_k, tta=False if args.no_tta else None)

@@ -17,6 +17,8 @@ class Client:
 
     tls_ca: PEM bytes or file of the certificate authority that signed the server's certificate
     (for a self-signed server, its own certificate); None talks plaintext.
+    tls_cert, tls_key: PEM bytes or files of this client's own certificate chain and private key,
+    for a server that requires client certificates (mutual TLS); both or neither, and only with tls_ca.
     """
 
     def __init__(
@@ -26,7 +28,13 @@ class Client:
         timeout: float | None = 30.0,
         max_message_bytes: int = 64 * 2**20,
         tls_ca: bytes | Path | str | None = None,
+        tls_cert: bytes | Path | str | None = None,
+        tls_key: bytes | Path | str | None = None,
     ):
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both to present a client certificate, or neither")
+        if tls_cert is not None and tls_ca is None:
+            raise ValueError("a client certificate (tls_cert, tls_key) is sent only over TLS: give tls_ca too")
         self.timeout = timeout
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
@@ -35,8 +43,10 @@ class Client:
         if tls_ca is None:
             self.channel = grpc.insecure_channel(target, options=options)
         else:
-            ca = tls_ca if isinstance(tls_ca, bytes) else Path(tls_ca).read_bytes()
-            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca), options=options)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(tls_ca), private_key=_pem(tls_key), certificate_chain=_pem(tls_cert)
+            )
+            self.channel = grpc.secure_channel(target, credentials, options=options)
         self.stub = pb_grpc.ClassifierStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
@@ -71,6 +81,13 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _pem(source: bytes | Path | str | None) -> bytes | None:
+    """PEM bytes given as they are, or read from a file."""
+    if source is None or isinstance(source, bytes):
+        return source
+    return Path(source).read_bytes()
 
 
 def _request(image: bytes, top_k: int, tta: bool | None) -> pb.PredictRequest:

@@ -67,12 +67,16 @@ class ServerConfig(BaseModel):
     metrics_port: int | None = Field(9464, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free one, off disables")
     tls_cert: Path | None = Field(None, description="PEM certificate chain for TLS; with --tls-key, else plaintext")
     tls_key: Path | None = Field(None, description="PEM private key for --tls-cert")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM file of the CA(s) whose client certificates are accepted; when set, every caller must "
+        "present a certificate signed by it (mutual TLS); needs --tls-cert/--tls-key",
+    )
     grace_s: float = Field(10.0, ge=0, description="on SIGTERM/SIGINT, seconds in-flight calls get to finish")
     drain_s: float = Field(
         0.0, ge=0, description="on SIGTERM/SIGINT, seconds to keep answering with health NOT_SERVING so load balancers move away first"
     )
 
-    @field_validator("metrics_port", "tls_cert", "tls_key", mode="before")
+    @field_validator("metrics_port", "tls_cert", "tls_key", "tls_client_ca", mode="before")
     @classmethod
     def _off_is_none(cls, value):
         return None if isinstance(value, str) and value.strip().lower() in OFF else value
@@ -92,7 +96,7 @@ class ServerConfig(BaseModel):
             raise ValueError(f"unknown image format(s) {', '.join(unknown)}; Pillow knows {', '.join(sorted(Image.OPEN))}")
         return names
 
-    @field_validator("tls_cert", "tls_key")
+    @field_validator("tls_cert", "tls_key", "tls_client_ca")
     @classmethod
     def _file_exists(cls, path: Path | None) -> Path | None:
         if path is not None and not path.is_file():
@@ -103,6 +107,11 @@ class ServerConfig(BaseModel):
     def _consistent(self) -> ServerConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both for TLS, or neither for plaintext")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError(
+                "tls_client_ca needs tls_cert and tls_key: client certificates are checked only over TLS, "
+                "so give the server its own certificate and key too, or drop tls_client_ca"
+            )
         if self.max_batch_images > self.max_queue:
             raise ValueError(
                 f"max_batch_images {self.max_batch_images} is more than max_queue {self.max_queue}: a PredictBatch call "

@@ -86,7 +86,11 @@ class Server:
             if c.tls_cert is None:
                 port = self.grpc_server.add_insecure_port(address)
             else:
-                credentials = grpc.ssl_server_credentials([(c.tls_key.read_bytes(), c.tls_cert.read_bytes())])
+                client_ca = c.tls_client_ca.read_bytes() if c.tls_client_ca is not None else None
+                # With a client CA, the TLS handshake itself refuses callers without a certificate it signed.
+                credentials = grpc.ssl_server_credentials([(c.tls_key.read_bytes(), c.tls_cert.read_bytes())],
+                                                          root_certificates=client_ca,
+                                                          require_client_auth=client_ca is not None)
                 port = self.grpc_server.add_secure_port(address, credentials)
         except RuntimeError:  # newer grpcio raises instead of returning 0
             port = 0
