@@ -8,6 +8,11 @@ manifest and is never re-declared on the serving side.
 The ONNX graph contract (schema 1): one input, uint8, layout NHWC (batch, size, size, 3), RGB; one
 output, float32 (batch, n_classes), probabilities that sum to 1. Normalisation and softmax are
 inside the graph, so the server only decodes, resizes and crops.
+
+The manifest's sha256 covers the graph, and the graph covers the manifest's meaning: at export the
+classes, preprocessing and TTA views are written into the graph's metadata (CONTRACT_KEY, canonical
+JSON), so a manifest edited afterwards (classes reordered, another input size) is refused on load
+instead of being served with wrong labels.
 """
 
 from __future__ import annotations
@@ -17,14 +22,17 @@ import json
 import os
 import tempfile
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Literal
+from pathlib import Path, PureWindowsPath
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
+# The graph metadata key (ONNX metadata_props) that holds contract_json() of the manifest at export.
+CONTRACT_KEY = "classifier.contract"
+CONTRACT_PARTS = ("classes", "preprocessing", "tta")
 
 Anchor = Literal["center", "top_left", "top_right", "bottom_left", "bottom_right"]
 
@@ -91,8 +99,19 @@ class TTA(_Strict):
         return views
 
 
+def _plain_file_name(name: str) -> str:
+    # A manifest comes with the bundle, from wherever the bundle came from: its file names must not
+    # reach outside the bundle folder (`../x.onnx`, `/abs/x.onnx`). Links are checked in load_bundle.
+    if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name or PureWindowsPath(name).drive:
+        raise ValueError(f"{name!r} is not a plain file name in the bundle folder (no folders, '..' or absolute paths)")
+    return name
+
+
+FileName = Annotated[str, AfterValidator(_plain_file_name)]
+
+
 class ModelFile(_Strict):
-    file: str = MODEL_NAME
+    file: FileName = MODEL_NAME
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     opset: int = Field(ge=17)
     input_name: str
@@ -103,7 +122,7 @@ class Variant(_Strict):
     """A smaller or faster copy of the model, with its accuracy measured against the fp32 graph."""
 
     precision: Literal["fp16", "int8"]
-    file: str
+    file: FileName
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     intended_for: Literal["cuda", "cpu"]  # fp16 pays off on GPUs; int8 on CPUs
     # Validation accuracy with TTA through ONNX Runtime, and its change from the fp32 model's.
@@ -171,6 +190,42 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def contract_json(classes: list[str], preprocessing: Preprocessing, tta: TTA) -> str:
+    """The manifest's meaning as canonical JSON (sorted keys, no spaces): what the trainer embeds in
+    the graph under CONTRACT_KEY and check_contract compares on load. Takes the parts, not a
+    Manifest, because the graph is written (and its sha256 taken) before the manifest exists."""
+    parts = {"classes": list(classes), "preprocessing": preprocessing.model_dump(mode="json"),
+             "tta": tta.model_dump(mode="json")}
+    return _canonical(parts)
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def check_contract(manifest: Manifest, embedded: str | None, model_path: Path) -> None:
+    """Refuse a manifest whose classes, preprocessing or TTA differ from those embedded in its graph
+    (`embedded`: the graph's CONTRACT_KEY metadata, None when absent)."""
+    if embedded is None:
+        raise BundleError(
+            f"{model_path}: the graph carries no {CONTRACT_KEY} metadata, so it was exported by an older trainer "
+            "and its manifest cannot be checked against it: re-export the bundle"
+        )
+    try:
+        graph = json.loads(embedded)
+    except json.JSONDecodeError:
+        graph = None
+    if not isinstance(graph, dict):
+        raise BundleError(f"{model_path}: the graph's {CONTRACT_KEY} metadata is not a JSON object: re-export the bundle")
+    expected = json.loads(contract_json(manifest.classes, manifest.preprocessing, manifest.tta))
+    differ = [part for part in CONTRACT_PARTS if _canonical(graph.get(part)) != _canonical(expected[part])]
+    if differ:
+        raise BundleError(
+            f"{model_path.parent / MANIFEST_NAME}: {', '.join(differ)} not as embedded in {model_path.name} at "
+            "export (the manifest was edited after export): re-export the bundle"
+        )
+
+
 def write_manifest(bundle_dir: Path, manifest: Manifest) -> Path:
     path = Path(bundle_dir) / MANIFEST_NAME
     write_atomic(path, (manifest.model_dump_json(indent=2) + "\n").encode())
@@ -197,7 +252,9 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in e.errors())
+        # pydantic prefixes our own validators' messages with "Value error, "; people need only ours.
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg'].removeprefix('Value error, ')}"
+                             for err in e.errors())
         raise BundleError(f"{path}: invalid manifest: {problems}") from None
 
 
@@ -212,6 +269,13 @@ def model_file(manifest: Manifest, precision: Precision = "fp32") -> tuple[str, 
     raise BundleError(f"the bundle has no {precision} model (it has: {have}); export with --{precision} or pick one of those")
 
 
+def _file_field(manifest: Manifest, precision: Precision) -> str:
+    """The manifest field naming the model file at `precision`, as validation errors spell it."""
+    if precision == "fp32":
+        return "model.file"
+    return next(f"variants.{i}.file" for i, v in enumerate(manifest.variants) if v.precision == precision)
+
+
 def load_bundle(bundle_dir: Path, precision: Precision = "fp32") -> tuple[Manifest, Path]:
     """Validate a bundle (manifest schema and the ONNX file's checksum); return it and the model path."""
     manifest = read_manifest(bundle_dir)
@@ -219,6 +283,12 @@ def load_bundle(bundle_dir: Path, precision: Precision = "fp32") -> tuple[Manife
     model_path = Path(bundle_dir) / name
     if not model_path.is_file():
         raise BundleError(f"{model_path}: missing; the manifest names it as the {precision} model file")
+    folder = Path(bundle_dir).resolve()
+    if model_path.resolve().parent != folder:
+        raise BundleError(
+            f"{Path(bundle_dir) / MANIFEST_NAME}: {_file_field(manifest, precision)} {name!r} links to "
+            f"{model_path.resolve()}, outside the bundle folder {folder}; copy the file into the bundle instead"
+        )
     actual = sha256_file(model_path)
     if actual != expected:
         raise BundleError(

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from serving.bundle import BundleError, Manifest, Precision, load_bundle
+from serving.bundle import CONTRACT_KEY, MANIFEST_NAME, BundleError, Manifest, Precision, check_contract, load_bundle
 
 
 def choose_providers(device: str = "auto") -> list[str]:
@@ -64,9 +64,12 @@ class ModelSession:
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=choose_providers(device))
         except Exception as e:  # onnxruntime raises its own exception types, not exported uniformly
-            raise BundleError(f"{model_path}: ONNX Runtime cannot load it: {e}") from None
+            raise BundleError(f"{model_path}: ONNX Runtime cannot load it: {_one_line(e)}") from None
         self.providers = self.session.get_providers()
+        # The shape check comes before the contract check: an edited input_size fails both, and the
+        # shape names the sizes that disagree.
         self._check_io()
+        check_contract(self.manifest, self.session.get_modelmeta().custom_metadata_map.get(CONTRACT_KEY), model_path)
 
     def _check_io(self) -> None:
         m, path = self.manifest, self.model_path
@@ -78,9 +81,18 @@ class ModelSession:
             )
         if inputs[0].type != "tensor(uint8)":
             raise BundleError(f"{path}: graph input is {inputs[0].type}, the bundle contract says tensor(uint8)")
+        shape, size = inputs[0].shape, m.preprocessing.input_size
+        # A symbolic (str) dimension takes any size; a fixed one must be the manifest's.
+        if len(shape) != 4 or (isinstance(shape[3], int) and shape[3] != 3):
+            raise BundleError(f"{path}: graph input has shape {shape}, the bundle contract says (batch, size, size, 3)")
+        if any(isinstance(d, int) and d != size for d in shape[1:3]):
+            raise BundleError(
+                f"{path}: the graph takes {shape[1]}x{shape[2]} pixel images but {path.parent / MANIFEST_NAME} says "
+                f"preprocessing.input_size {size}; the bundle's files do not belong together: re-export it"
+            )
         width = outputs[0].shape[-1]
         if not isinstance(width, int):  # a symbolic width: find out by running the graph once
-            width = self.run(np.zeros((1, *self.input_shape), np.uint8)).shape[-1]
+            width = self._run_or_refuse(np.zeros((1, *self.input_shape), np.uint8), "a blank image").shape[-1]
         if width != len(m.classes):
             raise BundleError(
                 f"{path}: the model outputs {width} probabilities but the manifest lists {len(m.classes)} classes; "
@@ -106,4 +118,16 @@ class ModelSession:
     def warm_up(self, batch: int = 1) -> None:
         """Run the graph once so that the first real request pays no initialisation cost."""
         n_views = len(self.manifest.tta.views)
-        self.run(np.zeros((batch * n_views, *self.input_shape), np.uint8))
+        self._run_or_refuse(np.zeros((batch * n_views, *self.input_shape), np.uint8), f"a warm-up batch of {batch} images")
+
+    def _run_or_refuse(self, views: np.ndarray, what: str) -> np.ndarray:
+        """`run`, with an ONNX Runtime failure (a graph that does not fit its manifest) as a BundleError."""
+        try:
+            return self.run(views)
+        except Exception as e:  # onnxruntime raises its own exception types, not exported uniformly
+            raise BundleError(f"{self.model_path}: ONNX Runtime cannot run it on {what}: {_one_line(e)}") from None
+
+
+def _one_line(error: Exception) -> str:
+    # ONNX Runtime's messages span several lines; the CLI prints a BundleError as one.
+    return " ".join(str(error).split())

@@ -8,6 +8,7 @@ import pytest
 
 from serving.bundle import (
     CENTER,
+    CONTRACT_KEY,
     MODEL_NAME,
     BundleError,
     Manifest,
@@ -16,6 +17,8 @@ from serving.bundle import (
     Preprocessing,
     TTA,
     TTAView,
+    check_contract,
+    contract_json,
     load_bundle,
     now,
     read_manifest,
@@ -93,3 +96,105 @@ class TestManifest:
     def test_crop_larger_than_resize_is_refused(self):
         with pytest.raises(ValueError, match="smaller than input_size"):
             Preprocessing(input_size=64, resize_size=32)
+
+
+def edit_manifest(folder, change) -> None:
+    raw = json.loads((folder / "manifest.json").read_text())
+    change(raw)
+    (folder / "manifest.json").write_text(json.dumps(raw))
+
+
+def add_int8_variant(raw: dict, file: str = "model.int8.onnx", sha256: str = "0" * 64) -> None:
+    raw["variants"] = [{"precision": "int8", "file": file, "sha256": sha256, "intended_for": "cpu",
+                        "accuracy_tta": 1.0, "accuracy_tta_delta": 0.0, "max_probability_diff": 0.0}]
+
+
+OUTSIDE = ["../model.onnx", "/etc/passwd", "sub/../../model.onnx", "sub/model.onnx", "..", ".", "", "..\\model.onnx",
+           "C:model.onnx"]
+
+
+class TestFilesStayInTheBundle:
+    @pytest.mark.parametrize("name", OUTSIDE)
+    def test_model_file_outside_is_refused(self, tmp_path, name):
+        make_bundle(tmp_path)
+        edit_manifest(tmp_path, lambda raw: raw["model"].update(file=name))
+        with pytest.raises(BundleError, match=r"manifest.json: invalid manifest: model\.file: .*not a plain file name"):
+            load_bundle(tmp_path)
+
+    @pytest.mark.parametrize("name", OUTSIDE)
+    def test_variant_file_outside_is_refused(self, tmp_path, name):
+        make_bundle(tmp_path)
+        edit_manifest(tmp_path, lambda raw: add_int8_variant(raw, file=name))
+        with pytest.raises(BundleError, match=r"manifest.json: invalid manifest: variants\.0\.file: .*not a plain file"):
+            read_manifest(tmp_path)
+
+    def test_link_to_a_file_outside_is_refused(self, tmp_path):
+        bundle = tmp_path / "bundle"
+        make_bundle(bundle)
+        (bundle / MODEL_NAME).rename(tmp_path / "elsewhere.onnx")
+        (bundle / MODEL_NAME).symlink_to(tmp_path / "elsewhere.onnx")
+        with pytest.raises(BundleError, match=r"manifest.json: model\.file 'model.onnx' links to .*elsewhere.onnx, outside"):
+            load_bundle(bundle)
+
+    def test_variant_link_to_a_file_outside_is_refused(self, tmp_path):
+        bundle = tmp_path / "bundle"
+        make_bundle(bundle)
+        (tmp_path / "int8.onnx").write_bytes(b"int8 bytes")
+        (bundle / "model.int8.onnx").symlink_to(tmp_path / "int8.onnx")
+        edit_manifest(bundle, lambda raw: add_int8_variant(raw, sha256=sha256_file(tmp_path / "int8.onnx")))
+        load_bundle(bundle)  # fp32 is inside; only the int8 file links out
+        with pytest.raises(BundleError, match=r"manifest.json: variants\.0\.file 'model.int8.onnx' links to .*outside"):
+            load_bundle(bundle, "int8")
+
+    def test_link_within_the_bundle_is_accepted(self, tmp_path):
+        written = make_bundle(tmp_path)
+        (tmp_path / MODEL_NAME).rename(tmp_path / "real.onnx")
+        (tmp_path / MODEL_NAME).symlink_to("real.onnx")
+        assert load_bundle(tmp_path) == (written, tmp_path / MODEL_NAME)
+
+
+def reverse_classes(m: Manifest) -> Manifest:
+    return m.model_copy(update={"classes": m.classes[::-1]})
+
+
+class TestContract:
+    def test_canonical_json_of_the_three_parts(self, tmp_path):
+        m = make_bundle(tmp_path)
+        text = contract_json(m.classes, m.preprocessing, m.tta)
+        parsed = json.loads(text)
+        assert list(parsed) == ["classes", "preprocessing", "tta"]
+        assert parsed["classes"] == m.classes and Preprocessing(**parsed["preprocessing"]) == m.preprocessing
+        assert TTA(**parsed["tta"]) == m.tta
+        assert text == json.dumps(parsed, sort_keys=True, separators=(",", ":")) and " " not in text
+
+    def test_the_manifests_own_contract_passes(self, tmp_path):
+        m = make_bundle(tmp_path)
+        check_contract(m, contract_json(m.classes, m.preprocessing, m.tta), tmp_path / MODEL_NAME)
+
+    @pytest.mark.parametrize(
+        ("edit", "differ"),
+        [
+            (reverse_classes, "classes"),
+            (lambda m: m.model_copy(update={"preprocessing": Preprocessing(input_size=32, resize_size=40)}), "preprocessing"),
+            (lambda m: m.model_copy(update={"tta": TTA(views=[CENTER])}), "tta"),
+            (lambda m: reverse_classes(m).model_copy(update={"tta": TTA(views=[CENTER])}), "classes, tta"),
+        ],
+        ids=["classes", "preprocessing", "tta", "classes+tta"],
+    )
+    def test_an_edited_manifest_names_what_differs(self, tmp_path, edit, differ):
+        exported = make_bundle(tmp_path)
+        embedded = contract_json(exported.classes, exported.preprocessing, exported.tta)
+        with pytest.raises(BundleError, match=rf"manifest.json: {differ} not as embedded in model.onnx at export "
+                                              r"\(the manifest was edited after export\): re-export"):
+            check_contract(edit(exported), embedded, tmp_path / MODEL_NAME)
+
+    def test_a_graph_without_the_contract_came_from_an_older_trainer(self, tmp_path):
+        m = make_bundle(tmp_path)
+        with pytest.raises(BundleError, match=f"no {CONTRACT_KEY} metadata, so it was exported by an older trainer.*re-export"):
+            check_contract(m, None, tmp_path / MODEL_NAME)
+
+    @pytest.mark.parametrize("embedded", ["{", "[]", '"classes"'])
+    def test_unreadable_contract(self, tmp_path, embedded):
+        m = make_bundle(tmp_path)
+        with pytest.raises(BundleError, match="not a JSON object: re-export"):
+            check_contract(m, embedded, tmp_path / MODEL_NAME)

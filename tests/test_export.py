@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from serving.bundle import MODEL_NAME, BundleError, load_bundle, sha256_file
+from serving.bundle import CONTRACT_KEY, MODEL_NAME, BundleError, contract_json, load_bundle, sha256_file
 from serving.evaluate import predict_files
 from serving.preprocess import load_views
 from serving.session import ModelSession
@@ -78,6 +78,13 @@ class TestVariants:
         assert variant.accuracy_tta_delta == pytest.approx(variant.accuracy_tta - fp32)
         assert variant.max_probability_diff < (0.02 if precision == "fp16" else 0.5)
 
+    @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+    def test_every_precision_carries_the_manifests_contract(self, bundle, precision):
+        out, m = bundle
+        session = ModelSession(out, device="cpu", precision=precision)
+        embedded = session.session.get_modelmeta().custom_metadata_map[CONTRACT_KEY]
+        assert embedded == contract_json(m.classes, m.preprocessing, m.tta)
+
     def test_missing_variant_is_a_clear_error(self, tmp_path, learn):
         export(learn, tmp_path / "plain")
         with pytest.raises(BundleError, match="no int8 model .*export with --int8"):
@@ -126,6 +133,15 @@ class TestTampering:
         (out / "manifest.json").write_text(json.dumps(raw))
         with pytest.raises(BundleError, match="outputs 2 probabilities but the manifest lists 3 classes"):
             ModelSession(out, device="cpu")
+
+    @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+    def test_reordered_classes_are_refused_at_every_precision(self, bundle, tmp_path, precision):
+        out = copy_bundle(bundle[0], tmp_path)
+        raw = json.loads((out / "manifest.json").read_text())
+        raw["classes"].reverse()
+        (out / "manifest.json").write_text(json.dumps(raw))
+        with pytest.raises(BundleError, match="classes not as embedded in model.* at export .*re-export"):
+            ModelSession(out, device="cpu", precision=precision)
 
     def test_failed_export_leaves_the_old_bundle_untouched(self, learn, bundle, tmp_path, monkeypatch):
         out = copy_bundle(bundle[0], tmp_path)

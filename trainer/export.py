@@ -13,12 +13,14 @@ import numpy as np
 import torch
 
 from serving.bundle import (
+    CONTRACT_KEY,
     MODEL_NAME,
     TTA,
     Manifest,
     ModelFile,
     Normalization,
     Variant,
+    contract_json,
     now,
     sha256_file,
     write_manifest,
@@ -42,8 +44,9 @@ class ExportError(RuntimeError):
     pass
 
 
-def export_onnx(net: torch.nn.Module, path: Path, input_size: int, opset: int = OPSET) -> None:
-    """Trace `net` (an InferenceNet on the CPU) into an ONNX file with a dynamic batch axis."""
+def export_onnx(net: torch.nn.Module, path: Path, input_size: int, contract: str, opset: int = OPSET) -> None:
+    """Trace `net` (an InferenceNet on the CPU) into an ONNX file with a dynamic batch axis, carrying
+    `contract` (serving.bundle.contract_json) in its metadata so that the server can tell an edited manifest."""
     import onnx
 
     dummy = torch.zeros(2, input_size, input_size, 3, dtype=torch.uint8)
@@ -59,6 +62,9 @@ def export_onnx(net: torch.nn.Module, path: Path, input_size: int, opset: int = 
             opset_version=opset,
             dynamo=False,
         )
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {CONTRACT_KEY: contract})
+    onnx.save(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)
 
 
@@ -109,16 +115,18 @@ def export(
     created = now()
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
-        export_onnx(net, tmp / MODEL_NAME, tfms.sz)
+        # The graph carries the manifest's meaning, so the sha256 taken below covers both.
+        classes, tta = list(data.classes), TTA(views=list(tfms.tta_views))
+        export_onnx(net, tmp / MODEL_NAME, tfms.sz, contract_json(classes, tfms.prep, tta))
         manifest = Manifest(
             name=name,
             version=version or created.strftime("%Y%m%d-%H%M%S"),
             created_at=created,
             architecture=arch.name,
-            classes=list(data.classes),
+            classes=classes,
             preprocessing=tfms.prep,
             normalization=Normalization(mean=arch.mean, std=arch.std),
-            tta=TTA(views=list(tfms.tta_views)),
+            tta=tta,
             model=ModelFile(
                 file=MODEL_NAME,
                 sha256=sha256_file(tmp / MODEL_NAME),
@@ -189,6 +197,8 @@ def _verify_tta(session: ModelSession, net: torch.nn.Module, learn, metrics: dic
 def _variant(tmp: Path, manifest: Manifest, precision: str, reference: np.ndarray, data, make, log) -> Variant:
     """Write the `precision` copy of model.onnx and measure it against the fp32 model's probabilities."""
     file = f"model.{precision}.onnx"
+    # Both converters keep the graph's metadata_props, so the copy carries the fp32 graph's contract;
+    # the ModelSession below checks it, as the server does at any precision.
     make(tmp / MODEL_NAME, tmp / file)
     variant = Variant(
         precision=precision, file=file, sha256=sha256_file(tmp / file), intended_for="cuda" if precision == "fp16" else "cpu",
