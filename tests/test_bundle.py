@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -20,9 +21,12 @@ from serving.bundle import (
     check_contract,
     contract_json,
     load_bundle,
+    make_temp_dir,
     now,
     read_manifest,
     sha256_file,
+    umask,
+    write_atomic,
     write_manifest,
 )
 
@@ -198,3 +202,19 @@ class TestContract:
         m = make_bundle(tmp_path)
         with pytest.raises(BundleError, match="not a JSON object: re-export"):
             check_contract(m, embedded, tmp_path / MODEL_NAME)
+
+
+class TestFileModes:
+    """Files and folders the trainer writes get the modes plain open() and mkdir would give them."""
+
+    @pytest.mark.parametrize("mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)])
+    def test_the_umask_decides(self, tmp_path, mask, file_mode, dir_mode):
+        old = os.umask(mask)
+        try:
+            assert umask() == mask
+            write_atomic(tmp_path / "f.json", b"{}")
+            folder = make_temp_dir(tmp_path, ".x-")
+        finally:
+            os.umask(old)
+        assert (tmp_path / "f.json").stat().st_mode & 0o777 == file_mode
+        assert folder.stat().st_mode & 0o777 == dir_mode

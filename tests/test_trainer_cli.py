@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import shutil
 import signal
+import os
 import subprocess
 import sys
 import time
@@ -42,7 +43,8 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def full_run(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
-    proc = trainer("run", "--data", data, "--out", out, *FAST)
+    # umask 022, as on most systems: what the trainer writes must then be readable by other users.
+    proc = trainer("run", "--data", data, "--out", out, *FAST, preexec_fn=lambda: os.umask(0o022))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -56,6 +58,16 @@ def test_run_writes_every_file(full_run):
     assert epochs(full_run) == 1 + 1 + 3  # head, head with augmentation, unfrozen cycles 1 + 2
     html = (full_run / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 8
+
+
+def test_run_files_are_readable_by_other_users(full_run):
+    """A server in a container runs as another user than the trainer: bundle, report, plots and CSVs
+    must be 0644 and folders 0755 under umask 022, as files written with plain open() would be."""
+    paths = [full_run, *full_run.rglob("*")]
+    assert {p.relative_to(full_run).as_posix() for p in paths} >= set(RUN_FILES)
+    wrong = {p.relative_to(full_run).as_posix(): oct(p.stat().st_mode & 0o777) for p in paths
+             if p.stat().st_mode & 0o777 != (0o755 if p.is_dir() else 0o644)}
+    assert not wrong, wrong
 
 
 def test_resume_after_a_kill_finishes_with_the_same_epochs(data, full_run, tmp_path):

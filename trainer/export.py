@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from serving.bundle import (
     Normalization,
     Variant,
     contract_json,
+    make_temp_dir,
     now,
     sha256_file,
     write_manifest,
@@ -113,7 +113,7 @@ def export(
     net = _export_net(learn, snapshots)
     metrics = dict(metrics or {})
     created = now()
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    tmp = make_temp_dir(out_dir.parent, prefix=f".{out_dir.name}.tmp-")
     try:
         # The graph carries the manifest's meaning, so the sha256 taken below covers both.
         classes, tta = list(data.classes), TTA(views=list(tfms.tta_views))
