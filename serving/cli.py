@@ -1,9 +1,11 @@
-"""`serving serve` runs the gRPC server for a bundle; `serving predict` asks a running one."""
+"""`serving serve` runs the gRPC server for a bundle; `serving predict` asks a running one;
+`serving health` asks its standard health service, as a container's HEALTHCHECK does."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +42,34 @@ def _predict_parser(sub) -> None:
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert (default: none)")
 
 
+def _health_parser(sub) -> None:
+    p = sub.add_parser(
+        "health",
+        help="ask a running server's grpc.health.v1 service; exit 0 when SERVING, 1 otherwise",
+        description="Exit 0 when the server reports SERVING, 1 otherwise (loading, draining, unreachable): the "
+        "contract of a Docker HEALTHCHECK. The default target is this machine's SERVING_PORT, so inside the "
+        "server's container the command needs no arguments.",
+    )
+    port = os.environ.get("SERVING_PORT", "50051")
+    p.add_argument("--target", default=f"127.0.0.1:{port}", help="server address host:port (default: %(default)s)")
+    p.add_argument("--service", default="", help="health service name; empty for the whole server (default: '')")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default: %(default)s)")
+    p.add_argument("--tls-ca", type=Path, default=None, help="PEM file of the server's CA, for a TLS server")
+
+
+def run_health(args) -> int:
+    from serving.client import Client
+
+    with Client(args.target, timeout=args.timeout, tls_ca=args.tls_ca) as client:
+        try:
+            status = client.health(args.service)
+        except grpc.RpcError as e:
+            print(f"{args.target}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(f"{args.target}: {status}")
+    return 0 if status == "SERVING" else 1
+
+
 def run_predict(args) -> int:
     from serving.client import Client
 
@@ -74,9 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _predict_parser(sub)
+    _health_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "predict":
         return run_predict(args)
+    if args.command == "health":
+        return run_health(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from serving.server import serve
 

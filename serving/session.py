@@ -61,8 +61,13 @@ class ModelSession:
         options.intra_op_num_threads = intra_op_threads  # 0: ONNX Runtime's default (all cores)
         options.inter_op_num_threads = inter_op_threads
         options.log_severity_level = 3  # errors only
+        providers = choose_providers(device)
+        if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
+            # CUDA and cuDNN from PyPI (onnxruntime-gpu[cuda,cudnn], the serving image's CUDA=1) live in
+            # site-packages, where the dynamic loader does not look; a system CUDA needs no preload.
+            ort.preload_dlls()
         try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=choose_providers(device))
+            self.session = ort.InferenceSession(str(model_path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types, not exported uniformly
             raise BundleError(f"{model_path}: ONNX Runtime cannot load it: {_one_line(e)}") from None
         self.providers = self.session.get_providers()

@@ -120,6 +120,22 @@ class TestHealth:
         finally:
             srv.stop(0)
 
+    def test_the_health_command_exits_0_only_when_serving(self, tiny_bundle, capsys):
+        from serving.cli import main
+
+        srv = Server(config(tiny_bundle), load=False)
+        try:
+            target = ["health", "--target", f"127.0.0.1:{srv.port}"]
+            assert main(target) == 1 and "NOT_SERVING" in capsys.readouterr().out  # loading
+            srv.load()
+            assert main(target) == 0 and "SERVING" in capsys.readouterr().out
+            srv.drain()
+            assert main(target) == 1
+        finally:
+            srv.stop(0)
+        assert main(["health", "--target", f"127.0.0.1:{srv.port}", "--timeout", "1"]) == 1  # nobody listens
+        assert "UNAVAILABLE" in capsys.readouterr().err
+
     def test_unknown_service_is_not_found(self, client):
         with pytest.raises(grpc.RpcError) as err:
             client.health("no.such.Service")
