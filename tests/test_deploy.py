@@ -1,0 +1,335 @@
+"""deploy/: the compose file and Kubernetes manifests, validated offline and held to the server's settings.
+
+No Docker engine or cluster is needed. The compose file is checked against the Compose Specification's
+JSON schema as check-jsonschema vendors it (`check-jsonschema --builtin-schema vendor.compose-spec`);
+the manifests against Kubernetes' own schemas as kubernetes-validate ships them, strictly (an unknown
+field is an error), for the oldest and the newest Kubernetes we support. Then the numbers that several
+files must agree on are compared with their one source: serving/config.py for what the server does
+with its settings, and the Dockerfile's serving stage for what the image sets and exposes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from functools import cache
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+
+import dockerfile
+from serving.config import ENV_PREFIX, ServerConfig, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "compose.yaml"
+PROMETHEUS = DEPLOY / "prometheus.yml"
+KUBE = DEPLOY / "kubernetes"
+BUNDLE_LOADER = KUBE / "tools" / "bundle-loader.yaml"
+# Native gRPC probes are GA from 1.27; 1.30 is the oldest release we claim, 1.37 the newest the pinned
+# kubernetes-validate knows.
+KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
+APP_USER = 10001  # the uid the Dockerfile creates and runs as
+COMMON_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/component", "app.kubernetes.io/part-of",
+                 "app.kubernetes.io/version")
+
+
+# --- the files -----------------------------------------------------------------------------------
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def kube_documents() -> list[tuple[Path, dict]]:
+    """Every Kubernetes object under deploy/kubernetes, with its file; the Kustomization left out."""
+    paths = sorted(p for p in KUBE.rglob("*.yaml") if p.name != "kustomization.yaml")
+    return [(p, doc) for p in paths for doc in yaml.safe_load_all(p.read_text()) if doc]
+
+
+def kube_object(kind: str, name: str | None = None) -> dict:
+    found = [d for _, d in kube_documents() if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''} under {KUBE}, found {len(found)}"
+    return found[0]
+
+
+@cache
+def deployment() -> dict:
+    return kube_object("Deployment")
+
+
+@cache
+def compose_services() -> dict:
+    return load_yaml(COMPOSE)["services"]
+
+
+def serving_container(pod_spec: dict) -> dict:
+    return next(c for c in pod_spec["containers"] if c["name"] == "serving")
+
+
+def project_version() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+# --- the image, as the Dockerfile builds it ------------------------------------------------------
+
+def image_env(stage: str) -> dict[str, str]:
+    return dockerfile.env(stage)
+
+
+def image_last(stage: str, instruction: str) -> str:
+    return dockerfile.last(stage, instruction)
+
+
+def image_uid(stage: str) -> int:
+    return int(image_last(stage, "USER").split(":")[0])
+
+
+def image_exposed(stage: str) -> set[int]:
+    return {int(p.split("/")[0]) for i, args in dockerfile.instructions(stage) if i == "EXPOSE" for p in args.split()}
+
+
+# --- settings --------------------------------------------------------------------------------------
+
+def cpu_cores(quantity: str) -> int:
+    """A Kubernetes CPU quantity rounded up, as the downward API gives it with divisor 1."""
+    return math.ceil(int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity))
+
+
+def container_env(container: dict) -> dict[str, str]:
+    env = {}
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:
+            field = var["valueFrom"]["resourceFieldRef"]
+            assert field["resource"] == "limits.cpu" and str(field.get("divisor", "1")) == "1", var
+            env[var["name"]] = str(cpu_cores(container["resources"]["limits"]["cpu"]))
+    return env
+
+
+def server_config(env: dict[str, str]) -> ServerConfig:
+    """What `serving serve` runs with in the serving image given these variables (they override its ENV)."""
+    settings = {f"{ENV_PREFIX}{name.upper()}" for name in ServerConfig.model_fields}
+    unknown = [n for n in env if n.startswith(ENV_PREFIX) and n not in settings]
+    assert not unknown, f"{unknown}: not server settings (serving serve --help lists them)"
+    return load_config({}, environ=image_env("serving") | env)
+
+
+@cache
+def kube_config() -> ServerConfig:
+    return server_config(container_env(serving_container(deployment()["spec"]["template"]["spec"])))
+
+
+@cache
+def compose_config() -> ServerConfig:
+    return server_config(compose_services()["serving"].get("environment", {}))
+
+
+def seconds(duration: str) -> float:
+    """A compose duration such as 20s, 1m30s or 500ms."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"not a duration: {duration!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def under(path: str, folder: str) -> bool:
+    return PurePosixPath(folder) in PurePosixPath(path).parents
+
+
+def tool_or_skip(name: str, why: str) -> str:
+    """A command from this environment's bin/ (pytest may run without the venv activated), else PATH."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} not found: {why}")
+    return found
+
+
+# --- compose -------------------------------------------------------------------------------------
+
+class TestComposeFile:
+    def test_follows_the_compose_specification(self):
+        exe = tool_or_skip("check-jsonschema", "pip install -e '.[dev]' brings it")
+        command = [exe, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def test_references_resolve(self):
+        stages = dockerfile.stages()
+        for name, service in compose_services().items():
+            if "build" in service:
+                assert (COMPOSE.parent / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+                target = service["build"]["target"]
+                assert target in stages, f"{name}: the Dockerfile has no stage {target}"
+            for mount in service.get("volumes", []):
+                source = mount["source"] if isinstance(mount, dict) else mount.split(":")[0]
+                if "/" not in source and "$" not in source:
+                    assert source in load_yaml(COMPOSE)["volumes"], f"{name}: volume {source} is not declared"
+                elif "$" not in source:
+                    assert (COMPOSE.parent / source).exists(), f"{name}: {source} does not exist"
+            for dependency, condition in service.get("depends_on", {}).items():
+                assert dependency in compose_services()
+                # Compose refuses a project where a service needs one that an inactive profile hides.
+                if set(compose_services()[dependency].get("profiles", [])) - set(service.get("profiles", [])):
+                    assert condition.get("required") is False, f"{name} needs {dependency}, which a profile hides"
+
+    def test_trainer_is_a_one_shot_job_on_read_only_data(self):
+        trainer = compose_services()["trainer"]
+        assert trainer.get("profiles") and trainer["restart"] == "no"
+        data = next(m for m in trainer["volumes"] if isinstance(m, dict) and m["target"] == "/data")
+        assert data["type"] == "bind" and data["read_only"] and data["bind"]["create_host_path"] is False
+        assert "runs:/runs" in trainer["volumes"]
+        assert compose_services()["serving"]["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
+
+    def test_serving_runs_as_the_image_user_on_a_read_only_root(self):
+        serving = compose_services()["serving"]
+        assert int(str(serving["user"]).split(":")[0]) == image_uid("serving") == APP_USER
+        assert serving["read_only"] is True and "/tmp" in serving["tmpfs"]
+        assert serving["healthcheck"]["test"] == ["CMD", "serving", "health"]
+
+    def test_images_carry_the_project_version(self):
+        for name in ("trainer", "serving"):
+            assert compose_services()[name]["image"] == f"lesson2/{name}:{project_version()}"
+
+
+class TestKubernetesManifests:
+    @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+    @pytest.mark.parametrize(
+        "path, document",
+        [pytest.param(p, d, id=f"{p.relative_to(KUBE)}:{d['kind']}") for p, d in kube_documents()],
+    )
+    def test_match_the_kubernetes_schemas(self, path, document, version):
+        kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[dev]' brings it")
+        try:
+            kubernetes_validate.validate(document, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{path.relative_to(ROOT)}: {'.'.join(map(str, e.path))}: {e.message} (Kubernetes {version})")
+
+    def test_kustomization_lists_every_manifest_but_the_tools(self):
+        listed = set(load_yaml(KUBE / "kustomization.yaml")["resources"])
+        assert listed == {p.name for p in KUBE.glob("*.yaml")} - {"kustomization.yaml"}
+
+    def test_kustomize_builds_them(self):
+        kubectl = tool_or_skip("kubectl", "its `kubectl kustomize` renders the kustomization offline")
+        done = subprocess.run([kubectl, "kustomize", str(KUBE)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        built = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(done.stdout)}
+        files = {(d["kind"], d["metadata"]["name"]) for p, d in kube_documents() if p != BUNDLE_LOADER}
+        assert built == files
+
+    def test_labels_and_selectors_agree(self):
+        deployment = kube_object("Deployment")
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= pod_labels.items()
+        for _, d in kube_documents():
+            assert all(label in d["metadata"]["labels"] for label in COMMON_LABELS), d["metadata"]["name"]
+            assert d["metadata"]["labels"]["app.kubernetes.io/version"] == project_version()
+        assert kube_object("Service")["spec"]["selector"] == selector
+        assert kube_object("PodDisruptionBudget")["spec"]["selector"]["matchLabels"] == selector
+        loader = load_yaml(BUNDLE_LOADER)["metadata"]["labels"]
+        assert not selector.items() <= loader.items(), "the Service would send calls to the bundle loader"
+        hpa = kube_object("HorizontalPodAutoscaler")
+        target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+        assert hpa["spec"]["scaleTargetRef"] == target
+        assert hpa["spec"]["minReplicas"] == deployment["spec"]["replicas"] >= 2
+        assert kube_object("PodDisruptionBudget")["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+        image = serving_container(deployment["spec"]["template"]["spec"])["image"]
+        assert image == f"lesson2/serving:{project_version()}"
+
+    @pytest.mark.parametrize("kind", ["Deployment", "Pod"])
+    def test_pods_run_locked_down_as_the_image_user(self, kind):
+        obj = kube_object(kind)
+        pod = obj["spec"]["template"]["spec"] if kind == "Deployment" else obj["spec"]
+        security = pod["securityContext"]
+        assert security["runAsNonRoot"] is True and security["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert security["runAsUser"] == security["runAsGroup"] == security["fsGroup"] == image_uid("serving") == APP_USER
+        assert pod["automountServiceAccountToken"] is False
+        for c in pod["containers"]:
+            assert c["securityContext"] == {
+                "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+            }
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= c["resources"][bound].keys(), f"{c['name']}: no {bound}"
+
+
+# --- both, against the server's own settings ------------------------------------------------------
+
+class TestAgreesWithTheServer:
+    """Ports, probes, grace periods, bundle path and metrics target, from serving/config.py and the image."""
+
+    @property
+    def pod(self) -> dict:
+        return deployment()["spec"]["template"]["spec"]
+
+    @property
+    def container(self) -> dict:
+        return serving_container(self.pod)
+
+    def test_the_server_listens_on_every_interface_on_the_ports_the_image_exposes(self):
+        for cfg in (kube_config(), compose_config()):
+            assert cfg.host == "0.0.0.0"
+            assert {cfg.port, cfg.metrics_port} == image_exposed("serving")
+
+    def test_container_and_service_ports(self):
+        ports = {p["name"]: p["containerPort"] for p in self.container["ports"]}
+        assert ports == {"grpc": kube_config().port, "metrics": kube_config().metrics_port}
+        for p in kube_object("Service")["spec"]["ports"]:
+            assert ports.get(p["targetPort"], p["targetPort"]) == ports[p["name"]]
+        assert {p["name"]: p.get("appProtocol") for p in kube_object("Service")["spec"]["ports"]}["grpc"] == "grpc"
+        annotations = deployment()["spec"]["template"]["metadata"]["annotations"]
+        assert int(annotations["prometheus.io/port"]) == kube_config().metrics_port
+
+    @pytest.mark.parametrize("probe", ["startupProbe", "readinessProbe", "livenessProbe"])
+    def test_probes_ask_the_grpc_health_service(self, probe):
+        assert self.container[probe]["grpc"]["port"] == kube_config().port
+        assert self.container[probe]["grpc"].get("service", "") in ("", "classifier.v1.Classifier")
+
+    def test_kubernetes_waits_out_the_drain_and_the_grace(self):
+        shutdown_s = kube_config().drain_s + kube_config().grace_s
+        assert kube_config().drain_s > 0, "without a drain, calls reach a pod after it stops accepting them"
+        assert self.pod["terminationGracePeriodSeconds"] > shutdown_s
+        # Liveness needs longer than a whole shutdown to fail, so it never kills a pod that is draining.
+        live = self.container["livenessProbe"]
+        assert live["periodSeconds"] * live["failureThreshold"] > shutdown_s
+
+    def test_compose_waits_out_the_drain_and_the_grace(self):
+        shutdown_s = compose_config().drain_s + compose_config().grace_s
+        assert seconds(compose_services()["serving"]["stop_grace_period"]) > shutdown_s
+
+    def test_kubernetes_bundle_is_on_the_read_only_models_volume(self):
+        mount = next(m for m in self.container["volumeMounts"] if under(str(kube_config().bundle), m["mountPath"]))
+        volume = next(v for v in self.pod["volumes"] if v["name"] == mount["name"])
+        assert mount["readOnly"] is True
+        assert volume["persistentVolumeClaim"] == {"claimName": "classifier-models", "readOnly": True}
+        assert kube_object("PersistentVolumeClaim", "classifier-models")
+        assert any(m["mountPath"] == "/tmp" for m in self.container["volumeMounts"])
+
+    def test_compose_serves_the_bundle_the_trainer_writes(self):
+        serving_mount = next(m for m in compose_services()["serving"]["volumes"] if m["source"] == "runs")
+        trainer_mount = next(m for m in compose_services()["trainer"]["volumes"] if str(m).startswith("runs:"))
+        command = compose_services()["trainer"].get("command") or json.loads(image_last("trainer", "CMD"))
+        out = PurePosixPath(command[command.index("--out") + 1])
+        # `trainer run` writes its bundle to <out>/bundle (README, "Using it").
+        written = (out / "bundle").relative_to(trainer_mount.split(":")[1])
+        assert serving_mount["read_only"] is True
+        assert PurePosixPath(compose_config().bundle) == PurePosixPath(serving_mount["target"]) / written
+
+    def test_prometheus_scrapes_the_metrics_port(self):
+        jobs = load_yaml(PROMETHEUS)["scrape_configs"]
+        targets = [t for job in jobs for static in job["static_configs"] for t in static["targets"]]
+        assert targets == [f"serving:{compose_config().metrics_port}"]
+        mounts = [str(v).split(":") for v in compose_services()["prometheus"]["volumes"]]
+        sources = [COMPOSE.parent / m[0] for m in mounts if m[1] == "/etc/prometheus/prometheus.yml"]
+        assert [s.resolve() for s in sources] == [PROMETHEUS]
+
+    def test_prometheus_config_is_valid(self):
+        promtool = tool_or_skip("promtool", "apt-get install prometheus brings it")
+        done = subprocess.run([promtool, "check", "config", str(PROMETHEUS)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
