@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from trainer.schedule import cycle_boundaries, cycle_epochs, sgdr_lrs
+from trainer.schedule import cycle_boundaries, cycle_epochs, lr_spread, sgdr_lrs
 
 
 class TestSGDR:
@@ -24,3 +24,19 @@ class TestSGDR:
         assert last == pytest.approx(0.5 * (1 + math.cos(math.pi * 39 / 40)))
         with pytest.raises(AssertionError):
             sgdr_lrs(70, [1.0], n_cycle=3, cycle_mult=2, steps_per_epoch=10)
+
+
+class TestLrSpread:
+    @pytest.mark.parametrize("ratio, n, expected", [
+        (10, 3, [1e-4, 1e-3, 1e-2]),
+        (3, 3, [1e-2 / 9, 1e-2 / 3, 1e-2]),
+        (10, 5, [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]),  # as many groups as the model has, not always three
+        (10, 1, [1e-2]),
+        (1, 3, [1e-2] * 3),
+    ])
+    def test_each_earlier_group_is_ratio_times_slower(self, ratio, n, expected):
+        assert lr_spread(1e-2, ratio, n) == pytest.approx(expected)
+
+    def test_nonsense_is_an_error(self):
+        with pytest.raises(ValueError):
+            lr_spread(1e-2, 10, 0)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import write_colour_dataset
@@ -42,11 +43,12 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def full_run(data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run") / "run"
+    parent = tmp_path_factory.mktemp("run")
+    # A relative --out, as the README writes it (report.html once lost its plots with one), and
     # umask 022, as on most systems: what the trainer writes must then be readable by other users.
-    proc = trainer("run", "--data", data, "--out", out, *FAST, preexec_fn=lambda: os.umask(0o022))
+    proc = trainer("run", "--data", data, "--out", "run", *FAST, cwd=parent, preexec_fn=lambda: os.umask(0o022))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return parent / "run"
 
 
 def test_run_writes_every_file(full_run):
@@ -57,7 +59,8 @@ def test_run_writes_every_file(full_run):
             im.verify()
     assert epochs(full_run) == 1 + 1 + 3  # head, head with augmentation, unfrozen cycles 1 + 2
     html = (full_run / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 8
+    assert html.count("data:image/png;base64,") == len(list(full_run.glob("*.png"))) >= 8
+    assert 'class="missing"' not in html
 
 
 def test_run_files_are_readable_by_other_users(full_run):
@@ -143,6 +146,14 @@ class TestStepCommands:
         fit = trainer("fit", "--run", run, "--lr", "0.01", "--cycles", "2")
         assert fit.returncode == 0, fit.stderr[-2000:]
         assert epochs(run) == before + 2
+        # Unfrozen, as the run was trained: with bn_freeze the backbone's BatchNorm statistics stay.
+        stats = lambda: {k: v for k, v in torch.load(run / "models" / "final.pt").items() if "running_" in k}  # noqa: E731
+        start = stats()
+        fit = trainer("fit", "--run", run, "--lr", "0.001", "--unfreeze", "--cycles", "1")
+        assert fit.returncode == 0, fit.stderr[-2000:]
+        moved = [k for k, v in stats().items() if not torch.equal(v, start[k])]
+        backbone = [k for k in moved if k.startswith("backbone.")]
+        assert not backbone, f"fit --unfreeze trained the frozen BatchNorm statistics: {backbone[:3]}"
         predict = trainer("predict", "--run", run, "--test", data / "valid" / "red", "--top-label")
         assert predict.returncode == 0, predict.stderr[-2000:]
         rows = list(csv.reader((run / "submission.csv").open()))

@@ -144,13 +144,16 @@ def _run_learner(run_dir: Path):
 
 
 def cmd_fit(args) -> int:
-    from trainer.recipe import FINAL, write_history
+    from trainer.recipe import FINAL, load_run_config, write_history
+    from trainer.schedule import lr_spread
 
     learn = _run_learner(args.run)
     learn.precompute = args.precompute
+    # As the run trained: with bn_freeze (its default), unfrozen BatchNorm layers keep their statistics.
+    learn.bn_freeze(load_run_config(args.run).bn_freeze)
     if args.unfreeze:
         learn.unfreeze()
-    lrs = [args.lr / args.lr_ratio**2, args.lr / args.lr_ratio, args.lr] if args.unfreeze else args.lr
+    lrs = lr_spread(args.lr, args.lr_ratio, len(learn.layer_groups())) if args.unfreeze else args.lr
     learn.fit(lrs, args.cycles, cycle_len=args.cycle_len, cycle_mult=args.cycle_mult)
     learn.precompute = False
     learn.save(FINAL)

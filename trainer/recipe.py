@@ -21,6 +21,7 @@ from trainer.learner import ConvLearner, EpochStats, seed_everything
 from trainer import plots
 from trainer.metrics import accuracy, confusion_matrix, log_loss
 from trainer.report import write_report
+from trainer.schedule import lr_spread
 
 FINAL = "final"  # the trained weights, saved as <run>/models/final.pt
 
@@ -196,7 +197,7 @@ def run(cfg: RunConfig, log=print, *, resume: bool = False) -> tuple[ConvLearner
             learn.unfreeze()  # step 5
         learn.precompute = stage.precompute
         # Step 6: earlier groups train lr_ratio times slower than the next.
-        ratios = [1 / cfg.lr_ratio**2, 1 / cfg.lr_ratio, 1.0] if stage.unfrozen else [1.0, 1.0, 1.0]
+        ratios = lr_spread(1.0, cfg.lr_ratio if stage.unfrozen else 1.0, len(learn.layer_groups()))
         if stage.kind == "lr_find":
             found = find_lr(learn, out / f"{stage.name}.png", log, start_lr=[1e-5 * r for r in ratios],
                              # On precomputed activations a sweep is cheap (100 batches, cycling a small
@@ -225,7 +226,7 @@ def run(cfg: RunConfig, log=print, *, resume: bool = False) -> tuple[ConvLearner
     write_figures(learn, out, probs, y)
     write_report(out, title=f"{cfg.name}: {cfg.arch} at {learn.data.tfms.sz} px", config=cfg.model_dump(mode="json"),
                  metrics=metrics, history=[vars(h) for h in learn.history],
-                 images=[(caption, out / png) for png, caption in FIGURES.items() if (out / png).is_file()])
+                 images=[(caption, png) for png, caption in FIGURES.items() if (out / png).is_file()])
     log(f"bundle: {out / 'bundle'}; report: {out / 'report.html'}")
     return learn, metrics
 

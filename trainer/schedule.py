@@ -56,3 +56,11 @@ def exponential_lrs(step: int, n_steps: int, lrs_start: Sequence[float], start_l
     start_lr (for the last group) at step 0 to end_lr at step n_steps - 1, ratios kept."""
     factor = (end_lr / start_lr) ** (step / max(1, n_steps - 1))
     return [lr * factor for lr in lrs_start]
+
+
+def lr_spread(lr: float, ratio: float, n_groups: int) -> list[float]:
+    """Differential learning rates (step 6 of the lesson): the last layer group trains at `lr`, each
+    earlier group `ratio` times slower than the next. lr_spread(1e-2, 10, 3) -> [1e-4, 1e-3, 1e-2]."""
+    if n_groups < 1 or ratio <= 0:
+        raise ValueError(f"n_groups must be >= 1 and ratio > 0, got {n_groups} and {ratio}")
+    return [lr / ratio ** (n_groups - 1 - i) for i in range(n_groups)]
