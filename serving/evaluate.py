@@ -1,7 +1,7 @@
 """Probabilities for whole image files through a bundle's ONNX session, TTA as the bundle says.
 
-The trainer's export uses this to verify that the bundle reproduces its TTA results; benchmarks
-and offline scoring use it too. No torch."""
+The trainer's export uses this to verify that the bundle reproduces its TTA results, and to
+measure its fp16/int8 variants. No torch."""
 
 from __future__ import annotations
 

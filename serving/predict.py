@@ -23,12 +23,7 @@ class Prepared:
     names: list[str]  # the TTA views' names, in that order
 
 
-@dataclass(frozen=True)
-class Result:
-    probabilities: np.ndarray  # (n_classes,), mean over the views that ran
-    views: list[str]  # names of those views
-
-    def top(self, k: int = 0) -> list[tuple[int, float]]:
+def top(self, k: int = 0) -> list[tuple[int, float]]:
         """(class index, probability), most probable first; k=0 gives every class."""
         return top(self.probabilities, k)
 
@@ -71,9 +66,3 @@ def run_batch(session: ModelSession, batch: list[np.ndarray]) -> list[np.ndarray
     if not batch:
         return []
     return list(session.predict(np.concatenate(batch), counts=[len(v) for v in batch]))
-
-
-def predict_image(session: ModelSession, data: bytes, *, tta: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> Result:
-    """prepare + one model run, without a batcher: for scripts and tests. Raises ImageError on bad input."""
-    p = prepare(session.manifest, data, tta=tta, max_pixels=max_pixels)
-    return Result(run_batch(session, [p.views])[0], p.names)
