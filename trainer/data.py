@@ -6,13 +6,13 @@ import csv
 import dataclasses
 import random
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from serving.preprocess import ImageError, decode_image
 from trainer.augment import Tfms
@@ -53,19 +53,60 @@ def _test_images(path: Path, test_name: str | None) -> list[Path] | None:
 
 
 class ImageDataset(Dataset):
-    """(uint8 CHW tensor, label) pairs; label -1 for an unlabelled (test) set."""
+    """(uint8 CHW tensor, label) pairs; label -1 for an unlabelled (test) set.
 
-    def __init__(self, files: list[Path], labels: list[int] | None, transform: Callable[..., np.ndarray]):
+    Indexed by i, or by (i, seed) as an EpochSampler yields them. An augmenting transform
+    (augment=True: one called as transform(image, rng), like Tfms.train) then draws from
+    random.Random(seed), so an image's augmentation never depends on which process reads it."""
+
+    def __init__(self, files: list[Path], labels: list[int] | None, transform: Callable[..., np.ndarray],
+                 *, augment: bool = False):
         self.files = list(files)
         self.labels = list(labels) if labels is not None else [-1] * len(self.files)
         self.transform = transform
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        a = self.transform(read_image(self.files[i]))
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        im = read_image(self.files[i])
+        a = self.transform(im, random.Random(seed)) if self.augment and seed is not None else self.transform(im)
         return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1), self.labels[i]
+
+
+class EpochSampler(Sampler):
+    """One pass over a dataset: indices (shuffled or in order), each paired with the seed of its
+    augmentation, all drawn from (seed, epoch, repeat) alone. Call set_epoch before iterating, as
+    with torch's DistributedSampler.
+
+    Why not save the loader's torch.Generator in the checkpoint instead? That would resume runs with
+    num_workers=0 only: each worker process keeps its own random state (across epochs, as workers
+    persist), where no checkpoint can reach it. With the randomness a pure function of the epoch
+    number, as torchvision's references and timm derive it, epoch n draws the same order and the
+    same augmentation whether it follows epoch n-1 in one process, follows a resume, or runs on any
+    number of workers, and there is no state to save. The indices come from this sampler in the
+    main process even with workers, so set_epoch reaches persistent workers too."""
+
+    def __init__(self, n: int, *, seed: int | None, shuffle: bool):
+        self.n, self.shuffle = n, shuffle
+        # No seed: one drawn from torch's global generator, as DataLoader(shuffle=True) draws its own.
+        self.seed = seed if seed is not None else int(torch.empty((), dtype=torch.int64).random_().item())
+        self.epoch, self.repeat = 0, 0
+
+    def set_epoch(self, epoch: int, repeat: int = 0) -> None:
+        """Draw epoch `epoch` next; repeat > 0 for further passes at the same epoch (lr_find cycling
+        a small training set), so that they are reshuffled too."""
+        self.epoch, self.repeat = epoch, repeat
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        rng = np.random.default_rng([self.seed % 2**64, self.epoch, self.repeat])
+        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        return iter(zip(order.tolist(), rng.integers(2**63, size=self.n).tolist()))
 
 
 def _folder_dataset(root: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
@@ -225,17 +266,21 @@ class ImageClassifierData:
             "valid": (self.val_files, self.val_y),
             "test": (self.test_files or [], None),
         }[name]
-        return ImageDataset(files, labels, self.tfms.train if augment else self.tfms.eval)
+        return ImageDataset(files, labels, self.tfms.train if augment else self.tfms.eval, augment=augment)
 
     def loader(self, name: str, *, augment: bool = False, shuffle: bool = False) -> DataLoader:
-        """A loader of uint8 CHW batches; the same object on every call with the same arguments."""
+        """A loader of uint8 CHW batches; the same object on every call with the same arguments.
+
+        With augment or shuffle its sampler is an EpochSampler: call `loader.sampler.set_epoch(n)`
+        before each epoch (ConvLearner.batches does), or every pass repeats epoch 0."""
         key = (name, augment, shuffle, self.bs)
         if key not in self._loaders:
             generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+            dataset = self.dataset(name, augment=augment)
             self._loaders[key] = DataLoader(
-                self.dataset(name, augment=augment),
+                dataset,
                 batch_size=self.bs,
-                shuffle=shuffle,
+                sampler=EpochSampler(len(dataset), seed=self.seed, shuffle=shuffle) if augment or shuffle else None,
                 num_workers=self.num_workers,
                 pin_memory=torch.cuda.is_available(),
                 persistent_workers=self.num_workers > 0,
@@ -298,7 +343,8 @@ def _read_labels_csv(csv_path: Path, id_col: str | None, label_col: str | None) 
 
 
 def _seed_worker(worker_id: int) -> None:
-    # Fresh, reproducible randomness per worker and epoch (torch seeds each worker differently).
+    # Reproducible randomness per worker for transforms that use the global generators; the
+    # augmentation of training batches does not (it draws from the seeds of an EpochSampler).
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import os
 import random
@@ -19,7 +20,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from serving.bundle import write_atomic
-from trainer.data import ImageClassifierData
+from trainer.data import EpochSampler, ImageClassifierData
 from trainer.metrics import accuracy, log_loss
 from trainer.model import ClassifierNet, InferenceNet, build_net
 from trainer.precompute import cache_key, cached, weights_digest
@@ -103,6 +104,7 @@ class ConvLearner:
         self.snapshots: list[str] = []  # names saved by fit(cycle_save_name=...), in order
         self._features: dict[str, torch.Tensor] = {}
         self._features_weights: str | None = None  # digest of the backbone they were computed with
+        self._last_pass = (-1, 0)  # (epoch, repeat) of the last training pass: see batches
         self.opt = self._make_optimizer()
         self.bn_frozen = False
         self.freeze()
@@ -247,8 +249,13 @@ class ConvLearner:
 
     # --- batches
 
-    def batches(self, name: str, *, train: bool):
-        """(inputs, targets, forward) for every mini-batch of a dataset."""
+    def batches(self, name: str, *, train: bool, repeat: int | None = None):
+        """(inputs, targets, forward) for every mini-batch of a dataset.
+
+        Training batches from the loader are pass `repeat` over the set at epoch len(history): fit's
+        epoch n is always pass (n, 0), so its order and augmentation follow from (seed, n) alone and
+        a resumed run needs no loader state (see data.EpochSampler). repeat=None: the pass after
+        the last one at this epoch (lr_find cycling a small training set sees it reshuffled)."""
         if self.precompute:
             x = self._features[name]
             y = torch.tensor(self._labels(name))
@@ -260,7 +267,15 @@ class ConvLearner:
                     continue  # BatchNorm cannot train on a batch of one
                 yield x[idx].to(self.device), y[idx].to(self.device), self.net.head
         else:
-            for xb, yb in self.data.loader(name, augment=train, shuffle=train):
+            loader = self.data.loader(name, augment=train, shuffle=train)
+            if train and isinstance(getattr(loader, "sampler", None), EpochSampler):
+                epoch = len(self.history)
+                if repeat is None:
+                    last_epoch, last_repeat = self._last_pass
+                    repeat = last_repeat + 1 if last_epoch == epoch else 0
+                self._last_pass = (epoch, repeat)
+                loader.sampler.set_epoch(epoch, repeat)
+            for xb, yb in loader:
                 if train and len(xb) < 2:
                     continue
                 yield self._to_device(xb), yb.to(self.device, non_blocking=True), self.net
@@ -328,7 +343,7 @@ class ConvLearner:
             losses = []
             # Counted in images, so the bar shows throughput (img/s) and its ETA.
             bar = tqdm(total=len(self.data.trn_files), desc=f"epoch {len(self.history)}", unit="img", leave=False)
-            for xb, yb, forward in self.batches("train", train=True):
+            for xb, yb, forward in self.batches("train", train=True, repeat=0):
                 step_lrs = sgdr_lrs(step, lrs, n_cycle=n_cycle, cycle_len=cycle_len, cycle_mult=cycle_mult,
                                     steps_per_epoch=spe)
                 self.set_lrs(step_lrs)
@@ -346,6 +361,9 @@ class ConvLearner:
             if cycle_save_name and step in bounds[1:]:
                 snapshot = f"{cycle_save_name}_cyc_{bounds.index(step) - 1}"
                 self.save(snapshot)
+                # Weights load at any input size, but a snapshot ensemble is only valid at the size its
+                # members were trained at (progressive resizing changes it): record that size beside them.
+                write_atomic(self.models_dir() / f"{snapshot}.json", json.dumps({"size": self.data.tfms.sz}).encode())
                 self.snapshots.append(snapshot)
             if on_epoch_end:
                 on_epoch_end(epoch + 1)
@@ -422,10 +440,19 @@ class ConvLearner:
         write_atomic(path, buf.getvalue())
         return path
 
+    def snapshot_size(self, name: str) -> int | None:
+        """The input side (pixels) snapshot `name` was trained at, as fit recorded it; None when
+        unrecorded (saved by a version that did not record it)."""
+        path = self.models_dir() / f"{name}.json"
+        return int(json.loads(path.read_text())["size"]) if path.is_file() else None
+
     def training_state(self) -> dict:
         """Everything needed to continue training exactly: weights, optimizer, freeze level, history,
         lr history, snapshots and RNG states. Tensors and plain Python values only, so it loads
-        with weights_only=True."""
+        with weights_only=True.
+
+        The global generators drive dropout and the order of precomputed batches. The loader's
+        order and augmentation need no state here: they follow from (seed, epoch) (see batches)."""
         np_state = np.random.get_state()
         return {
             "net": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},

@@ -158,6 +158,11 @@ def run(cfg: RunConfig, log=print, *, resume: bool = False) -> tuple[ConvLearner
     out.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out / CHECKPOINT
     state = _load_checkpoint(checkpoint_path, cfg) if resume else None
+    if state and state.get("finished"):
+        log(f"{out}: the run is already complete ({len(state['learner']['history'])} epochs, bundle in "
+            f"{out / 'bundle'}); nothing to resume. Train it further with `trainer fit --run {out}`, "
+            "or run without --resume to start afresh")
+        return learner_from_run(out, log), json.loads((out / "metrics.json").read_text())
     if not resume or state is None:
         seed_everything(cfg.seed)
         write_atomic(out / "config.json", (cfg.model_dump_json(indent=2) + "\n").encode())
@@ -175,11 +180,15 @@ def run(cfg: RunConfig, log=print, *, resume: bool = False) -> tuple[ConvLearner
     learn.bn_freeze(cfg.bn_freeze)
     if state:
         learn.load_training_state(state["learner"])
-        log(f"resumed: stage {done_stage + 1}/{len(plan)}, {len(learn.history)} epochs done")
+        if done_stage < len(plan):
+            log(f"resumed: stage {done_stage + 1}/{len(plan)}, {len(learn.history)} epochs done")
+        else:  # interrupted while evaluating or exporting
+            log(f"resumed: training is complete ({len(learn.history)} epochs); evaluating and exporting")
 
-    def checkpoint(stage: int, epochs: int) -> None:
+    def checkpoint(stage: int, epochs: int, *, finished: bool = False) -> None:
+        """finished: every output is written, so resuming has nothing left to do."""
         blob = {"stage": stage, "epochs": epochs, "lr": lr, "config": cfg.model_dump(mode="json"),
-                "learner": learn.training_state()}
+                "learner": learn.training_state(), "finished": finished}
         buf = io.BytesIO()
         torch.save(blob, buf)
         write_atomic(checkpoint_path, buf.getvalue())
@@ -227,6 +236,7 @@ def run(cfg: RunConfig, log=print, *, resume: bool = False) -> tuple[ConvLearner
     write_report(out, title=f"{cfg.name}: {cfg.arch} at {learn.data.tfms.sz} px", config=cfg.model_dump(mode="json"),
                  metrics=metrics, history=[vars(h) for h in learn.history],
                  images=[(caption, png) for png, caption in FIGURES.items() if (out / png).is_file()])
+    checkpoint(len(plan), 0, finished=True)
     log(f"bundle: {out / 'bundle'}; report: {out / 'report.html'}")
     return learn, metrics
 
