@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import write_colour_dataset
 
 from serving.bundle import CONTRACT_KEY, MODEL_NAME, BundleError, contract_json, load_bundle, sha256_file
 from serving.evaluate import predict_files
@@ -107,6 +108,49 @@ class TestSnapshotEnsemble:
         got = ModelSession(tmp_path / "ens", device="cpu").run(views)
         np.testing.assert_allclose(got, np.mean(members, axis=0), atol=1e-5)
         assert not np.allclose(members[0], members[1], atol=1e-3), "snapshots should differ"
+
+
+@pytest.fixture(scope="module")
+def resized(tmp_path_factory):
+    """Progressive resizing: a snapshot cycle at 32 px, then one at 48 px."""
+    root = write_colour_dataset(tmp_path_factory.mktemp("resize") / "colours", {"train": 4, "valid": 2})
+
+    def data(size):
+        return ImageClassifierData.from_paths(root, tfms_from_model("efficientnet_lite0", size), bs=4,
+                                              num_workers=0, seed=0)
+
+    torch.manual_seed(0)
+    learn = ConvLearner.pretrained("efficientnet_lite0", data(32), precompute=False, log=lambda _: None,
+                                   models_dir=tmp_path_factory.mktemp("models"))
+    learn.fit(1e-2, 1, cycle_save_name="small")
+    learn.set_data(data(48))
+    learn.fit(1e-2, 1, cycle_save_name="large")
+    return learn
+
+
+class TestSnapshotsAfterProgressiveResizing:
+    """Weights load at any input size, but a snapshot trained at 32 px averaged into a 48-px bundle
+    is another, worse model (issue 12: TTA accuracy 0.47 against 0.94)."""
+
+    def test_only_snapshots_of_the_input_size_are_selected(self, resized):
+        assert export_module.snapshots_at_input_size(resized, resized.snapshots) == (
+            ["large_cyc_0"], {"small_cyc_0": 32})
+
+    def test_another_size_is_refused_and_the_old_bundle_kept(self, resized, tmp_path):
+        out = tmp_path / "b"
+        export(resized, out)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        with pytest.raises(ExportError, match=r"input size of 48 px: small_cyc_0 \(32 px\)"):
+            export(resized, out, snapshots=resized.snapshots)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert [p.name for p in tmp_path.iterdir()] == [out.name], "temporary folders left behind"
+
+    def test_ensemble_of_the_input_size_records_its_own_metrics(self, resized, tmp_path):
+        manifest = export(resized, tmp_path / "ens", snapshots=["large_cyc_0"],
+                          metrics={"accuracy": 2.0, "accuracy_tta": 2.0})  # the final weights', not the ensemble's
+        assert manifest.ensemble == ["large_cyc_0"]
+        assert set(manifest.metrics) == {"accuracy", "log_loss", "accuracy_tta", "log_loss_tta"}
+        assert 0 <= manifest.metrics["accuracy"] <= 1 and 0 <= manifest.metrics["accuracy_tta"] <= 1
 
 
 class TestTampering:

@@ -171,3 +171,49 @@ class TestStepCommands:
         assert resized.returncode == 0, resized.stderr
         cached = list((data / "tmp" / "20").rglob("*.png"))
         assert cached and all(min(Image.open(p).size) == 20 for p in cached)
+
+
+def manifest_of(bundle: Path) -> dict:
+    import json
+
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+class TestExport:
+    def test_re_export_records_the_runs_recipe_and_metrics(self, full_run, tmp_path):
+        proc = trainer("export", "--run", full_run, "--out", tmp_path / "b")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        own, again = manifest_of(full_run / "bundle"), manifest_of(tmp_path / "b")
+        assert {"epochs", "lr", "stages"} <= set(own["recipe"])
+        assert again["recipe"] == own["recipe"]
+        assert set(again["metrics"]) == set(own["metrics"]) >= {"accuracy", "log_loss", "accuracy_tta", "log_loss_tta"}
+        assert again["metrics"] == pytest.approx(own["metrics"], abs=1e-5)
+
+    def test_snapshots_after_progressive_resizing_average_only_the_last_size(self, data, tmp_path):
+        run = tmp_path / "run"
+        proc = trainer("run", "--data", data, "--out", run, "--sizes", "32,40", "--lr", "0.01", "--bs", "4",
+                       "--head-epochs", "1", "--aug-cycles", "0", "--unfreeze-cycles", "1", "--num-workers", "0")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ens = trainer("export", "--run", run, "--snapshots", "--out", tmp_path / "ens")
+        assert ens.returncode == 0, ens.stderr[-2000:]
+        assert "skipping 1 snapshot(s) not trained at the bundle's 40 px: snapshot_32_cyc_0 (32 px)" in ens.stdout
+        manifest = manifest_of(tmp_path / "ens")
+        assert manifest["ensemble"] == ["snapshot_40_cyc_0"]
+        assert manifest["recipe"]["sizes"] == [32, 40] and "accuracy" in manifest["metrics"]
+
+
+def test_fit_and_tta_say_that_bundle_and_report_describe_the_previous_model(full_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    refresh = f"trainer export --run {run}"
+    tta = trainer("tta", "--run", run)
+    assert tta.returncode == 0 and refresh not in tta.stdout, "nothing is outdated before a fit"
+    fit = trainer("fit", "--run", run, "--lr", "0.01", "--cycles", "1")
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    last = fit.stdout.strip().splitlines()[-1]
+    assert "bundle/ and report.html" in last and "before `trainer fit`" in last and refresh in last
+    tta = trainer("tta", "--run", run)
+    assert tta.returncode == 0, tta.stderr[-2000:]
+    assert "bundle/ and report.html" in tta.stdout and refresh in tta.stdout
+    assert trainer("export", "--run", run).returncode == 0
+    assert refresh not in trainer("tta", "--run", run).stdout, "the re-exported bundle is current"

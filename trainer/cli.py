@@ -60,19 +60,46 @@ def cmd_run(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from trainer.export import export
-    from trainer.recipe import learner_from_run, load_run_config
+    from serving.bundle import BundleError, read_manifest
+    from trainer.export import ExportError, export, snapshots_at_input_size
+    from trainer.recipe import evaluate, learner_from_run, load_run_config, stages
 
-    learn = learner_from_run(args.run, log=lambda msg: print(msg, file=sys.stderr))
-    cfg = load_run_config(args.run)
-    if args.snapshots and not learn.snapshots:
-        raise FileNotFoundError(f"{args.run}/models: no snapshot_*_cyc_*.pt files; the run trained no unfrozen cycles")
-    out = Path(args.out) if args.out else Path(args.run) / "bundle"
+    run_dir = Path(args.run)
+    learn = learner_from_run(run_dir, log=lambda msg: print(msg, file=sys.stderr))
+    cfg = load_run_config(run_dir)
+    snapshots: list[str] = []
+    if args.snapshots:
+        if not learn.snapshots:
+            raise FileNotFoundError(f"{run_dir}/models: no snapshot_*_cyc_*.pt files; the run trained no unfrozen cycles")
+        # --snapshots asks for the run's snapshot ensemble, and after progressive resizing only the
+        # last size's snapshots can form one for a bundle that takes that size: the earlier ones
+        # are skipped, and said so, rather than the whole export refused (no flag could then get
+        # the ensemble). The manifest's `ensemble` lists exactly the members used.
+        snapshots, skipped = snapshots_at_input_size(learn, learn.snapshots)
+        size = learn.data.tfms.sz
+        if skipped:
+            print(f"export: skipping {len(skipped)} snapshot(s) not trained at the bundle's {size} px: "
+                  + ", ".join(f"{n} ({'size not recorded' if s is None else f'{s} px'})" for n, s in skipped.items()))
+        if not snapshots:
+            raise ExportError(f"{run_dir}/models: no snapshot was trained at the bundle's input size of {size} px; "
+                              "export without --snapshots")
+        print(f"export: snapshot ensemble of {len(snapshots)} at {size} px: {', '.join(snapshots)}")
+    # What the run's own export recorded: the recipe with its epochs, lr and stages, and the
+    # validation metrics with and without TTA. lr comes from the run's bundle (lr_find chose it);
+    # epochs and metrics are measured now, since `trainer fit` may have trained further.
+    try:
+        recorded = read_manifest(run_dir / "bundle").recipe
+    except BundleError:
+        recorded = {}
+    recipe = cfg.model_dump(mode="json", exclude={"out", "data", "weights"})
+    recipe.update(epochs=len(learn.history), lr=recorded.get("lr", cfg.lr),
+                  stages=recorded.get("stages") or [s.name for s in stages(cfg)])
+    # A snapshot ensemble is another model than the final weights: export measures its metrics.
+    metrics = {} if snapshots else evaluate(learn, print)[0]
+    out = Path(args.out) if args.out else run_dir / "bundle"
     manifest = export(
-        learn, out, name=args.name or cfg.name, version=args.version,
-        recipe=cfg.model_dump(mode="json", exclude={"out", "data", "weights"}),
-        snapshots=learn.snapshots if args.snapshots else (), fp16=args.fp16, int8=args.int8,
-        calibration_images=args.calibration_images, log=print,
+        learn, out, name=args.name or cfg.name, version=args.version, metrics=metrics, recipe=recipe,
+        snapshots=snapshots, fp16=args.fp16, int8=args.int8, calibration_images=args.calibration_images, log=print,
     )
     print(f"bundle: {out} (sha256 {manifest.model.sha256[:12]}..., TTA accuracy {manifest.metrics['accuracy_tta']:.4f})")
     return 0
@@ -158,15 +185,33 @@ def cmd_fit(args) -> int:
     learn.precompute = False
     learn.save(FINAL)
     write_history(Path(args.run) / "history.csv", learn)
+    print(_outdated_note(args.run, metrics_too=True))
     return 0
 
 
 def cmd_tta(args) -> int:
-    from trainer.recipe import evaluate
+    from serving.bundle import MANIFEST_NAME
+    from trainer.recipe import FINAL, evaluate
 
     metrics, _, _ = evaluate(_run_learner(args.run), print)
     write_atomic(Path(args.run) / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    print(f"metrics: {Path(args.run) / 'metrics.json'}")
+    manifest, weights = Path(args.run) / "bundle" / MANIFEST_NAME, Path(args.run) / "models" / f"{FINAL}.pt"
+    if manifest.is_file() and weights.is_file() and weights.stat().st_mtime > manifest.stat().st_mtime:
+        print(_outdated_note(args.run))
     return 0
+
+
+def _outdated_note(run_dir: Path, *, metrics_too: bool = False) -> str:
+    """After `trainer fit` changed the run's weights: which files still describe the earlier model,
+    and the commands that refresh them."""
+    import shlex
+
+    run = shlex.quote(str(run_dir))
+    return (f"note: {'metrics.json, ' if metrics_too else ''}bundle/ and report.html in {run_dir} still describe "
+            f"the model before `trainer fit`; refresh the bundle with `trainer export --run {run}`"
+            + (f" and metrics.json with `trainer tta --run {run}`" if metrics_too else "")
+            + " (report.html is written only by `trainer run`)")
 
 
 def cmd_predict(args) -> int:

@@ -40,6 +40,10 @@ OUTPUT_NAME = "probabilities"
 PARITY_TOLERANCE = 1e-4
 
 
+# Validation metrics that describe one set of weights, measured anew for a snapshot ensemble.
+ENSEMBLE_METRICS = ("accuracy", "log_loss", "accuracy_tta", "log_loss_tta")
+
+
 class ExportError(RuntimeError):
     pass
 
@@ -98,7 +102,9 @@ def export(
     """Write the bundle for `learn` into out_dir, replacing what was there only once it is complete.
 
     snapshots: names saved by fit(cycle_save_name=...); when given, the graph averages their
-    probabilities (a snapshot ensemble) instead of using the current weights.
+    probabilities (a snapshot ensemble) instead of using the current weights. Every one must have
+    been trained at the bundle's input size (see snapshots_at_input_size); `metrics` describe the
+    current weights, so the ensemble's own are measured instead.
     fp16 / int8: also write model.fp16.onnx (for GPUs) / model.int8.onnx (for CPUs, calibrated on
     training images), each with its validation accuracy change against the fp32 graph.
 
@@ -110,8 +116,11 @@ def export(
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     data, tfms, arch = learn.data, learn.data.tfms, get_arch(learn.net.arch_name)
+    _check_snapshot_sizes(learn, snapshots)  # before anything is written: the old bundle stays
     net = _export_net(learn, snapshots)
     metrics = dict(metrics or {})
+    if snapshots:  # the given metrics are the current weights'; _verify_tta measures the ensemble's
+        metrics = {k: v for k, v in metrics.items() if k not in ENSEMBLE_METRICS}
     created = now()
     tmp = make_temp_dir(out_dir.parent, prefix=f".{out_dir.name}.tmp-")
     try:
@@ -159,6 +168,29 @@ def export(
     return manifest
 
 
+def snapshots_at_input_size(learn, names: Sequence[str]) -> tuple[list[str], dict[str, int | None]]:
+    """Split snapshots into those trained at the learner's input size, which a bundle may average,
+    and the others with the size each was trained at (None: unrecorded)."""
+    size = learn.data.tfms.sz
+    sizes = {name: learn.snapshot_size(name) for name in names}
+    return [n for n in names if sizes[n] == size], {n: s for n, s in sizes.items() if s != size}
+
+
+def _check_snapshot_sizes(learn, snapshots: Sequence[str]) -> None:
+    """An ensemble member trained at another input size scores far worse at this one (after
+    progressive resizing 32 -> 48 px, averaging the 32-px snapshots took TTA accuracy from 0.94 to
+    0.47), and nothing downstream would notice: so a caller who names such snapshots is refused
+    rather than silently given fewer members than asked for."""
+    _, wrong = snapshots_at_input_size(learn, snapshots)
+    if wrong:
+        listed = ", ".join(f"{n} ({'size not recorded' if s is None else f'{s} px'})" for n, s in wrong.items())
+        raise ExportError(
+            f"snapshots not trained at the bundle's input size of {learn.data.tfms.sz} px: {listed}; "
+            f"average only snapshots of the last size (trainer.export.snapshots_at_input_size selects them), "
+            f"or export the final weights without snapshots"
+        )
+
+
 def _export_net(learn, snapshots: Sequence[str]) -> torch.nn.Module:
     """The module to trace, on the CPU in float32: the current weights, or an ensemble of snapshots."""
     if not snapshots:
@@ -176,14 +208,19 @@ def _export_net(learn, snapshots: Sequence[str]) -> torch.nn.Module:
 
 def _verify_tta(session: ModelSession, net: torch.nn.Module, learn, metrics: dict, log) -> np.ndarray:
     """The bundle's TTA through ONNX Runtime must reproduce PyTorch's TTA accuracy exactly.
-    Fills metrics' accuracy_tta / log_loss_tta where absent; returns the ONNX probabilities."""
+    Fills metrics' accuracy_tta / log_loss_tta where absent (and, for an ensemble, whose metrics
+    nobody else measured, accuracy / log_loss of its plain view); returns the ONNX probabilities."""
     data, m = learn.data, session.manifest
     y = np.asarray(data.val_y)
     onnx_probs = predict_files(session, data.val_files)
     if "accuracy_tta" not in metrics or isinstance(net, EnsembleNet):
-        torch_probs = predict_views(net, data.val_files, m.preprocessing, m.tta.views).mean(axis=1)
+        per_view = predict_views(net, data.val_files, m.preprocessing, m.tta.views)
+        torch_probs = per_view.mean(axis=1)
         metrics["accuracy_tta"] = accuracy(torch_probs, y)
         metrics["log_loss_tta"] = log_loss(torch_probs, y)
+        if isinstance(net, EnsembleNet):
+            metrics["accuracy"] = accuracy(per_view[:, 0], y)
+            metrics["log_loss"] = log_loss(per_view[:, 0], y)
     onnx_accuracy = accuracy(onnx_probs, y)
     if len(y) and onnx_accuracy != metrics["accuracy_tta"]:
         raise ExportError(
