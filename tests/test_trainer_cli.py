@@ -217,3 +217,14 @@ def test_fit_and_tta_say_that_bundle_and_report_describe_the_previous_model(full
     assert "bundle/ and report.html" in tta.stdout and refresh in tta.stdout
     assert trainer("export", "--run", run).returncode == 0
     assert refresh not in trainer("tta", "--run", run).stdout, "the re-exported bundle is current"
+
+
+def test_help_answers_without_loading_torch():
+    """`trainer --help` and every subcommand's help parse before PyTorch loads (it takes seconds)."""
+    code = ("import sys\nfrom trainer.cli import main\n"
+            "for argv in (['--help'], ['run', '--help'], ['fit', '--help'], ['export', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules, file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "False"

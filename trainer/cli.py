@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from serving.bundle import write_atomic
 
-from trainer.recipe import RunConfig
+from trainer.config import RunConfig
 
 
 def add_model_args(parser: argparse.ArgumentParser, model: type[BaseModel], only: tuple[str, ...] = ()) -> None:
