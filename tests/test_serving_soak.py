@@ -86,24 +86,33 @@ def test_soak_with_mixed_deadlines(tiny_bundle):
         assert {code for _, code in seen} <= {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}, seen
         assert seen["Predict", "OK"] > 50 and sum(n for (_, code), n in seen.items() if code != "OK") > 0, seen
 
-        # Handlers of calls the callers gave up on may still be finishing: wait until all are counted.
+        # Handlers of calls the callers gave up on may still be finishing: wait until nothing is in
+        # progress and the counts have stopped moving.
         def counted(method: str) -> float:
             return (sum(v for (m, _), v in _requests(srv).items() if m == method)
                     + sample(srv, "classifier_calls_not_run_total", method=method))
 
-        for method in ("Predict", "PredictBatch"):
-            wait_until(lambda: counted(method) >= sum(n for (m, _), n in seen.items() if m == method), timeout=30)
-        wait_until(lambda: srv.batcher.depth == 0 and sample(srv, "classifier_in_flight_requests") == 0)
+        wait_until(lambda: srv.batcher.depth == 0 and sample(srv, "classifier_in_flight_requests") == 0, timeout=30)
+        last: list[tuple[float, float]] = []
+
+        def settled() -> bool:
+            last.append((counted("Predict"), counted("PredictBatch")))
+            time.sleep(0.2)
+            return len(last) > 3 and len(set(last[-4:])) == 1
+
+        wait_until(settled, timeout=30)
         server_seen = _requests(srv)
         for method in ("Predict", "PredictBatch"):
             calls = sum(n for (m, _), n in seen.items() if m == method)
-            assert counted(method) == calls, (method, server_seen, seen)
+            # A call whose 20 ms deadline passed before it reached the server is never seen there;
+            # the server never counts a call that was not made.
+            assert counted(method) <= calls, (method, server_seen, seen)
             # A call whose caller timed out before a handler thread took it never ran: counted apart.
             late = (server_seen.get((method, "DEADLINE_EXCEEDED"), 0)
                     + sample(srv, "classifier_calls_not_run_total", method=method))
             # A call ending in the very instant its deadline passes is a race the server cannot see the
             # end of: it counts OK (or a refusal) while the caller sees DEADLINE_EXCEEDED, or the other
-            # way round. Only such calls may differ, and they are few.
+            # way round, or it never sees the call at all. Only such calls may differ, and they are few.
             edge = {code: server_seen.get((method, code), 0) - seen[method, code] for code in ("OK", "RESOURCE_EXHAUSTED")}
             edge["DEADLINE_EXCEEDED"] = late - seen[method, "DEADLINE_EXCEEDED"]
             assert sum(abs(n) for n in edge.values()) <= max(10, 0.01 * calls), (method, edge, server_seen, seen)
