@@ -23,11 +23,6 @@ class Prepared:
     names: list[str]  # the TTA views' names, in that order
 
 
-def top(self, k: int = 0) -> list[tuple[int, float]]:
-        """(class index, probability), most probable first; k=0 gives every class."""
-        return top(self.probabilities, k)
-
-
 def top(probabilities: np.ndarray, k: int = 0) -> list[tuple[int, float]]:
     """(class index, probability), most probable first (ties by index); k=0 gives every class."""
     order = np.argsort(-probabilities, kind="stable")
