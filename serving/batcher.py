@@ -164,7 +164,9 @@ class Batcher:
             if not p.future.set_running_or_notify_cancel():
                 continue  # its caller stopped waiting
             if p.deadline is not None and p.deadline <= now:
-                p.future.set_exception(DeadlineExpired(f"the deadline passed after {now - p.enqueued:.3f}s in the queue"))
+                p.future.set_exception(
+                    DeadlineExpired(f"the deadline passed after {now - p.enqueued:.3f}s in the queue")
+                )
                 continue
             live.append(p)
         if not live:
@@ -183,7 +185,7 @@ class Batcher:
                 self._on_batch(BatchStats([start - p.enqueued for p in live], sum(p.size for p in live), seconds))
             except Exception:  # a metrics failure must not leave callers waiting forever
                 log.exception("on_batch failed")
-        for p, r in zip(live, results):
+        for p, r in zip(live, results, strict=True):
             if isinstance(r, BaseException):
                 p.future.set_exception(r)
             else:

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PureWindowsPath
 from typing import Annotated, Literal
 
@@ -164,7 +164,7 @@ class Manifest(_Strict):
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def sha256_file(path: Path) -> str:
@@ -219,8 +219,11 @@ def contract_json(classes: list[str], preprocessing: Preprocessing, tta: TTA) ->
     """The manifest's meaning as canonical JSON (sorted keys, no spaces): what the trainer embeds in
     the graph under CONTRACT_KEY and check_contract compares on load. Takes the parts, not a
     Manifest, because the graph is written (and its sha256 taken) before the manifest exists."""
-    parts = {"classes": list(classes), "preprocessing": preprocessing.model_dump(mode="json"),
-             "tta": tta.model_dump(mode="json")}
+    parts = {
+        "classes": list(classes),
+        "preprocessing": preprocessing.model_dump(mode="json"),
+        "tta": tta.model_dump(mode="json"),
+    }
     return _canonical(parts)
 
 
@@ -241,7 +244,9 @@ def check_contract(manifest: Manifest, embedded: str | None, model_path: Path) -
     except json.JSONDecodeError:
         graph = None
     if not isinstance(graph, dict):
-        raise BundleError(f"{model_path}: the graph's {CONTRACT_KEY} metadata is not a JSON object: re-export the bundle")
+        raise BundleError(
+            f"{model_path}: the graph's {CONTRACT_KEY} metadata is not a JSON object: re-export the bundle"
+        )
     expected = json.loads(contract_json(manifest.classes, manifest.preprocessing, manifest.tta))
     differ = [part for part in CONTRACT_PARTS if _canonical(graph.get(part)) != _canonical(expected[part])]
     if differ:
@@ -278,8 +283,10 @@ def read_manifest(bundle_dir: Path) -> Manifest:
         return Manifest.model_validate(raw)
     except ValidationError as e:
         # pydantic prefixes our own validators' messages with "Value error, "; people need only ours.
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg'].removeprefix('Value error, ')}"
-                             for err in e.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors()
+        )
         raise BundleError(f"{path}: invalid manifest: {problems}") from None
 
 
@@ -291,7 +298,9 @@ def model_file(manifest: Manifest, precision: Precision = "fp32") -> tuple[str, 
         if v.precision == precision:
             return v.file, v.sha256
     have = ", ".join(["fp32", *(v.precision for v in manifest.variants)])
-    raise BundleError(f"the bundle has no {precision} model (it has: {have}); export with --{precision} or pick one of those")
+    raise BundleError(
+        f"the bundle has no {precision} model (it has: {have}); export with --{precision} or pick one of those"
+    )
 
 
 def _file_field(manifest: Manifest, precision: Precision) -> str:

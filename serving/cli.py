@@ -24,7 +24,9 @@ def _serve_parser(sub) -> None:
         "Requests larger than --max-message-bytes are refused by gRPC with RESOURCE_EXHAUSTED.",
     )
     for name in ServerConfig.model_fields:
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar=name.upper(), help=describe(name))
+        p.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, default=None, metavar=name.upper(), help=describe(name)
+        )
 
 
 def _predict_parser(sub) -> None:
@@ -34,11 +36,19 @@ def _predict_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default: %(default)s)")
     p.add_argument("--no-tta", action="store_true", help="run only the plain centre view")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default: %(default)s)")
-    p.add_argument("--tls-ca", type=Path, default=None,
-                   help="PEM file of the CA that signed the server's certificate, for a TLS server (default: plaintext)")
-    p.add_argument("--tls-cert", type=Path, default=None,
-                   help="PEM certificate chain to present to a server that requires client certificates (mutual TLS); "
-                   "with --tls-key and --tls-ca (default: none)")
+    p.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=None,
+        help="PEM file of the CA that signed the server's certificate, for a TLS server (default: plaintext)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=None,
+        help="PEM certificate chain to present to a server that requires client certificates (mutual TLS); "
+        "with --tls-key and --tls-ca (default: none)",
+    )
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert (default: none)")
 
 
@@ -74,8 +84,9 @@ def run_predict(args) -> int:
     from serving.client import Client
 
     try:
-        client = Client(args.target, timeout=args.timeout,
-                        tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+        client = Client(
+            args.target, timeout=args.timeout, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
+        )
     except (ValueError, OSError) as e:  # TLS flags that do not go together, or a PEM file that cannot be read
         print(f"serving: {e}", file=sys.stderr)
         return 2

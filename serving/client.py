@@ -56,7 +56,9 @@ class Client:
     def predict_file(self, path: Path | str, **kwargs) -> pb.PredictResponse:
         return self.predict(Path(path).read_bytes(), **kwargs)
 
-    def predict_batch(self, images: Iterable[bytes], *, top_k: int = 0, tta: bool | None = None) -> pb.PredictBatchResponse:
+    def predict_batch(
+        self, images: Iterable[bytes], *, top_k: int = 0, tta: bool | None = None
+    ) -> pb.PredictBatchResponse:
         """One call for several images; check each result's status.code (0 is OK) before its response."""
         request = pb.PredictBatchRequest(requests=[_request(image, top_k, tta) for image in images])
         return self.stub.PredictBatch(request, timeout=self.timeout)

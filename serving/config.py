@@ -27,19 +27,31 @@ class ServerConfig(BaseModel):
     bundle: Path = Field(description="bundle folder written by `trainer export` (model.onnx + manifest.json)")
     host: str = Field("127.0.0.1", description="address to listen on; 0.0.0.0 or [::] for all interfaces")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
-    workers: int = Field(16, ge=1, le=1024, description="gRPC handler threads: calls decoded and waiting on the model at once")
+    workers: int = Field(
+        16, ge=1, le=1024, description="gRPC handler threads: calls decoded and waiting on the model at once"
+    )
     max_concurrent_calls: int = Field(
-        256, ge=1, description="calls accepted at once, running or waiting for a handler thread; more get RESOURCE_EXHAUSTED"
+        256,
+        ge=1,
+        description="calls accepted at once, running or waiting for a handler thread; more get RESOURCE_EXHAUSTED",
     )
     # ONNX Runtime.
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime device; auto uses CUDA when present")
-    precision: Precision = Field("fp32", description="model variant to run: fp32, fp16 (for GPUs) or int8 (for CPUs), as exported")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="ONNX Runtime device; auto uses CUDA when present"
+    )
+    precision: Precision = Field(
+        "fp32", description="model variant to run: fp32, fp16 (for GPUs) or int8 (for CPUs), as exported"
+    )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads within an operator; 0 = its default")
     inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads across operators; 0 = its default")
     # Dynamic batching (serving/batcher.py); the unit of a batch is a TTA view, one row of the graph's input.
-    max_batch_views: int = Field(64, ge=1, description="largest ONNX Runtime batch, in views (an image with TTA is several)")
+    max_batch_views: int = Field(
+        64, ge=1, description="largest ONNX Runtime batch, in views (an image with TTA is several)"
+    )
     max_delay_us: int = Field(
-        2000, ge=0, description="longest wait for more requests to fill a batch, microseconds; 0 runs what is queued at once"
+        2000,
+        ge=0,
+        description="longest wait for more requests to fill a batch, microseconds; 0 runs what is queued at once",
     )
     max_queue: int = Field(
         256, ge=1, description="images waiting for the model; when full, calls fail fast with RESOURCE_EXHAUSTED"
@@ -47,33 +59,47 @@ class ServerConfig(BaseModel):
     max_batch_images: int = Field(64, ge=1, description="images in one PredictBatch call")
     # Input limits.
     max_image_bytes: int = Field(20 * 2**20, ge=1024, description="largest encoded image accepted, bytes")
-    max_image_pixels: int = Field(50_000_000, ge=1, description="largest decoded image accepted, width x height (decompression bombs)")
+    max_image_pixels: int = Field(
+        50_000_000, ge=1, description="largest decoded image accepted, width x height (decompression bombs)"
+    )
     max_call_pixels: int = Field(
-        200_000_000, ge=1, description="pixels one call may decode in all its images; images past it get INVALID_ARGUMENT"
+        200_000_000,
+        ge=1,
+        description="pixels one call may decode in all its images; images past it get INVALID_ARGUMENT",
     )
     max_decode_pixels: int = Field(
-        64_000_000, ge=1,
+        64_000_000,
+        ge=1,
         description=f"pixels decoded at once across all calls (memory: up to {PEAK_BYTES_PER_PIXEL} bytes each, so "
         f"{PEAK_BYTES_PER_PIXEL * 0.064:.1f} GB by default); calls wait for room no longer than their deadline",
     )
     allowed_formats: tuple[str, ...] = Field(
-        ",".join(DEFAULT_FORMATS), validate_default=True, min_length=1,
+        ",".join(DEFAULT_FORMATS),
+        validate_default=True,
+        min_length=1,
         description="image formats accepted, comma-separated Pillow format names; others get INVALID_ARGUMENT",
     )
     max_message_bytes: int = Field(
-        64 * 2**20, ge=4096, description="largest request message, bytes; gRPC refuses larger ones with RESOURCE_EXHAUSTED"
+        64 * 2**20,
+        ge=4096,
+        description="largest request message, bytes; gRPC refuses larger ones with RESOURCE_EXHAUSTED",
     )
     # Operations.
-    metrics_port: int | None = Field(9464, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free one, off disables")
+    metrics_port: int | None = Field(
+        9464, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free one, off disables"
+    )
     tls_cert: Path | None = Field(None, description="PEM certificate chain for TLS; with --tls-key, else plaintext")
     tls_key: Path | None = Field(None, description="PEM private key for --tls-cert")
     tls_client_ca: Path | None = Field(
-        None, description="PEM file of the CA(s) whose client certificates are accepted; when set, every caller must "
+        None,
+        description="PEM file of the CA(s) whose client certificates are accepted; when set, every caller must "
         "present a certificate signed by it (mutual TLS); needs --tls-cert/--tls-key",
     )
     grace_s: float = Field(10.0, ge=0, description="on SIGTERM/SIGINT, seconds in-flight calls get to finish")
     drain_s: float = Field(
-        0.0, ge=0, description="on SIGTERM/SIGINT, seconds to keep answering with health NOT_SERVING so load balancers move away first"
+        0.0,
+        ge=0,
+        description="on SIGTERM/SIGINT, seconds to keep answering with health NOT_SERVING so load balancers move away first",
     )
 
     @field_validator("metrics_port", "tls_cert", "tls_key", "tls_client_ca", mode="before")
@@ -93,7 +119,9 @@ class ServerConfig(BaseModel):
         Image.init()
         unknown = [n for n in names if n not in Image.OPEN]
         if unknown:
-            raise ValueError(f"unknown image format(s) {', '.join(unknown)}; Pillow knows {', '.join(sorted(Image.OPEN))}")
+            raise ValueError(
+                f"unknown image format(s) {', '.join(unknown)}; Pillow knows {', '.join(sorted(Image.OPEN))}"
+            )
         return names
 
     @field_validator("tls_cert", "tls_key", "tls_client_ca")

@@ -88,7 +88,6 @@ def _route_pillow_logs() -> None:
 
 
 class _PillowLogFilter(logging.Filter):
-
     def filter(self, record: logging.LogRecord) -> bool:
         sink = _current()
         if sink is None or record.levelno < logging.WARNING:
@@ -107,8 +106,10 @@ def _route_libtiff() -> None:
         if sink is not None:
             sink("libtiff")
         else:  # as libtiff would, less the formatting of its arguments (a va_list ctypes cannot read)
-            print(f"{(module or b'libtiff').decode(errors='replace')}: {(fmt or b'').decode(errors='replace')}",
-                  file=sys.stderr)
+            print(
+                f"{(module or b'libtiff').decode(errors='replace')}: {(fmt or b'').decode(errors='replace')}",
+                file=sys.stderr,
+            )
 
     callback = _TIFF_HANDLER(handler)
     _tiff_callbacks.append(callback)

@@ -43,8 +43,14 @@ class EdgeInterceptor(grpc.ServerInterceptor):
     active_calls: gRPC's own count of calls in progress, which it compares with `max_concurrent_calls`
     (None when unknown: then its refusals cannot be counted)."""
 
-    def __init__(self, metrics: Metrics, service: str, *, max_concurrent_calls: int | None,
-                 active_calls: Callable[[], int | None]):
+    def __init__(
+        self,
+        metrics: Metrics,
+        service: str,
+        *,
+        max_concurrent_calls: int | None,
+        active_calls: Callable[[], int | None],
+    ):
         self.metrics = metrics
         self.prefix = f"/{service}/"
         self.max_concurrent_calls = max_concurrent_calls
@@ -55,7 +61,7 @@ class EdgeInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if not method.startswith(self.prefix):
             return handler
-        name = method[len(self.prefix):]
+        name = method[len(self.prefix) :]
         if handler is None:
             self.metrics.requests.labels(name, grpc.StatusCode.UNIMPLEMENTED.name).inc()
             return handler

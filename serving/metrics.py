@@ -27,45 +27,66 @@ class Metrics:
             "classifier_requests", "Calls answered, by RPC method and gRPC status code", ["method", "code"], registry=r
         )
         self.latency = Histogram(
-            "classifier_request_seconds", "Time from a call's arrival in its handler to its answer, seconds",
-            ["method"], buckets=LATENCY_BUCKETS, registry=r,
+            "classifier_request_seconds",
+            "Time from a call's arrival in its handler to its answer, seconds",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.in_flight = Gauge("classifier_in_flight_requests", "Calls being handled now", registry=r)
         self.queue_depth = Gauge("classifier_queue_depth", "Images waiting in the batcher's queue", registry=r)
         self.queue_wait = Histogram(
-            "classifier_queue_wait_seconds", "Time an image waited in the queue before its batch ran, seconds",
-            buckets=LATENCY_BUCKETS, registry=r,
+            "classifier_queue_wait_seconds",
+            "Time an image waited in the queue before its batch ran, seconds",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inference = Histogram(
             "classifier_inference_seconds", "ONNX Runtime time per batch, seconds", buckets=LATENCY_BUCKETS, registry=r
         )
         self.batch_views = Histogram(
-            "classifier_batch_views", "Views (rows of the model input) per ONNX Runtime batch", buckets=BATCH_BUCKETS,
+            "classifier_batch_views",
+            "Views (rows of the model input) per ONNX Runtime batch",
+            buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.images = Counter("classifier_images", "Images run through the model", registry=r)
         self.views = Counter("classifier_views", "TTA views run through the model", registry=r)
         self.predicted = Counter(
-            "classifier_predicted_class", "Top-1 label of every image answered; watch its mix for drift", ["label"],
+            "classifier_predicted_class",
+            "Top-1 label of every image answered; watch its mix for drift",
+            ["label"],
             registry=r,
         )
         self.not_run = Counter(
-            "classifier_calls_not_run", "Calls that ended before their handler ran: a request over --max-message-bytes "
+            "classifier_calls_not_run",
+            "Calls that ended before their handler ran: a request over --max-message-bytes "
             "(refused by gRPC with RESOURCE_EXHAUSTED) or a caller that hung up or timed out while its call waited "
-            "for a handler thread", ["method"], registry=r,
+            "for a handler thread",
+            ["method"],
+            registry=r,
         )
         self.decoder_warnings = Counter(
-            "classifier_decoder_warnings", "Warnings Pillow and libtiff raised while decoding requests' images "
-            "(counted instead of logged: their text comes from the sender's bytes)", ["source"], registry=r,
+            "classifier_decoder_warnings",
+            "Warnings Pillow and libtiff raised while decoding requests' images "
+            "(counted instead of logged: their text comes from the sender's bytes)",
+            ["source"],
+            registry=r,
         )
         self.model = Info("classifier_model", "The model being served", registry=r)
         self._http = None
 
     def model_loaded(self, manifest: Manifest, *, precision: str, sha256: str, providers: list[str]) -> None:
-        self.model.info({
-            "name": manifest.name, "version": manifest.version, "sha256": sha256, "precision": precision,
-            "architecture": manifest.architecture, "providers": ",".join(providers),
-        })
+        self.model.info(
+            {
+                "name": manifest.name,
+                "version": manifest.version,
+                "sha256": sha256,
+                "precision": precision,
+                "architecture": manifest.architecture,
+                "providers": ",".join(providers),
+            }
+        )
         for label in manifest.classes:
             self.predicted.labels(label)  # every class at 0 from the start, so rates exist before the first hit
 
@@ -85,8 +106,10 @@ class Metrics:
         try:
             self._http, _ = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
         except OSError as e:
-            raise OSError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}; pick another --metrics-port "
-                          "(0 for a free one) or turn metrics off with --metrics-port off") from None
+            raise OSError(
+                f"cannot serve metrics on {host}:{port}: {e.strerror or e}; pick another --metrics-port "
+                "(0 for a free one) or turn metrics off with --metrics-port off"
+            ) from None
         return self._http.server_port
 
     def close(self) -> None:

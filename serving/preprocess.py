@@ -42,7 +42,9 @@ class ImageError(ValueError):
     """An image that cannot be used; the message says what was wrong with it."""
 
 
-def open_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, formats: Sequence[str] = DEFAULT_FORMATS) -> Image.Image:
+def open_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, formats: Sequence[str] = DEFAULT_FORMATS
+) -> Image.Image:
     """Read an encoded image's header only: its format must be one of `formats` and its size at
     most `max_pixels`. Nothing is decoded yet, so this is cheap whatever the image claims to be."""
     if not data:
@@ -90,8 +92,17 @@ def load_rgb(im: Image.Image) -> Image.Image:
         # exif_transpose copies even an upright image; that copy of a 50-megapixel photo is 200 MB.
         im = ImageOps.exif_transpose(im) if _needs_transpose(im) else im
         return to_rgb(im)
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError,
-            ZeroDivisionError) as e:
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        EOFError,
+        struct.error,
+        IndexError,
+        KeyError,
+        TypeError,
+        ZeroDivisionError,
+    ) as e:
         # Pillow's parsers let these out on crafted files; each means the bytes are not a usable image.
         raise ImageError(f"corrupt or truncated image: {type(e).__name__}: {e}") from None
 
@@ -101,7 +112,9 @@ def _needs_transpose(im: Image.Image) -> bool:
     return orientation in (2, 3, 4, 5, 6, 7, 8)
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, formats: Sequence[str] = DEFAULT_FORMATS) -> Image.Image:
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, formats: Sequence[str] = DEFAULT_FORMATS
+) -> Image.Image:
     """Decode an encoded image into 8-bit RGB, upright as its EXIF orientation says."""
     return load_rgb(open_image(data, max_pixels=max_pixels, formats=formats))
 

@@ -53,8 +53,14 @@ class Server:
         self.servicer = ClassifierServicer(config, self.metrics)
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
-            interceptors=[EdgeInterceptor(self.metrics, SERVICE, max_concurrent_calls=config.max_concurrent_calls,
-                                          active_calls=lambda: _grpc_active_calls(self.grpc_server))],
+            interceptors=[
+                EdgeInterceptor(
+                    self.metrics,
+                    SERVICE,
+                    max_concurrent_calls=config.max_concurrent_calls,
+                    active_calls=lambda: _grpc_active_calls(self.grpc_server),
+                )
+            ],
             options=[
                 # Larger messages are refused by gRPC itself with RESOURCE_EXHAUSTED, before any handler runs.
                 ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -88,35 +94,57 @@ class Server:
             else:
                 client_ca = c.tls_client_ca.read_bytes() if c.tls_client_ca is not None else None
                 # With a client CA, the TLS handshake itself refuses callers without a certificate it signed.
-                credentials = grpc.ssl_server_credentials([(c.tls_key.read_bytes(), c.tls_cert.read_bytes())],
-                                                          root_certificates=client_ca,
-                                                          require_client_auth=client_ca is not None)
+                credentials = grpc.ssl_server_credentials(
+                    [(c.tls_key.read_bytes(), c.tls_cert.read_bytes())],
+                    root_certificates=client_ca,
+                    require_client_auth=client_ca is not None,
+                )
                 port = self.grpc_server.add_secure_port(address, credentials)
         except RuntimeError:  # newer grpcio raises instead of returning 0
             port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {address}: address in use or not available; pick another --port (0 for a free one)")
+            raise OSError(
+                f"cannot listen on {address}: address in use or not available; pick another --port (0 for a free one)"
+            )
         return port
 
     def load(self, session: ModelSession | None = None) -> None:
         """Load the bundle (unless a session is given), warm it up, start batching, report SERVING."""
         c = self.config
         if session is None:
-            session = ModelSession(c.bundle, device=c.device, precision=c.precision,
-                                   intra_op_threads=c.intra_op_threads, inter_op_threads=c.inter_op_threads)
+            session = ModelSession(
+                c.bundle,
+                device=c.device,
+                precision=c.precision,
+                intra_op_threads=c.intra_op_threads,
+                inter_op_threads=c.inter_op_threads,
+            )
         m = session.manifest
         # A full batch, so that the first real ones pay no allocation or kernel-selection cost.
         session.warm_up(batch=max(1, c.max_batch_views // len(m.tta.views)))
-        batcher = Batcher(partial(run_batch, session), max_batch_views=c.max_batch_views, max_delay_us=c.max_delay_us,
-                          max_queue=c.max_queue, on_batch=self.metrics.observe_batch)
+        batcher = Batcher(
+            partial(run_batch, session),
+            max_batch_views=c.max_batch_views,
+            max_delay_us=c.max_delay_us,
+            max_queue=c.max_queue,
+            on_batch=self.metrics.observe_batch,
+        )
         self.metrics.watch_queue(lambda: batcher.depth)
-        self.metrics.model_loaded(m, precision=session.precision, sha256=model_file(m, session.precision)[1],
-                                  providers=session.providers)
+        self.metrics.model_loaded(
+            m, precision=session.precision, sha256=model_file(m, session.precision)[1], providers=session.providers
+        )
         self.servicer.model = LoadedModel(session, batcher)
         for name in HEALTH_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s %s (%s) on %s:%d with %s", m.name, m.version, session.precision, c.host, self.port,
-                 ", ".join(session.providers))
+        log.info(
+            "serving %s %s (%s) on %s:%d with %s",
+            m.name,
+            m.version,
+            session.precision,
+            c.host,
+            self.port,
+            ", ".join(session.providers),
+        )
 
     @property
     def batcher(self) -> Batcher | None:
@@ -164,8 +192,12 @@ def serve(config: ServerConfig) -> int:
     done = threading.Event()
 
     def on_signal(signum, frame):
-        log.info("received %s: draining for %.1fs, then up to %.1fs for calls in flight",
-                 signal.Signals(signum).name, config.drain_s, config.grace_s)
+        log.info(
+            "received %s: draining for %.1fs, then up to %.1fs for calls in flight",
+            signal.Signals(signum).name,
+            config.drain_s,
+            config.grace_s,
+        )
         done.set()
 
     # Before loading, so that a signal during a slow load still ends in a clean exit.
@@ -175,7 +207,11 @@ def serve(config: ServerConfig) -> int:
     try:
         if not done.is_set():
             server.load()
-            metrics = "" if server.metrics_port is None else f", metrics on http://{config.host}:{server.metrics_port}/metrics"
+            metrics = (
+                ""
+                if server.metrics_port is None
+                else f", metrics on http://{config.host}:{server.metrics_port}/metrics"
+            )
             print(f"serving on {config.host}:{server.port}{metrics}", flush=True)
         # The kernel may hand the signal to any thread (gRPC's, ONNX Runtime's) while Python runs the
         # handler only in the main thread, once it runs bytecode again: so wake it, never block for good.

@@ -76,7 +76,9 @@ def wait_all(futures: list[Future], deadline: float | None) -> list[np.ndarray |
             try:
                 out.append(f.result(timeout))
             except TimeoutError:
-                raise CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while waiting for the model") from None
+                raise CallFailed(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while waiting for the model"
+                ) from None
             except CancelledError:
                 raise CallFailed(grpc.StatusCode.CANCELLED, "the call was cancelled") from None
             except (DeadlineExpired, ShuttingDown) as e:
@@ -129,10 +131,13 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                     guard.check()  # no more decoding once the caller's deadline passed or it hung up
                     prepared.append(self._prepare(model, item, guard, f"PredictBatch image {i}"))
                 good = [i for i, p in enumerate(prepared) if isinstance(p, Prepared)]
-                probs = dict(zip(good, self._run(model, [prepared[i] for i in good], context)))
-                return pb.PredictBatchResponse(results=[
-                    self._batch_result(model, item, prepared[i], probs.get(i)) for i, item in enumerate(request.requests)
-                ])
+                probs = dict(zip(good, self._run(model, [prepared[i] for i in good], context), strict=True))
+                return pb.PredictBatchResponse(
+                    results=[
+                        self._batch_result(model, item, prepared[i], probs.get(i))
+                        for i, item in enumerate(request.requests)
+                    ]
+                )
         except Exception as e:
             context.abort(*status_for(e))
 
@@ -162,34 +167,52 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     def _ready(self) -> LoadedModel:
         model = self.model
         if model is None:
-            raise CallFailed(grpc.StatusCode.UNAVAILABLE,
-                             "the model is still loading; retry shortly (health reports SERVING once it is ready)")
+            raise CallFailed(
+                grpc.StatusCode.UNAVAILABLE,
+                "the model is still loading; retry shortly (health reports SERVING once it is ready)",
+            )
         return model
 
     def _guard(self, context: grpc.ServicerContext) -> CallGuard:
-        return CallGuard(deadline=deadline_of(context), is_active=context.is_active, budget=self.decode_budget,
-                         max_pixels=self.config.max_call_pixels)
+        return CallGuard(
+            deadline=deadline_of(context),
+            is_active=context.is_active,
+            budget=self.decode_budget,
+            max_pixels=self.config.max_call_pixels,
+        )
 
-    def _prepare(self, model: LoadedModel, request: pb.PredictRequest, guard: CallGuard, where: str) -> Prepared | Exception:
+    def _prepare(
+        self, model: LoadedModel, request: pb.PredictRequest, guard: CallGuard, where: str
+    ) -> Prepared | Exception:
         """The image's views, or the error that fails this image alone. Raises CallFailed when the
         whole call must end (deadline passed, caller gone)."""
         tta = request.tta if request.HasField("tta") else True
         try:
             with decoder_log.counted(self._decoder_warning):
-                return prepare(model.session.manifest, request.image, tta=tta, max_bytes=self.config.max_image_bytes,
-                               max_pixels=self.config.max_image_pixels, formats=self.config.allowed_formats,
-                               admit=guard.admit)
+                return prepare(
+                    model.session.manifest,
+                    request.image,
+                    tta=tta,
+                    max_bytes=self.config.max_image_bytes,
+                    max_pixels=self.config.max_image_pixels,
+                    formats=self.config.allowed_formats,
+                    admit=guard.admit,
+                )
         except CallFailed:
             raise
         except ImageError as e:
             return e
         except MemoryError:
             log.exception("%s: out of memory preparing a %d-byte image", where, len(request.image))
-            return ItemFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              "the server ran out of memory preparing this image; retry later or send a smaller image")
+            return ItemFailed(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "the server ran out of memory preparing this image; retry later or send a smaller image",
+            )
         except Exception as e:  # a decoder bug on this input: it fails this image, never the server or the call
             log.exception("%s: preparing a %d-byte image failed", where, len(request.image))
-            return ItemFailed(grpc.StatusCode.INTERNAL, f"the server failed to prepare this image: {type(e).__name__}: {e}")
+            return ItemFailed(
+                grpc.StatusCode.INTERNAL, f"the server failed to prepare this image: {type(e).__name__}: {e}"
+            )
 
     def _decoder_warning(self, source: str) -> None:
         self.metrics.decoder_warnings.labels(source).inc()
@@ -201,7 +224,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         context.add_callback(lambda: [f.cancel() for f in futures])
         return wait_all(futures, deadline)
 
-    def _respond(self, model: LoadedModel, request: pb.PredictRequest, prepared: Prepared, probs: np.ndarray) -> pb.PredictResponse:
+    def _respond(
+        self, model: LoadedModel, request: pb.PredictRequest, prepared: Prepared, probs: np.ndarray
+    ) -> pb.PredictResponse:
         m = model.session.manifest
         ranked = top(probs, request.top_k)
         self.metrics.predicted.labels(m.classes[ranked[0][0]]).inc()
@@ -213,8 +238,13 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             tta_views=prepared.names,
         )
 
-    def _batch_result(self, model: LoadedModel, request: pb.PredictRequest, prepared: Prepared | Exception,
-                      probs: np.ndarray | Exception | None) -> pb.PredictBatchResult:
+    def _batch_result(
+        self,
+        model: LoadedModel,
+        request: pb.PredictRequest,
+        prepared: Prepared | Exception,
+        probs: np.ndarray | Exception | None,
+    ) -> pb.PredictBatchResult:
         failure = prepared if isinstance(prepared, Exception) else probs if isinstance(probs, Exception) else None
         if failure is not None:
             code, message = status_for(failure)

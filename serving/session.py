@@ -118,12 +118,14 @@ class ModelSession:
         probs = self.run(views)
         counts = list(counts) if counts is not None else [len(views)]
         ends = np.cumsum(counts)
-        return np.stack([probs[e - c : e].mean(axis=0) for c, e in zip(counts, ends)])
+        return np.stack([probs[e - c : e].mean(axis=0) for c, e in zip(counts, ends, strict=True)])
 
     def warm_up(self, batch: int = 1) -> None:
         """Run the graph once so that the first real request pays no initialisation cost."""
         n_views = len(self.manifest.tta.views)
-        self._run_or_refuse(np.zeros((batch * n_views, *self.input_shape), np.uint8), f"a warm-up batch of {batch} images")
+        self._run_or_refuse(
+            np.zeros((batch * n_views, *self.input_shape), np.uint8), f"a warm-up batch of {batch} images"
+        )
 
     def _run_or_refuse(self, views: np.ndarray, what: str) -> np.ndarray:
         """`run`, with an ONNX Runtime failure (a graph that does not fit its manifest) as a BundleError."""

@@ -94,8 +94,9 @@ def tiny_bundle(tmp_path_factory) -> Path:
     tfms = tfms_from_model("efficientnet_lite0", 32, aug_tfms=transforms_side_on, max_zoom=1.1)
     data = ImageClassifierData.from_paths(data_dir, tfms, bs=8, num_workers=0, seed=0)
     torch.manual_seed(0)
-    learn = ConvLearner.pretrained("efficientnet_lite0", data, precompute=True, log=lambda _: None,
-                                   models_dir=root / "models")
+    learn = ConvLearner.pretrained(
+        "efficientnet_lite0", data, precompute=True, log=lambda _: None, models_dir=root / "models"
+    )
     learn.fit(1e-2, 1)
     export(learn, root / "bundle", name="colours", version="test-1", metrics={"accuracy": 1.0})
     return root / "bundle"

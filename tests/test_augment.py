@@ -59,7 +59,8 @@ class TestTrainViews:
 
 
 @pytest.mark.parametrize(
-    "aug, views", [(transforms_side_on, TTA_SIDE_ON), (transforms_top_down, TTA_TOP_DOWN), (transforms_basic, TTA_BASIC)]
+    "aug, views",
+    [(transforms_side_on, TTA_SIDE_ON), (transforms_top_down, TTA_TOP_DOWN), (transforms_basic, TTA_BASIC)],
 )
 def test_tta_views_follow_the_augmentation_family(aug, views):
     tfms = tfms_from_model("efficientnet_lite0", 32, aug_tfms=aug)

@@ -11,12 +11,12 @@ from serving.bundle import (
     CENTER,
     CONTRACT_KEY,
     MODEL_NAME,
+    TTA,
     BundleError,
     Manifest,
     ModelFile,
     Normalization,
     Preprocessing,
-    TTA,
     TTAView,
     check_contract,
     contract_json,
@@ -61,7 +61,7 @@ class TestManifest:
         data = bytearray((tmp_path / MODEL_NAME).read_bytes())
         data[3] ^= 1
         (tmp_path / MODEL_NAME).write_bytes(bytes(data))
-        with pytest.raises(BundleError, match="sha256 .* does not match"):
+        with pytest.raises(BundleError, match=r"sha256 .* does not match"):
             load_bundle(tmp_path)
 
     def test_missing_field_is_named(self, tmp_path):
@@ -109,12 +109,30 @@ def edit_manifest(folder, change) -> None:
 
 
 def add_int8_variant(raw: dict, file: str = "model.int8.onnx", sha256: str = "0" * 64) -> None:
-    raw["variants"] = [{"precision": "int8", "file": file, "sha256": sha256, "intended_for": "cpu",
-                        "accuracy_tta": 1.0, "accuracy_tta_delta": 0.0, "max_probability_diff": 0.0}]
+    raw["variants"] = [
+        {
+            "precision": "int8",
+            "file": file,
+            "sha256": sha256,
+            "intended_for": "cpu",
+            "accuracy_tta": 1.0,
+            "accuracy_tta_delta": 0.0,
+            "max_probability_diff": 0.0,
+        }
+    ]
 
 
-OUTSIDE = ["../model.onnx", "/etc/passwd", "sub/../../model.onnx", "sub/model.onnx", "..", ".", "", "..\\model.onnx",
-           "C:model.onnx"]
+OUTSIDE = [
+    "../model.onnx",
+    "/etc/passwd",
+    "sub/../../model.onnx",
+    "sub/model.onnx",
+    "..",
+    ".",
+    "",
+    "..\\model.onnx",
+    "C:model.onnx",
+]
 
 
 class TestFilesStayInTheBundle:
@@ -129,7 +147,9 @@ class TestFilesStayInTheBundle:
     def test_variant_file_outside_is_refused(self, tmp_path, name):
         make_bundle(tmp_path)
         edit_manifest(tmp_path, lambda raw: add_int8_variant(raw, file=name))
-        with pytest.raises(BundleError, match=r"manifest.json: invalid manifest: variants\.0\.file: .*not a plain file"):
+        with pytest.raises(
+            BundleError, match=r"manifest.json: invalid manifest: variants\.0\.file: .*not a plain file"
+        ):
             read_manifest(tmp_path)
 
     def test_link_to_a_file_outside_is_refused(self, tmp_path):
@@ -137,7 +157,9 @@ class TestFilesStayInTheBundle:
         make_bundle(bundle)
         (bundle / MODEL_NAME).rename(tmp_path / "elsewhere.onnx")
         (bundle / MODEL_NAME).symlink_to(tmp_path / "elsewhere.onnx")
-        with pytest.raises(BundleError, match=r"manifest.json: model\.file 'model.onnx' links to .*elsewhere.onnx, outside"):
+        with pytest.raises(
+            BundleError, match=r"manifest.json: model\.file 'model.onnx' links to .*elsewhere.onnx, outside"
+        ):
             load_bundle(bundle)
 
     def test_variant_link_to_a_file_outside_is_refused(self, tmp_path):
@@ -179,7 +201,10 @@ class TestContract:
         ("edit", "differ"),
         [
             (reverse_classes, "classes"),
-            (lambda m: m.model_copy(update={"preprocessing": Preprocessing(input_size=32, resize_size=40)}), "preprocessing"),
+            (
+                lambda m: m.model_copy(update={"preprocessing": Preprocessing(input_size=32, resize_size=40)}),
+                "preprocessing",
+            ),
             (lambda m: m.model_copy(update={"tta": TTA(views=[CENTER])}), "tta"),
             (lambda m: reverse_classes(m).model_copy(update={"tta": TTA(views=[CENTER])}), "classes, tta"),
         ],
@@ -188,13 +213,18 @@ class TestContract:
     def test_an_edited_manifest_names_what_differs(self, tmp_path, edit, differ):
         exported = make_bundle(tmp_path)
         embedded = contract_json(exported.classes, exported.preprocessing, exported.tta)
-        with pytest.raises(BundleError, match=rf"manifest.json: {differ} not as embedded in model.onnx at export "
-                                              r"\(the manifest was edited after export\): re-export"):
+        with pytest.raises(
+            BundleError,
+            match=rf"manifest.json: {differ} not as embedded in model.onnx at export "
+            r"\(the manifest was edited after export\): re-export",
+        ):
             check_contract(edit(exported), embedded, tmp_path / MODEL_NAME)
 
     def test_a_graph_without_the_contract_came_from_an_older_trainer(self, tmp_path):
         m = make_bundle(tmp_path)
-        with pytest.raises(BundleError, match=f"no {CONTRACT_KEY} metadata, so it was exported by an older trainer.*re-export"):
+        with pytest.raises(
+            BundleError, match=f"no {CONTRACT_KEY} metadata, so it was exported by an older trainer.*re-export"
+        ):
             check_contract(m, None, tmp_path / MODEL_NAME)
 
     @pytest.mark.parametrize("embedded", ["{", "[]", '"classes"'])
@@ -207,7 +237,9 @@ class TestContract:
 class TestFileModes:
     """Files and folders the trainer writes get the modes plain open() and mkdir would give them."""
 
-    @pytest.mark.parametrize("mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)])
+    @pytest.mark.parametrize(
+        "mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)]
+    )
     def test_the_umask_decides(self, tmp_path, mask, file_mode, dir_mode):
         old = os.umask(mask)
         try:

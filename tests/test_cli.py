@@ -17,7 +17,9 @@ pytestmark = pytest.mark.skipif(not (TRAINER and SERVING), reason="console scrip
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    proc = subprocess.run([TRAINER, "demo", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [TRAINER, "demo", "--out", str(out)], capture_output=True, text=True, timeout=600, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout
 
@@ -38,15 +40,22 @@ def test_serve_predict_and_sigterm(demo):
     out, _ = demo
     server = subprocess.Popen(
         [SERVING, "serve", "--bundle", str(out / "bundle"), "--port", "0", "--metrics-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = server.stdout.readline()
         port = re.search(r"serving on [\d.]+:(\d+)", line)
         assert port, line + server.stderr.read()
         image = next((out / "digits" / "valid" / "3").iterdir())
-        proc = subprocess.run([SERVING, "predict", str(image), "--target", f"127.0.0.1:{port[1]}", "--top-k", "2"],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [SERVING, "predict", str(image), "--target", f"127.0.0.1:{port[1]}", "--top-k", "2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stderr
         assert re.search(rf"{re.escape(str(image))}: \d [\d.]+, \d [\d.]+  \[5 views\]", proc.stdout), proc.stdout
         server.send_signal(signal.SIGTERM)
@@ -69,8 +78,15 @@ def test_serve_predict_and_sigterm(demo):
     ],
 )
 def test_user_errors_are_one_line_without_traceback(argv, message, tmp_path):
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                          env={"PATH": str(__import__("pathlib").Path(sys.executable).parent)})
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={"PATH": str(__import__("pathlib").Path(sys.executable).parent)},
+        check=False,
+    )
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

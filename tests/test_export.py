@@ -21,7 +21,6 @@ from trainer.data import ImageClassifierData
 from trainer.export import ExportError, check_parity, export
 from trainer.learner import ConvLearner
 from trainer.metrics import accuracy
-from trainer.model import InferenceNet
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +28,9 @@ def learn(tiny_hymenoptera, tmp_path_factory):
     tfms = tfms_from_model("efficientnet_lite0", 64, aug_tfms=transforms_side_on, max_zoom=1.1)
     data = ImageClassifierData.from_paths(tiny_hymenoptera, tfms, bs=8, num_workers=0, seed=0)
     torch.manual_seed(0)
-    learn = ConvLearner.pretrained("efficientnet_lite0", data, precompute=True, log=lambda _: None,
-                                   models_dir=tmp_path_factory.mktemp("models"))
+    learn = ConvLearner.pretrained(
+        "efficientnet_lite0", data, precompute=True, log=lambda _: None, models_dir=tmp_path_factory.mktemp("models")
+    )
     learn.fit(1e-2, 2, cycle_len=1, cycle_save_name="snap")
     return learn
 
@@ -60,7 +60,7 @@ class TestParity:
         out, manifest = bundle
         model = onnx.load(str(out / MODEL_NAME))
         assert model.opset_import[0].version >= 17
-        (inp,), (outp,) = model.graph.input, model.graph.output
+        (inp,), (_output,) = model.graph.input, model.graph.output
         assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
         dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
         assert dims == ["batch", 64, 64, 3]
@@ -88,7 +88,7 @@ class TestVariants:
 
     def test_missing_variant_is_a_clear_error(self, tmp_path, learn):
         export(learn, tmp_path / "plain")
-        with pytest.raises(BundleError, match="no int8 model .*export with --int8"):
+        with pytest.raises(BundleError, match=r"no int8 model .*export with --int8"):
             load_bundle(tmp_path / "plain", "int8")
 
 
@@ -97,8 +97,9 @@ class TestSnapshotEnsemble:
         assert learn.snapshots == ["snap_cyc_0", "snap_cyc_1"]
         manifest = export(learn, tmp_path / "ens", snapshots=learn.snapshots)
         assert manifest.ensemble == learn.snapshots
-        views = np.concatenate([load_views(f.read_bytes(), manifest.preprocessing, manifest.tta.views)
-                                for f in learn.data.val_files[:4]])
+        views = np.concatenate(
+            [load_views(f.read_bytes(), manifest.preprocessing, manifest.tta.views) for f in learn.data.val_files[:4]]
+        )
         members = []
         for name in learn.snapshots:
             learn.load(name)
@@ -116,12 +117,18 @@ def resized(tmp_path_factory):
     root = write_colour_dataset(tmp_path_factory.mktemp("resize") / "colours", {"train": 4, "valid": 2})
 
     def data(size):
-        return ImageClassifierData.from_paths(root, tfms_from_model("efficientnet_lite0", size), bs=4,
-                                              num_workers=0, seed=0)
+        return ImageClassifierData.from_paths(
+            root, tfms_from_model("efficientnet_lite0", size), bs=4, num_workers=0, seed=0
+        )
 
     torch.manual_seed(0)
-    learn = ConvLearner.pretrained("efficientnet_lite0", data(32), precompute=False, log=lambda _: None,
-                                   models_dir=tmp_path_factory.mktemp("models"))
+    learn = ConvLearner.pretrained(
+        "efficientnet_lite0",
+        data(32),
+        precompute=False,
+        log=lambda _: None,
+        models_dir=tmp_path_factory.mktemp("models"),
+    )
     learn.fit(1e-2, 1, cycle_save_name="small")
     learn.set_data(data(48))
     learn.fit(1e-2, 1, cycle_save_name="large")
@@ -134,7 +141,9 @@ class TestSnapshotsAfterProgressiveResizing:
 
     def test_only_snapshots_of_the_input_size_are_selected(self, resized):
         assert export_module.snapshots_at_input_size(resized, resized.snapshots) == (
-            ["large_cyc_0"], {"small_cyc_0": 32})
+            ["large_cyc_0"],
+            {"small_cyc_0": 32},
+        )
 
     def test_another_size_is_refused_and_the_old_bundle_kept(self, resized, tmp_path):
         out = tmp_path / "b"
@@ -146,8 +155,9 @@ class TestSnapshotsAfterProgressiveResizing:
         assert [p.name for p in tmp_path.iterdir()] == [out.name], "temporary folders left behind"
 
     def test_ensemble_of_the_input_size_records_its_own_metrics(self, resized, tmp_path):
-        manifest = export(resized, tmp_path / "ens", snapshots=["large_cyc_0"],
-                          metrics={"accuracy": 2.0, "accuracy_tta": 2.0})  # the final weights', not the ensemble's
+        manifest = export(
+            resized, tmp_path / "ens", snapshots=["large_cyc_0"], metrics={"accuracy": 2.0, "accuracy_tta": 2.0}
+        )  # the final weights', not the ensemble's
         assert manifest.ensemble == ["large_cyc_0"]
         assert set(manifest.metrics) == {"accuracy", "log_loss", "accuracy_tta", "log_loss_tta"}
         assert 0 <= manifest.metrics["accuracy"] <= 1 and 0 <= manifest.metrics["accuracy_tta"] <= 1
@@ -159,7 +169,7 @@ class TestTampering:
         data = bytearray((out / MODEL_NAME).read_bytes())
         data[len(data) // 2] ^= 0xFF
         (out / MODEL_NAME).write_bytes(bytes(data))
-        with pytest.raises(BundleError, match="sha256 .* does not match"):
+        with pytest.raises(BundleError, match=r"sha256 .* does not match"):
             ModelSession(out, device="cpu")
 
     def test_missing_manifest_field(self, bundle, tmp_path):
@@ -184,7 +194,7 @@ class TestTampering:
         raw = json.loads((out / "manifest.json").read_text())
         raw["classes"].reverse()
         (out / "manifest.json").write_text(json.dumps(raw))
-        with pytest.raises(BundleError, match="classes not as embedded in model.* at export .*re-export"):
+        with pytest.raises(BundleError, match=r"classes not as embedded in model.* at export .*re-export"):
             ModelSession(out, device="cpu", precision=precision)
 
     def test_failed_export_leaves_the_old_bundle_untouched(self, learn, bundle, tmp_path, monkeypatch):
@@ -204,7 +214,9 @@ def copy_bundle(src, tmp_path):
 
 
 def test_export_help_documents_every_option():
-    out = subprocess.run([sys.executable, "-m", "trainer.cli", "export", "--help"], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "export", "--help"], capture_output=True, text=True, check=False
+    ).stdout
     for option in ["--run", "--out", "--name", "--version", "--snapshots", "--fp16", "--int8", "--calibration-images"]:
         assert option in out
     assert out.count("default") >= 7

@@ -112,7 +112,7 @@ class TestPrecomputeCache:
 
     def test_truncated_cache_file_is_recomputed_not_used(self, colours, monkeypatch):
         first = make_learner(colours)
-        path = [p for p in self.cache_files(first) if "train" in p.name][0]
+        path = next(p for p in self.cache_files(first) if "train" in p.name)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
         learn = make_learner(colours, precompute=False)
         calls = self.count_computes(learn, monkeypatch)
@@ -152,7 +152,7 @@ class TestSnapshotsAndPersistence:
         assert learn.snapshots == ["s_cyc_0", "s_cyc_1", "s_cyc_2"]
         assert all((learn.models_dir() / f"{n}.pt").is_file() for n in learn.snapshots)
         current = learn.TTA()[0]
-        ensemble, y = learn.snapshot_ensemble()
+        ensemble, _ = learn.snapshot_ensemble()
         members = []
         for name in learn.snapshots:
             other = make_learner(colours)
@@ -167,7 +167,7 @@ class TestSnapshotsAndPersistence:
         learn.save("m")
         other = make_learner(colours)
         other.load("m")
-        for (k, a), b in zip(learn.net.state_dict().items(), other.net.state_dict().values()):
+        for (k, a), b in zip(learn.net.state_dict().items(), other.net.state_dict().values(), strict=True):
             assert torch.equal(a.cpu(), b.cpu()), k
 
     def test_set_data_keeps_weights_for_progressive_resizing(self, colours):

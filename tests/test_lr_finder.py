@@ -27,7 +27,11 @@ class TinyNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.backbone = nn.Sequential(
-            nn.Linear(N_IN, N_FEATURES), nn.BatchNorm1d(N_FEATURES), nn.ReLU(), nn.Linear(N_FEATURES, N_FEATURES), nn.ReLU()
+            nn.Linear(N_IN, N_FEATURES),
+            nn.BatchNorm1d(N_FEATURES),
+            nn.ReLU(),
+            nn.Linear(N_FEATURES, N_FEATURES),
+            nn.ReLU(),
         )
         self._groups = [self.backbone[:3], self.backbone[3:]]  # a plain list: aliases, as in ClassifierNet
         self.head = nn.Sequential(nn.BatchNorm1d(N_FEATURES), nn.Dropout(0.1), nn.Linear(N_FEATURES, 2))

@@ -80,8 +80,11 @@ class TestLosses:
         assert_png(plot_losses(history, tmp_path / "losses.png"))
 
     def test_all_nan(self, tmp_path):
-        assert_png(plot_losses([dict(epoch=0, trn_loss=math.nan, val_loss=math.nan, accuracy=math.nan)],
-                               tmp_path / "losses.png"))
+        assert_png(
+            plot_losses(
+                [dict(epoch=0, trn_loss=math.nan, val_loss=math.nan, accuracy=math.nan)], tmp_path / "losses.png"
+            )
+        )
 
     def test_empty_and_missing_key(self, tmp_path):
         with pytest.raises(ValueError, match="empty"):

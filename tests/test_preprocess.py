@@ -40,7 +40,15 @@ PREP = Preprocessing(input_size=32, resize_size=40)
 class TestDecode:
     @pytest.mark.parametrize(
         "mode, fmt",
-        [("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"), ("RGB", "JPEG"), ("RGB", "BMP"), ("RGB", "WEBP")],
+        [
+            ("L", "PNG"),
+            ("RGBA", "PNG"),
+            ("P", "PNG"),
+            ("CMYK", "JPEG"),
+            ("RGB", "JPEG"),
+            ("RGB", "BMP"),
+            ("RGB", "WEBP"),
+        ],
     )
     def test_any_mode_becomes_rgb(self, mode, fmt):
         im = decode_image(encode(gradient(20, 10).convert(mode), fmt))
@@ -66,7 +74,11 @@ class TestDecode:
 
     @pytest.mark.parametrize(
         "data, message",
-        [(b"", "empty"), (b"not an image at all", "not a recognised image"), (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "corrupt|not a recognised")],
+        [
+            (b"", "empty"),
+            (b"not an image at all", "not a recognised image"),
+            (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "corrupt|not a recognised"),
+        ],
     )
     def test_bad_bytes_are_image_errors(self, data, message):
         with pytest.raises(ImageError, match=message):
@@ -152,13 +164,16 @@ class TestFormats:
     def test_the_default_formats_are_accepted(self, fmt):
         assert decode_image(encode(gradient(20, 10), fmt)).size == (20, 10)
 
-    @pytest.mark.parametrize("data, name", [
-        (eps(), "EPS"),
-        (encode(gradient(20, 10), "TGA"), None),  # TGA has no signature: a guess by its first bytes, or none
-        (encode(gradient(20, 10), "PCX"), "PCX"),
-        (encode(gradient(20, 10), "ICO"), "ICO"),
-        (encode(gradient(20, 10), "PPM"), "PPM"),
-    ])
+    @pytest.mark.parametrize(
+        "data, name",
+        [
+            (eps(), "EPS"),
+            (encode(gradient(20, 10), "TGA"), None),  # TGA has no signature: a guess by its first bytes, or none
+            (encode(gradient(20, 10), "PCX"), "PCX"),
+            (encode(gradient(20, 10), "ICO"), "ICO"),
+            (encode(gradient(20, 10), "PPM"), "PPM"),
+        ],
+    )
     def test_other_formats_are_refused_by_name_without_being_parsed(self, data, name):
         message = f"{name} images are not accepted" if name else "images are not accepted|not a recognised image format"
         with pytest.raises(ImageError, match=message):

@@ -32,8 +32,13 @@ VIEWS = [CENTER, TTAView(name="zoom", zoom=1.1, anchor="bottom_right", hflip=Tru
 pytestmark = pytest.mark.filterwarnings("ignore:::PIL")
 HYMENOPTERA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hymenoptera"
 
-FUZZ = settings(max_examples=1500, deadline=1000, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=1500,
+    deadline=1000,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @cache
@@ -42,9 +47,17 @@ def seeds() -> tuple[bytes, ...]:
     rng = np.random.default_rng(0)
     im = Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8))
     made = []
-    for fmt, mode, kw in [("JPEG", "RGB", {"quality": 80}), ("JPEG", "CMYK", {}), ("PNG", "RGBA", {}),
-                          ("PNG", "P", {}), ("PNG", "I;16", {}), ("WEBP", "RGB", {}), ("GIF", "P", {}),
-                          ("TIFF", "RGB", {"compression": "tiff_deflate"}), ("BMP", "RGB", {})]:
+    for fmt, mode, kw in [
+        ("JPEG", "RGB", {"quality": 80}),
+        ("JPEG", "CMYK", {}),
+        ("PNG", "RGBA", {}),
+        ("PNG", "P", {}),
+        ("PNG", "I;16", {}),
+        ("WEBP", "RGB", {}),
+        ("GIF", "P", {}),
+        ("TIFF", "RGB", {"compression": "tiff_deflate"}),
+        ("BMP", "RGB", {}),
+    ]:
         buf = io.BytesIO()
         (im.convert("L").convert(mode) if mode == "I;16" else im.convert(mode)).save(buf, fmt, **kw)
         made.append(buf.getvalue())
@@ -109,8 +122,14 @@ dimension = st.one_of(st.integers(1, 8), st.integers(1, 70_000), st.integers(1, 
 
 
 @FUZZ
-@given(width=dimension, height=dimension, depth=st.sampled_from([1, 2, 4, 8, 16]),
-       colour=st.sampled_from([0, 2, 3, 4, 6]), body=st.binary(max_size=300), compress=st.booleans())
+@given(
+    width=dimension,
+    height=dimension,
+    depth=st.sampled_from([1, 2, 4, 8, 16]),
+    colour=st.sampled_from([0, 2, 3, 4, 6]),
+    body=st.binary(max_size=300),
+    compress=st.booleans(),
+)
 def test_crafted_png_headers(width, height, depth, colour, body, compress):
     header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
     idat = zlib.compress(body * 50) if compress else body
@@ -119,35 +138,54 @@ def test_crafted_png_headers(width, height, depth, colour, body, compress):
 
 
 @FUZZ
-@given(width=st.integers(1, 65535), height=st.integers(1, 65535), frames=st.integers(1, 3000),
-       frame_w=st.integers(0, 65535), frame_h=st.integers(0, 65535))
+@given(
+    width=st.integers(1, 65535),
+    height=st.integers(1, 65535),
+    frames=st.integers(1, 3000),
+    frame_w=st.integers(0, 65535),
+    frame_h=st.integers(0, 65535),
+)
 def test_crafted_gifs(width, height, frames, frame_w, frame_h):
     screen = b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + bytes(6)  # 2-colour palette
-    frame = (b"\x21\xf9\x04\x00\x01\x00\x00\x00"  # graphic control: 10 ms
-             + b"\x2c" + struct.pack("<HHHHB", 0, 0, frame_w, frame_h, 0) + b"\x02\x02\x44\x01\x00")
+    frame = (
+        b"\x21\xf9\x04\x00\x01\x00\x00\x00"  # graphic control: 10 ms
+        + b"\x2c"
+        + struct.pack("<HHHHB", 0, 0, frame_w, frame_h, 0)
+        + b"\x02\x02\x44\x01\x00"
+    )
     check(screen + frame * min(frames, 3000) + b"\x3b")
 
 
 @FUZZ
-@given(width=st.integers(-2**31, 2**31 - 1), height=st.integers(-2**31, 2**31 - 1), bits=st.sampled_from([1, 4, 8, 16, 24, 32]),
-       body=st.binary(max_size=200))
+@given(
+    width=st.integers(-(2**31), 2**31 - 1),
+    height=st.integers(-(2**31), 2**31 - 1),
+    bits=st.sampled_from([1, 4, 8, 16, 24, 32]),
+    body=st.binary(max_size=200),
+)
 def test_crafted_bmp_headers(width, height, bits, body):
     info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, bits, 0, len(body), 2835, 2835, 0, 0)
     check(b"BM" + struct.pack("<IHHI", 14 + 40 + len(body), 0, 0, 14 + 40) + info + body)
 
 
 @FUZZ
-@given(width=st.integers(0, 65535), height=st.integers(0, 65535), components=st.sampled_from([1, 3, 4]),
-       seed=st.integers(0, 2**31))
+@given(
+    width=st.integers(0, 65535),
+    height=st.integers(0, 65535),
+    components=st.sampled_from([1, 3, 4]),
+    seed=st.integers(0, 2**31),
+)
 def test_crafted_jpeg_frame_sizes(width, height, components, seed):
     """A real JPEG whose start-of-frame claims another size: the decoder must notice, or decode within bounds."""
     rng = np.random.default_rng(seed % 1000)
     buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).convert({1: "L", 3: "RGB", 4: "CMYK"}[components]).save(buf, "JPEG")
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).convert(
+        {1: "L", 3: "RGB", 4: "CMYK"}[components]
+    ).save(buf, "JPEG")
     data = bytearray(buf.getvalue())
     sof = data.find(b"\xff\xc0")
     assert sof > 0
-    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
     check(bytes(data))
 
 
@@ -159,7 +197,9 @@ def test_the_memory_bound_is_measured_here():
     assert peak_rss_kb() >= 60 * 1024
 
 
-@pytest.mark.parametrize("mode, fmt", [("RGBA", "PNG"), ("RGBA", "WEBP"), ("I;16", "PNG"), ("CMYK", "JPEG"), ("RGB", "JPEG")])
+@pytest.mark.parametrize(
+    "mode, fmt", [("RGBA", "PNG"), ("RGBA", "WEBP"), ("I;16", "PNG"), ("CMYK", "JPEG"), ("RGB", "JPEG")]
+)
 def test_the_worst_formats_stay_within_the_stated_bytes_per_pixel(mode, fmt):
     """PEAK_BYTES_PER_PIXEL sizes the server's decode budget: check it on the modes that cost most."""
     if not reset_peak_rss():

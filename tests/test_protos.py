@@ -9,12 +9,17 @@ from conftest import ROOT
 
 
 def stubs(root):
-    return sorted(p.relative_to(root) for p in (root / "serving" / "gen").rglob("*_pb2*") if p.suffix in {".py", ".pyi"})
+    return sorted(
+        p.relative_to(root) for p in (root / "serving" / "gen").rglob("*_pb2*") if p.suffix in {".py", ".pyi"}
+    )
 
 
 def test_committed_stubs_match_protos(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     generated = stubs(tmp_path)
     assert generated, "protoc generated nothing"
     committed = stubs(ROOT)

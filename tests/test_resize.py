@@ -63,12 +63,17 @@ class TestResize:
         assert [cache / f.relative_to(data.path) for f in data.trn_files] == small.trn_files
         assert [cache / f.relative_to(data.path) for f in data.val_files] == small.val_files
         assert (small.classes, small.trn_y, small.val_y, small.path, small.tfms) == (
-            data.classes, data.trn_y, data.val_y, data.path, data.tfms)
+            data.classes,
+            data.trn_y,
+            data.val_y,
+            data.path,
+            data.tfms,
+        )
         assert (cache / INDEX_NAME).is_file()
 
     def test_shorter_side_is_target_with_the_serving_resize(self, data):
         small = resize_images(data, TARGET)
-        for src, dst in zip(cached_files(data), cached_files(small)):
+        for src, dst in zip(cached_files(data), cached_files(small), strict=True):
             original = decode_image(src.read_bytes())
             expected = resize_shorter(original, TARGET) if min(original.size) > TARGET else original
             with Image.open(dst) as out:
@@ -146,7 +151,7 @@ class TestCacheReuse:
             st = dst.stat()
             dst.write_bytes(bytes(len(good)))
             os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
-        others = stamps(cached_files(first)[:-len(first.val_files)] + first.val_files[1:])
+        others = stamps(cached_files(first)[: -len(first.val_files)] + first.val_files[1:])
         resize_images(data, TARGET)
         assert dst.read_bytes() == good
         assert stamps(list(others)) == others
@@ -160,7 +165,9 @@ class TestCacheReuse:
         resize_images(data, TARGET)
         after = stamps(cached_files(first))
         assert all(after[f][0] != before[f][0] for f in before)
-        assert set(json.loads(index.read_text())["files"]) == {str(f.relative_to(data.path)) for f in cached_files(data)}
+        assert set(json.loads(index.read_text())["files"]) == {
+            str(f.relative_to(data.path)) for f in cached_files(data)
+        }
         assert "resize cache index" in caplog.text
 
     def test_other_interpolation_remakes_everything(self, data):
@@ -217,7 +224,7 @@ class TestErrors:
         noise(30, 30, 1).save(outside)
         data.trn_files = [*data.trn_files, outside]
         data.trn_y = [*data.trn_y, 0]
-        with pytest.raises(DataError, match="elsewhere.png: not under the data folder"):
+        with pytest.raises(DataError, match=r"elsewhere.png: not under the data folder"):
             resize_images(data, TARGET)
 
     def test_source_symlinked_from_outside_keeps_its_place(self, data, tmp_path):
@@ -230,4 +237,3 @@ class TestErrors:
         small = resize_images(data, TARGET)
         assert small.trn_files[-1] == data.path / "tmp" / str(TARGET) / "train/ants/linked.png"
         assert not small.trn_files[-1].is_symlink()
-

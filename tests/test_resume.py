@@ -15,8 +15,16 @@ from trainer.recipe import RunConfig, run
 
 # 16 training images in batches of 4 at 32 px. A fixed lr skips both lr_finds; epochs: 0 the head on
 # precomputed activations, 1-2 the head with augmentation, 3 all layers (one cycle of 1 epoch).
-SMALL = {"size": 32, "bs": 4, "lr": 1e-2, "head_epochs": 1, "aug_cycles": 2, "unfreeze_cycles": 1, "num_workers": 0,
-         "seed": 3}
+SMALL = {
+    "size": 32,
+    "bs": 4,
+    "lr": 1e-2,
+    "head_epochs": 1,
+    "aug_cycles": 2,
+    "unfreeze_cycles": 1,
+    "num_workers": 0,
+    "seed": 3,
+}
 
 
 class Interrupted(Exception):
@@ -70,8 +78,9 @@ class TestResumeReproducesTheRun:
             (2, 2),  # with worker processes, which die with the run and start afresh on resume
         ],
     )
-    def test_same_epochs_as_an_uninterrupted_run(self, uninterrupted, data, tmp_path, monkeypatch, stop_after,
-                                                 num_workers):
+    def test_same_epochs_as_an_uninterrupted_run(
+        self, uninterrupted, data, tmp_path, monkeypatch, stop_after, num_workers
+    ):
         whole, whole_learn, whole_metrics = uninterrupted
         cfg = RunConfig(data=data, out=tmp_path / "run", **{**SMALL, "num_workers": num_workers})
         with monkeypatch.context() as m:
@@ -119,8 +128,7 @@ class TestResumingAFinishedRun:
         out = capsys.readouterr().out
         assert "already complete" in out and "resumed: stage" not in out, out
 
-    def test_interrupted_while_exporting_it_exports_without_training(self, uninterrupted, data, tmp_path,
-                                                                    monkeypatch):
+    def test_interrupted_while_exporting_it_exports_without_training(self, uninterrupted, data, tmp_path, monkeypatch):
         whole, _, whole_metrics = uninterrupted
         cfg = RunConfig(data=data, out=tmp_path / "run", **SMALL)
         with monkeypatch.context() as m:

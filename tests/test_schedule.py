@@ -27,13 +27,16 @@ class TestSGDR:
 
 
 class TestLrSpread:
-    @pytest.mark.parametrize("ratio, n, expected", [
-        (10, 3, [1e-4, 1e-3, 1e-2]),
-        (3, 3, [1e-2 / 9, 1e-2 / 3, 1e-2]),
-        (10, 5, [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]),  # as many groups as the model has, not always three
-        (10, 1, [1e-2]),
-        (1, 3, [1e-2] * 3),
-    ])
+    @pytest.mark.parametrize(
+        "ratio, n, expected",
+        [
+            (10, 3, [1e-4, 1e-3, 1e-2]),
+            (3, 3, [1e-2 / 9, 1e-2 / 3, 1e-2]),
+            (10, 5, [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]),  # as many groups as the model has, not always three
+            (10, 1, [1e-2]),
+            (1, 3, [1e-2] * 3),
+        ],
+    )
     def test_each_earlier_group_is_ratio_times_slower(self, ratio, n, expected):
         assert lr_spread(1e-2, ratio, n) == pytest.approx(expected)
 

@@ -59,17 +59,15 @@ class TestPixelBudget:
             raise CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "late")
 
         with budget.hold(100, never_gives_up):
-            with pytest.raises(CallFailed, match="late"):
-                with budget.hold(1, give_up):
-                    pass
+            with pytest.raises(CallFailed, match="late"), budget.hold(1, give_up):
+                pass
             assert budget.used == 100 and checks == [1]
         assert budget.used == 0
 
     def test_released_after_an_error_in_the_block(self):
         budget = PixelBudget(100)
-        with pytest.raises(MemoryError):
-            with budget.hold(50, never_gives_up):
-                raise MemoryError
+        with pytest.raises(MemoryError), budget.hold(50, never_gives_up):
+            raise MemoryError
         assert budget.used == 0
 
 
@@ -82,9 +80,11 @@ class TestCallGuard:
         g = guard(limit=100)
         with g.admit(60):
             pass
-        with pytest.raises(ImageError, match="bring the call's total to 110, over the limit of 100 pixels per call"):
-            with g.admit(50):
-                pass
+        with (
+            pytest.raises(ImageError, match="bring the call's total to 110, over the limit of 100 pixels per call"),
+            g.admit(50),
+        ):
+            pass
         with g.admit(40):  # a smaller one still fits
             pass
         assert g.pixels == 100
@@ -96,17 +96,14 @@ class TestCallGuard:
         assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
     def test_a_caller_that_went_away_ends_the_call(self):
-        with pytest.raises(CallFailed) as err:
-            with guard(active=False).admit(1):
-                pass
+        with pytest.raises(CallFailed) as err, guard(active=False).admit(1):
+            pass
         assert err.value.code == grpc.StatusCode.CANCELLED
 
     def test_waiting_for_the_budget_stops_at_the_deadline(self):
         g = CallGuard(deadline=time.monotonic() + 0.05, is_active=lambda: True, budget=PixelBudget(10), max_pixels=100)
-        with g._budget.hold(10, never_gives_up):
-            with pytest.raises(CallFailed) as err:
-                with g.admit(5):
-                    pass
+        with g._budget.hold(10, never_gives_up), pytest.raises(CallFailed) as err, g.admit(5):
+            pass
         assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
@@ -126,9 +123,8 @@ class TestAdmission:
         closed = []
         closer = threading.Thread(target=lambda: closed.append(gate.close(30, settle=0)))
         closer.start()
-        with pytest.raises(CallFailed):  # refused from the moment closing begins
-            with gate.admitted():
-                pass
+        with pytest.raises(CallFailed), gate.admitted():  # refused from the moment closing begins
+            pass
         assert closed == []
         leave.set()
         closer.join(10)

@@ -41,7 +41,10 @@ class TestErrors:
             ({"metrics_port": "http"}, "metrics_port: Input should be a valid integer"),
             ({"tls_cert": "/nonexistent/cert.pem"}, "tls_cert: /nonexistent/cert.pem: no such file"),
             ({"max_batch_images": "8", "max_queue": "4"}, "max_batch_images 8 is more than max_queue 4"),
-            ({"max_message_bytes": "4096", "max_image_bytes": "8192"}, "max_message_bytes 4096 must exceed max_image_bytes"),
+            (
+                {"max_message_bytes": "4096", "max_image_bytes": "8192"},
+                "max_message_bytes 4096 must exceed max_image_bytes",
+            ),
         ],
     )
     def test_messages_name_the_setting(self, flags, message):

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from test_serving_server import GatedSession, png, wait_until
 
 from serving.client import Client
 from serving.config import ServerConfig
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.server import Server
 from serving.session import ModelSession
-from test_serving_server import GatedSession, png, wait_until
 
 
 def requests_total(srv: Server, method: str, code: str) -> float:
@@ -29,8 +29,9 @@ def requests_total(srv: Server, method: str, code: str) -> float:
 
 def test_calls_over_max_concurrent_calls_are_counted(tiny_bundle):
     gated = GatedSession(ModelSession(tiny_bundle, device="cpu"))
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, max_concurrent_calls=2,
-                       max_delay_us=0)
+    cfg = ServerConfig(
+        bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, max_concurrent_calls=2, max_delay_us=0
+    )
     with Server(cfg, session=gated) as srv, Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
         gated.hold()
         held = [c.stub.Predict.future(pb.PredictRequest(image=png(seed=i)), timeout=30) for i in range(2)]
@@ -49,24 +50,25 @@ def test_calls_over_max_concurrent_calls_are_counted(tiny_bundle):
 
 
 def test_a_message_over_the_size_limit_is_counted_as_not_run(tiny_bundle):
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, max_image_bytes=4096,
-                       max_message_bytes=8192)
+    cfg = ServerConfig(
+        bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, max_image_bytes=4096, max_message_bytes=8192
+    )
     with Server(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
         for _ in range(3):
             with pytest.raises(grpc.RpcError) as err:
                 c.predict(b"\xff" * 10_000)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        wait_until(lambda: srv.metrics.registry.get_sample_value("classifier_calls_not_run_total",
-                                                                 {"method": "Predict"}) == 3)
+        wait_until(
+            lambda: srv.metrics.registry.get_sample_value("classifier_calls_not_run_total", {"method": "Predict"}) == 3
+        )
 
 
 def test_a_malformed_request_is_invalid_argument_without_a_traceback(tiny_bundle, caplog):
     cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None)
     with Server(cfg) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
         raw = channel.unary_unary("/classifier.v1.Classifier/Predict")  # bytes in, bytes out
-        with caplog.at_level("DEBUG"):
-            with pytest.raises(grpc.RpcError) as err:
-                raw(b"\x0a\xff\xff\xff\xff\x0f", timeout=10)  # field 1 claims 4 GB of bytes
+        with caplog.at_level("DEBUG"), pytest.raises(grpc.RpcError) as err:
+            raw(b"\x0a\xff\xff\xff\xff\x0f", timeout=10)  # field 1 claims 4 GB of bytes
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "the request is not a valid Predict message" in err.value.details()
         assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
@@ -77,7 +79,8 @@ def hostile_tiffs(n: int) -> list[bytes]:
     """Byte-mutated TIFFs: libtiff complains about them on stderr, Pillow with warnings and logs."""
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(
-        buf, "TIFF", compression="tiff_deflate")
+        buf, "TIFF", compression="tiff_deflate"
+    )
     rng = random.Random(1)
     out = []
     for _ in range(n):
@@ -90,8 +93,22 @@ def hostile_tiffs(n: int) -> list[bytes]:
 
 def test_decoder_warnings_are_counted_not_logged(tiny_bundle):
     """As a process, since libtiff writes to the stderr file descriptor itself."""
-    argv = [sys.executable, "-m", "serving.cli", "serve", "--bundle", str(tiny_bundle), "--port", "0",
-            "--device", "cpu", "--metrics-port", "0", "--workers", "2"]
+    argv = [
+        sys.executable,
+        "-m",
+        "serving.cli",
+        "serve",
+        "--bundle",
+        str(tiny_bundle),
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+        "--metrics-port",
+        "0",
+        "--workers",
+        "2",
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
@@ -102,8 +119,12 @@ def test_decoder_warnings_are_counted_not_logged(tiny_bundle):
             assert codes <= {0, grpc.StatusCode.INVALID_ARGUMENT.value[0]}
             assert c.predict(png()).predictions
         text = urllib.request.urlopen(f"http://127.0.0.1:{ports[2]}/metrics", timeout=10).read().decode()
-        counts = {s.labels["source"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
-                  if s.name == "classifier_decoder_warnings_total"}
+        counts = {
+            s.labels["source"]: s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "classifier_decoder_warnings_total"
+        }
         assert counts.get("libtiff", 0) > 0 and counts.get("warning", 0) > 0, counts
     finally:
         proc.terminate()

@@ -65,7 +65,7 @@ GOOD = {
     "grayscale JPEG": lambda: encode(photo().convert("L"), "JPEG"),
     "CMYK JPEG": lambda: encode(photo().convert("CMYK"), "JPEG"),
     "RGBA PNG": lambda: encode(photo().convert("RGBA"), "PNG"),
-    "16-bit PNG": lambda: encode(Image.fromarray((np.arange(48 * 32, dtype=np.uint16).reshape(32, 48) * 40)), "PNG"),
+    "16-bit PNG": lambda: encode(Image.fromarray(np.arange(48 * 32, dtype=np.uint16).reshape(32, 48) * 40), "PNG"),
     "1x1 PNG": lambda: encode(Image.new("RGB", (1, 1), (10, 200, 30)), "PNG"),
     "EXIF-rotated JPEG": exif_rotated,
     "palette GIF": lambda: encode(photo().convert("P"), "GIF"),
@@ -80,15 +80,24 @@ BAD = {
     # Over PIL's own hard limit (2 x 89 megapixels), which refuses it while opening: the message names ours...
     "decompression bomb": (decompression_bomb, "image is 400000000 pixels, over the limit of 50000000"),
     # ... and under it but over the server's max_image_pixels.
-    "too many pixels": (lambda: decompression_bomb(10_000), "image is 10000x10000 = 100000000 pixels, over the limit of 50000000"),
+    "too many pixels": (
+        lambda: decompression_bomb(10_000),
+        "image is 10000x10000 = 100000000 pixels, over the limit of 50000000",
+    ),
     "too many bytes": (lambda: encode(photo((200, 200)), "PNG"), f"over the limit of {MAX_IMAGE_BYTES}"),
 }
 
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None,
-                       max_image_bytes=MAX_IMAGE_BYTES, max_message_bytes=MAX_MESSAGE_BYTES)
+    cfg = ServerConfig(
+        bundle=tiny_bundle,
+        port=0,
+        device="cpu",
+        metrics_port=None,
+        max_image_bytes=MAX_IMAGE_BYTES,
+        max_message_bytes=MAX_MESSAGE_BYTES,
+    )
     with Server(cfg) as srv:
         yield srv
 
@@ -138,7 +147,7 @@ def test_one_batch_holding_the_whole_matrix(client):
     images = [make() for make in GOOD.values()] + [make() for make, _ in BAD.values()]
     results = client.predict_batch(images).results
     assert [r.status.code for r in results] == [0] * len(GOOD) + [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * len(BAD)
-    for r, (_, message) in zip(results[len(GOOD):], BAD.values()):
+    for r, (_, message) in zip(results[len(GOOD) :], BAD.values(), strict=True):
         assert message in r.status.message
 
 
@@ -187,8 +196,14 @@ def test_the_format_list_is_configurable(tiny_bundle):
 
 
 def test_pixels_per_call_are_bounded(tiny_bundle):
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None,
-                       max_image_pixels=48 * 32, max_call_pixels=2 * 48 * 32)
+    cfg = ServerConfig(
+        bundle=tiny_bundle,
+        port=0,
+        device="cpu",
+        metrics_port=None,
+        max_image_pixels=48 * 32,
+        max_call_pixels=2 * 48 * 32,
+    )
     with Server(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
         results = c.predict_batch([encode(photo(seed=i), "PNG") for i in range(3)]).results
         assert [r.status.code for r in results] == [0, 0, grpc.StatusCode.INVALID_ARGUMENT.value[0]]
@@ -242,12 +257,18 @@ def test_decoding_stops_at_the_deadline(tiny_bundle):
         images = 24
 
         def handled(code: str) -> float:
-            return srv.metrics.registry.get_sample_value(
-                "classifier_requests_total", {"method": "PredictBatch", "code": code}) or 0
+            return (
+                srv.metrics.registry.get_sample_value(
+                    "classifier_requests_total", {"method": "PredictBatch", "code": code}
+                )
+                or 0
+            )
 
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
-            c.stub.PredictBatch(pb.PredictBatchRequest(requests=[pb.PredictRequest(image=big)] * images), timeout=2 * one)
+            c.stub.PredictBatch(
+                pb.PredictBatchRequest(requests=[pb.PredictRequest(image=big)] * images), timeout=2 * one
+            )
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         while handled("DEADLINE_EXCEEDED") < 1:
             assert time.monotonic() - start < images * one * 3, "the handler never finished"

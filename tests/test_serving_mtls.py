@@ -34,9 +34,28 @@ def issue(folder: Path, name: str, *, ca: tuple[Path, Path] | None = None, exten
     csr, ext = folder / f"{name}.csr", folder / f"{name}.ext"
     ext.write_text(extensions)
     subprocess.run([openssl, "req", "-new", *EC_KEY, *subject, "-out", str(csr)], check=True, capture_output=True)
-    subprocess.run([openssl, "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
-                    "-CAcreateserial", "-days", "1", "-extfile", str(ext), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            openssl,
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(ca[0]),
+            "-CAkey",
+            str(ca[1]),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            str(ext),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -57,8 +76,15 @@ def pki(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 @pytest.fixture(scope="module")
 def server(tiny_bundle, pki):
     cert, key = pki["server"]
-    config = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None,
-                          tls_cert=cert, tls_key=key, tls_client_ca=pki["ca"][0])
+    config = ServerConfig(
+        bundle=tiny_bundle,
+        port=0,
+        device="cpu",
+        metrics_port=None,
+        tls_cert=cert,
+        tls_key=key,
+        tls_client_ca=pki["ca"][0],
+    )
     with Server(config) as srv:
         yield srv
 
@@ -105,8 +131,12 @@ class TestConfig:
     def files(self, tmp_path) -> dict[str, str]:
         for name in ("cert", "key", "ca"):
             (tmp_path / f"{name}.pem").write_text(name)
-        return {"bundle": "b", "tls_cert": str(tmp_path / "cert.pem"), "tls_key": str(tmp_path / "key.pem"),
-                "tls_client_ca": str(tmp_path / "ca.pem")}
+        return {
+            "bundle": "b",
+            "tls_cert": str(tmp_path / "cert.pem"),
+            "tls_key": str(tmp_path / "key.pem"),
+            "tls_client_ca": str(tmp_path / "ca.pem"),
+        }
 
     def test_environment_variable_and_off(self, files):
         env = {"SERVING_TLS_CLIENT_CA": files.pop("tls_client_ca")}
@@ -118,5 +148,5 @@ class TestConfig:
             load_config({"bundle": "b", "tls_client_ca": files["tls_client_ca"]}, environ={})
 
     def test_a_missing_client_ca_file_is_named(self, files):
-        with pytest.raises(ConfigError, match="tls_client_ca: /nonexistent/ca.pem: no such file"):
+        with pytest.raises(ConfigError, match=r"tls_client_ca: /nonexistent/ca.pem: no such file"):
             load_config({**files, "tls_client_ca": "/nonexistent/ca.pem"}, environ={})

@@ -64,7 +64,7 @@ class TestPredictBatch:
         images = [png(seed=1), png((40, 60, 200), seed=2), png(size=(17, 90), seed=3)]
         reply = client.predict_batch(images)
         assert [r.status.code for r in reply.results] == [0, 0, 0]
-        for image, result in zip(images, reply.results):
+        for image, result in zip(images, reply.results, strict=True):
             single = client.predict(image)
             np.testing.assert_allclose(result.response.probabilities, single.probabilities, atol=1e-6)
             assert list(result.response.tta_views) == list(single.tta_views) and len(single.tta_views) == N_VIEWS
@@ -78,8 +78,9 @@ class TestPredictBatch:
         assert not reply.results[1].HasField("response") and reply.results[3].response.predictions
 
     def test_options_are_per_image(self, client):
-        request = pb.PredictBatchRequest(requests=[pb.PredictRequest(image=png(), top_k=1, tta=False),
-                                                   pb.PredictRequest(image=png())])
+        request = pb.PredictBatchRequest(
+            requests=[pb.PredictRequest(image=png(), top_k=1, tta=False), pb.PredictRequest(image=png())]
+        )
         first, second = client.stub.PredictBatch(request, timeout=30).results
         assert list(first.response.tta_views) == ["center"] and len(first.response.predictions) == 1
         assert len(second.response.tta_views) == N_VIEWS and len(second.response.predictions) == 2
@@ -196,8 +197,17 @@ class TestMetrics:
     def test_model_info_and_every_class_are_exported(self, server):
         samples = scrape(server.metrics_port)
         m = server.servicer.model.session.manifest
-        assert total(samples, "classifier_model_info", name="colours", version="test-1", sha256=m.model.sha256,
-                     precision="fp32") == 1
+        assert (
+            total(
+                samples,
+                "classifier_model_info",
+                name="colours",
+                version="test-1",
+                sha256=m.model.sha256,
+                precision="fp32",
+            )
+            == 1
+        )
         assert {dict(ls)["label"] for (n, ls) in samples if n == "classifier_predicted_class_total"} == {"blue", "red"}
 
     def test_each_server_has_its_own_registry(self, server, tiny_bundle):
@@ -283,14 +293,20 @@ class TestBatching:
             with pytest.raises(grpc.RpcError) as err:
                 c.stub.Predict(pb.PredictRequest(image=png(seed=1)), timeout=0.5)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
             # The call is over once it is counted: by its handler (which withdrew its queued views), or,
             # on a machine so loaded that the deadline passed before a handler thread took the call,
             # as a call that never ran.
             def counted(name: str, **labels) -> float:
                 return srv.metrics.registry.get_sample_value(name, {"method": "Predict", **labels}) or 0
 
-            wait_until(lambda: counted("classifier_requests_total", code="DEADLINE_EXCEEDED")
-                       + counted("classifier_calls_not_run_total") == 1)
+            wait_until(
+                lambda: (
+                    counted("classifier_requests_total", code="DEADLINE_EXCEEDED")
+                    + counted("classifier_calls_not_run_total")
+                    == 1
+                )
+            )
             gated.release.set()
             assert running.result().predictions
             assert c.predict(png(seed=2), tta=False).predictions
@@ -312,9 +328,30 @@ def self_signed_cert(folder):
     if openssl is None:
         pytest.skip("no openssl command to make a self-signed certificate (and the cryptography package is not used)")
     cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 

@@ -29,8 +29,26 @@ def png(seed: int) -> bytes:
 
 @pytest.fixture
 def serving_process(tiny_bundle):
-    argv = [sys.executable, "-m", "serving.cli", "serve", "--bundle", str(tiny_bundle), "--port", "0",
-            "--device", "cpu", "--metrics-port", "off", "--drain-s", "2", "--grace-s", "20", "--workers", "8"]
+    argv = [
+        sys.executable,
+        "-m",
+        "serving.cli",
+        "serve",
+        "--bundle",
+        str(tiny_bundle),
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+        "--metrics-port",
+        "off",
+        "--drain-s",
+        "2",
+        "--grace-s",
+        "20",
+        "--workers",
+        "8",
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
@@ -56,7 +74,9 @@ def test_sigterm_under_load_answers_every_accepted_call_and_exits_0(serving_proc
                     c.predict(png(seed * 1000 + i % 5))
                     code = "OK"
                 except grpc.RpcError as e:
-                    code = e.code().name if e.code() == grpc.StatusCode.UNAVAILABLE else f"{e.code().name}: {e.details()}"
+                    code = (
+                        e.code().name if e.code() == grpc.StatusCode.UNAVAILABLE else f"{e.code().name}: {e.details()}"
+                    )
                 with lock:
                     outcomes.append((time.monotonic(), code))
                     if len(outcomes) >= 30:

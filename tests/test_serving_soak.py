@@ -11,13 +11,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from test_serving_server import GatedSession, png, wait_until
 
 from serving.client import Client
 from serving.config import ServerConfig
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.server import Server
 from serving.session import ModelSession
-from test_serving_server import GatedSession, png, wait_until
 
 SOAK_S = 15.0
 CLIENTS = 12
@@ -53,8 +53,9 @@ def test_soak_with_mixed_deadlines(tiny_bundle):
                 c.predict(image)
             c.predict_batch(images[:4])
         warm_rss = rss_mb()
-        for image in images:  # the warm-up is counted; the soak's calls are what the counts gain from here
-            seen["Predict", "OK"] += 1
+        seen["Predict", "OK"] += len(
+            images
+        )  # the warm-up is counted; the soak's calls are what the counts gain from here
         seen["PredictBatch", "OK"] += 1
         end = time.monotonic() + SOAK_S
 
@@ -89,8 +90,9 @@ def test_soak_with_mixed_deadlines(tiny_bundle):
         # Handlers of calls the callers gave up on may still be finishing: wait until nothing is in
         # progress and the counts have stopped moving.
         def counted(method: str) -> float:
-            return (sum(v for (m, _), v in _requests(srv).items() if m == method)
-                    + sample(srv, "classifier_calls_not_run_total", method=method))
+            return sum(v for (m, _), v in _requests(srv).items() if m == method) + sample(
+                srv, "classifier_calls_not_run_total", method=method
+            )
 
         wait_until(lambda: srv.batcher.depth == 0 and sample(srv, "classifier_in_flight_requests") == 0, timeout=30)
         last: list[tuple[float, float]] = []
@@ -108,12 +110,15 @@ def test_soak_with_mixed_deadlines(tiny_bundle):
             # the server never counts a call that was not made.
             assert counted(method) <= calls, (method, server_seen, seen)
             # A call whose caller timed out before a handler thread took it never ran: counted apart.
-            late = (server_seen.get((method, "DEADLINE_EXCEEDED"), 0)
-                    + sample(srv, "classifier_calls_not_run_total", method=method))
+            late = server_seen.get((method, "DEADLINE_EXCEEDED"), 0) + sample(
+                srv, "classifier_calls_not_run_total", method=method
+            )
             # A call ending in the very instant its deadline passes is a race the server cannot see the
             # end of: it counts OK (or a refusal) while the caller sees DEADLINE_EXCEEDED, or the other
             # way round, or it never sees the call at all. Only such calls may differ, and they are few.
-            edge = {code: server_seen.get((method, code), 0) - seen[method, code] for code in ("OK", "RESOURCE_EXHAUSTED")}
+            edge = {
+                code: server_seen.get((method, code), 0) - seen[method, code] for code in ("OK", "RESOURCE_EXHAUSTED")
+            }
             edge["DEADLINE_EXCEEDED"] = late - seen[method, "DEADLINE_EXCEEDED"]
             assert sum(abs(n) for n in edge.values()) <= max(10, 0.01 * calls), (method, edge, server_seen, seen)
         with Client(target) as c:
@@ -125,8 +130,10 @@ def test_soak_with_mixed_deadlines(tiny_bundle):
 def _requests(srv: Server) -> dict[tuple[str, str], float]:
     return {
         (s.labels["method"], s.labels["code"]): s.value
-        for family in srv.metrics.registry.collect() if family.name == "classifier_requests"
-        for s in family.samples if s.name == "classifier_requests_total"
+        for family in srv.metrics.registry.collect()
+        if family.name == "classifier_requests"
+        for s in family.samples
+        if s.name == "classifier_requests_total"
     }
 
 
@@ -138,8 +145,12 @@ def test_callers_that_vanish_or_arrive_expired_leave_the_server_serving(tiny_bun
         # A client that hangs up while its calls run and wait in the queue.
         gated.hold()
         vanishing = Client(target)
-        calls = [vanishing.stub.PredictBatch.future(
-            pb.PredictBatchRequest(requests=[pb.PredictRequest(image=png(seed=i))] * 4), timeout=30) for i in range(4)]
+        calls = [
+            vanishing.stub.PredictBatch.future(
+                pb.PredictBatchRequest(requests=[pb.PredictRequest(image=png(seed=i))] * 4), timeout=30
+            )
+            for i in range(4)
+        ]
         assert gated.entered.wait(10)
         wait_until(lambda: srv.batcher.depth > 0)
         vanishing.close()

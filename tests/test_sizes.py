@@ -26,8 +26,16 @@ class TestStats:
         stats = image_size_stats(files)
         assert stats["count"] == 6 and stats["errors"] == []
         # widths 10, 30, 30, 50, 70, 90: numpy's linear percentiles
-        assert stats["width"] == {"min": 10, "median": 40.0, "p5": 15.0, "p25": 30.0, "p50": 40.0,
-                                  "p75": 65.0, "p95": 85.0, "max": 90}
+        assert stats["width"] == {
+            "min": 10,
+            "median": 40.0,
+            "p5": 15.0,
+            "p25": 30.0,
+            "p50": 40.0,
+            "p75": 65.0,
+            "p95": 85.0,
+            "max": 90,
+        }
         assert stats["height"]["min"] == 20 and stats["height"]["max"] == 100 and stats["height"]["median"] == 50.0
         assert stats["col_counts"] == {10: 1, 30: 2, 50: 1, 70: 1, 90: 1}
         assert stats["row_counts"] == {20: 1, 40: 2, 60: 1, 80: 1, 100: 1}
@@ -49,7 +57,11 @@ class TestStats:
 
     @pytest.mark.parametrize(
         "name, content, message",
-        [("notes.jpg", b"hello", "not a readable image"), ("empty.png", b"", "not a readable image"), ("gone.png", None, "cannot read")],
+        [
+            ("notes.jpg", b"hello", "not a readable image"),
+            ("empty.png", b"", "not a readable image"),
+            ("gone.png", None, "cannot read"),
+        ],
     )
     def test_unreadable_files_are_reported_not_raised(self, files, tmp_path, name, content, message):
         bad = tmp_path / name

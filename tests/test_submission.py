@@ -44,7 +44,11 @@ class TestRefuses:
         [
             (FILES, PROBS[:1], r"shape \(1, 3\), expected .* \(2, 3\)"),
             (FILES, PROBS[:, :2], r"shape \(2, 2\)"),
-            (FILES, np.array([[0.1, np.nan, 0.2], [0.6, 0.3, 0.1]]), "NaN or infinite values in rows \\[0\\]: 0042.jpg"),
+            (
+                FILES,
+                np.array([[0.1, np.nan, 0.2], [0.6, 0.3, 0.1]]),
+                "NaN or infinite values in rows \\[0\\]: 0042.jpg",
+            ),
             ([Path("a/x.jpg"), Path("b/x.png")], PROBS, "1 ids name more than one file"),
         ],
     )

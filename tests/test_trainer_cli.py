@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import signal
-import os
 import subprocess
 import sys
 import time
@@ -13,22 +13,48 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import write_colour_dataset
+from PIL import Image
 
 TRAINER = shutil.which("trainer")
 pytestmark = pytest.mark.skipif(not TRAINER, reason="console script not installed (pip install -e .)")
 
-FAST = ["--size", "32", "--bs", "4", "--head-epochs", "1", "--aug-cycles", "1", "--unfreeze-cycles", "2",
-        "--num-workers", "0"]
-RUN_FILES = ["config.json", "history.csv", "lr_find.png", "lr_find_unfrozen.png", "schedule.png", "losses.png",
-             "confusion_matrix.png", "most_incorrect.png", "most_uncertain.png", "most_correct.png", "metrics.json",
-             "report.html", "bundle/model.onnx", "bundle/manifest.json"]
+FAST = [
+    "--size",
+    "32",
+    "--bs",
+    "4",
+    "--head-epochs",
+    "1",
+    "--aug-cycles",
+    "1",
+    "--unfreeze-cycles",
+    "2",
+    "--num-workers",
+    "0",
+]
+RUN_FILES = [
+    "config.json",
+    "history.csv",
+    "lr_find.png",
+    "lr_find_unfrozen.png",
+    "schedule.png",
+    "losses.png",
+    "confusion_matrix.png",
+    "most_incorrect.png",
+    "most_uncertain.png",
+    "most_correct.png",
+    "metrics.json",
+    "report.html",
+    "bundle/model.onnx",
+    "bundle/manifest.json",
+]
 
 
 def trainer(*args, timeout=600, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([TRAINER, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        [TRAINER, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw, check=False
+    )
 
 
 def epochs(run: Path) -> int:
@@ -68,15 +94,21 @@ def test_run_files_are_readable_by_other_users(full_run):
     must be 0644 and folders 0755 under umask 022, as files written with plain open() would be."""
     paths = [full_run, *full_run.rglob("*")]
     assert {p.relative_to(full_run).as_posix() for p in paths} >= set(RUN_FILES)
-    wrong = {p.relative_to(full_run).as_posix(): oct(p.stat().st_mode & 0o777) for p in paths
-             if p.stat().st_mode & 0o777 != (0o755 if p.is_dir() else 0o644)}
+    wrong = {
+        p.relative_to(full_run).as_posix(): oct(p.stat().st_mode & 0o777)
+        for p in paths
+        if p.stat().st_mode & 0o777 != (0o755 if p.is_dir() else 0o644)
+    }
     assert not wrong, wrong
 
 
 def test_resume_after_a_kill_finishes_with_the_same_epochs(data, full_run, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([TRAINER, "run", "--data", str(data), "--out", str(out), *FAST],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [TRAINER, "run", "--data", str(data), "--out", str(out), *FAST],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         # Kill once training has checkpointed at least one epoch: the process is then inside another.
@@ -97,14 +129,21 @@ def test_resume_after_a_kill_finishes_with_the_same_epochs(data, full_run, tmp_p
     assert (out / "bundle" / "model.onnx").is_file()
 
 
-@pytest.mark.parametrize("what", ["missing folder", "no classes", "one class", "csv columns", "unknown arch", "weights"])
+@pytest.mark.parametrize(
+    "what", ["missing folder", "no classes", "one class", "csv columns", "unknown arch", "weights"]
+)
 def test_user_errors_are_one_line(what, tmp_path, data):
     root = tmp_path / "d"
     (root / "train").mkdir(parents=True)
     args = ["run", "--data", root, "--out", tmp_path / "out", *FAST]
-    expected = {"missing folder": "no such folder", "no classes": "no class folders", "one class": "only one class",
-                "csv columns": "no column named 'breed'", "unknown arch": "unknown architecture",
-                "weights": "not found at"}[what]
+    expected = {
+        "missing folder": "no such folder",
+        "no classes": "no class folders",
+        "one class": "only one class",
+        "csv columns": "no column named 'breed'",
+        "unknown arch": "unknown architecture",
+        "weights": "not found at",
+    }[what]
     if what == "missing folder":
         args[2] = tmp_path / "nowhere"
     elif what == "one class":
@@ -127,8 +166,9 @@ def test_full_trains_on_train_and_valid(data, tmp_path):
     import json
 
     out = tmp_path / "full"
-    proc = trainer("run", "--data", data, "--out", out, *FAST[:-4], "--unfreeze-cycles", "0", "--num-workers", "0",
-                   "--full")
+    proc = trainer(
+        "run", "--data", data, "--out", out, *FAST[:-4], "--unfreeze-cycles", "0", "--num-workers", "0", "--full"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data: 24 train, 8 valid images" in proc.stdout  # 16 + 8 training images
     manifest = json.loads((out / "bundle" / "manifest.json").read_text())
@@ -191,8 +231,27 @@ class TestExport:
 
     def test_snapshots_after_progressive_resizing_average_only_the_last_size(self, data, tmp_path):
         run = tmp_path / "run"
-        proc = trainer("run", "--data", data, "--out", run, "--sizes", "32,40", "--lr", "0.01", "--bs", "4",
-                       "--head-epochs", "1", "--aug-cycles", "0", "--unfreeze-cycles", "1", "--num-workers", "0")
+        proc = trainer(
+            "run",
+            "--data",
+            data,
+            "--out",
+            run,
+            "--sizes",
+            "32,40",
+            "--lr",
+            "0.01",
+            "--bs",
+            "4",
+            "--head-epochs",
+            "1",
+            "--aug-cycles",
+            "0",
+            "--unfreeze-cycles",
+            "1",
+            "--num-workers",
+            "0",
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         ens = trainer("export", "--run", run, "--snapshots", "--out", tmp_path / "ens")
         assert ens.returncode == 0, ens.stderr[-2000:]
@@ -221,10 +280,12 @@ def test_fit_and_tta_say_that_bundle_and_report_describe_the_previous_model(full
 
 def test_help_answers_without_loading_torch():
     """`trainer --help` and every subcommand's help parse before PyTorch loads (it takes seconds)."""
-    code = ("import sys\nfrom trainer.cli import main\n"
-            "for argv in (['--help'], ['run', '--help'], ['fit', '--help'], ['export', '--help']):\n"
-            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
-            "print('torch' in sys.modules, file=sys.stderr)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys\nfrom trainer.cli import main\n"
+        "for argv in (['--help'], ['run', '--help'], ['fit', '--help'], ['export', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('torch' in sys.modules, file=sys.stderr)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == "False"

@@ -84,12 +84,23 @@ transforms_top_down = [*transforms_basic, RandomDihedral()]
 
 # Deterministic TTA views matching each family of training augmentation: only symmetries the model
 # was trained to be invariant to, plus a slightly zoomed crop (training zooms up to max_zoom).
-TTA_SIDE_ON = [CENTER, TTAView(name="hflip", hflip=True), TTAView(name="zoom", zoom=1.1),
-               TTAView(name="zoom_hflip", zoom=1.1, hflip=True)]
-TTA_TOP_DOWN = [CENTER, TTAView(name="hflip", hflip=True), TTAView(name="vflip", vflip=True),
-                TTAView(name="rot90", rot90=1), TTAView(name="rot270", rot90=3)]
-TTA_BASIC = [CENTER, *(TTAView(name=f"zoom_{a}", zoom=1.1, anchor=a)
-                       for a in ("top_left", "top_right", "bottom_left", "bottom_right"))]
+TTA_SIDE_ON = [
+    CENTER,
+    TTAView(name="hflip", hflip=True),
+    TTAView(name="zoom", zoom=1.1),
+    TTAView(name="zoom_hflip", zoom=1.1, hflip=True),
+]
+TTA_TOP_DOWN = [
+    CENTER,
+    TTAView(name="hflip", hflip=True),
+    TTAView(name="vflip", vflip=True),
+    TTAView(name="rot90", rot90=1),
+    TTAView(name="rot270", rot90=3),
+]
+TTA_BASIC = [
+    CENTER,
+    *(TTAView(name=f"zoom_{a}", zoom=1.1, anchor=a) for a in ("top_left", "top_right", "bottom_left", "bottom_right")),
+]
 
 
 def default_tta_views(aug_tfms: Sequence) -> list[TTAView]:

@@ -10,7 +10,6 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from serving.bundle import write_atomic
-
 from trainer.config import RunConfig
 
 
@@ -22,11 +21,18 @@ def add_model_args(parser: argparse.ArgumentParser, model: type[BaseModel], only
             continue
         flag, default = f"--{name.replace('_', '-')}", field.default
         if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{field.description} (default: {'on' if default else 'off'})")
+            parser.add_argument(
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{field.description} (default: {'on' if default else 'off'})",
+            )
             continue
         shown = "none" if default is None else default
-        parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=f"{field.description} (default: {shown})")
+        parser.add_argument(
+            flag, dest=name, default=None, metavar=name.upper(), help=f"{field.description} (default: {shown})"
+        )
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -70,7 +76,9 @@ def cmd_export(args) -> int:
     snapshots: list[str] = []
     if args.snapshots:
         if not learn.snapshots:
-            raise FileNotFoundError(f"{run_dir}/models: no snapshot_*_cyc_*.pt files; the run trained no unfrozen cycles")
+            raise FileNotFoundError(
+                f"{run_dir}/models: no snapshot_*_cyc_*.pt files; the run trained no unfrozen cycles"
+            )
         # --snapshots asks for the run's snapshot ensemble, and after progressive resizing only the
         # last size's snapshots can form one for a bundle that takes that size: the earlier ones
         # are skipped, and said so, rather than the whole export refused (no flag could then get
@@ -78,11 +86,15 @@ def cmd_export(args) -> int:
         snapshots, skipped = snapshots_at_input_size(learn, learn.snapshots)
         size = learn.data.tfms.sz
         if skipped:
-            print(f"export: skipping {len(skipped)} snapshot(s) not trained at the bundle's {size} px: "
-                  + ", ".join(f"{n} ({'size not recorded' if s is None else f'{s} px'})" for n, s in skipped.items()))
+            print(
+                f"export: skipping {len(skipped)} snapshot(s) not trained at the bundle's {size} px: "
+                + ", ".join(f"{n} ({'size not recorded' if s is None else f'{s} px'})" for n, s in skipped.items())
+            )
         if not snapshots:
-            raise ExportError(f"{run_dir}/models: no snapshot was trained at the bundle's input size of {size} px; "
-                              "export without --snapshots")
+            raise ExportError(
+                f"{run_dir}/models: no snapshot was trained at the bundle's input size of {size} px; "
+                "export without --snapshots"
+            )
         print(f"export: snapshot ensemble of {len(snapshots)} at {size} px: {', '.join(snapshots)}")
     # What the run's own export recorded: the recipe with its epochs, lr and stages, and the
     # validation metrics with and without TTA. lr comes from the run's bundle (lr_find chose it);
@@ -92,16 +104,30 @@ def cmd_export(args) -> int:
     except BundleError:
         recorded = {}
     recipe = cfg.model_dump(mode="json", exclude={"out", "data", "weights"})
-    recipe.update(epochs=len(learn.history), lr=recorded.get("lr", cfg.lr),
-                  stages=recorded.get("stages") or [s.name for s in stages(cfg)])
+    recipe.update(
+        epochs=len(learn.history),
+        lr=recorded.get("lr", cfg.lr),
+        stages=recorded.get("stages") or [s.name for s in stages(cfg)],
+    )
     # A snapshot ensemble is another model than the final weights: export measures its metrics.
     metrics = {} if snapshots else evaluate(learn, print)[0]
     out = Path(args.out) if args.out else run_dir / "bundle"
     manifest = export(
-        learn, out, name=args.name or cfg.name, version=args.version, metrics=metrics, recipe=recipe,
-        snapshots=snapshots, fp16=args.fp16, int8=args.int8, calibration_images=args.calibration_images, log=print,
+        learn,
+        out,
+        name=args.name or cfg.name,
+        version=args.version,
+        metrics=metrics,
+        recipe=recipe,
+        snapshots=snapshots,
+        fp16=args.fp16,
+        int8=args.int8,
+        calibration_images=args.calibration_images,
+        log=print,
     )
-    print(f"bundle: {out} (sha256 {manifest.model.sha256[:12]}..., TTA accuracy {manifest.metrics['accuracy_tta']:.4f})")
+    print(
+        f"bundle: {out} (sha256 {manifest.model.sha256[:12]}..., TTA accuracy {manifest.metrics['accuracy_tta']:.4f})"
+    )
     return 0
 
 
@@ -109,7 +135,9 @@ DATA_FIELDS = ("data", "val_name", "csv", "folder", "suffix", "arch", "size", "c
 
 
 def _config(args) -> RunConfig:
-    return RunConfig.model_validate({k: v for k, v in vars(args).items() if k in RunConfig.model_fields and v is not None})
+    return RunConfig.model_validate(
+        {k: v for k, v in vars(args).items() if k in RunConfig.model_fields and v is not None}
+    )
 
 
 def _data(args):
@@ -125,8 +153,10 @@ def cmd_sizes(args) -> int:
     data = _data(args)
     stats = image_size_stats([*data.trn_files, *data.val_files])
     w, h = stats["width"], stats["height"]
-    print(f"{stats['count']} images; width median {w['median']:.0f} (5%-95%: {w['p5']:.0f}-{w['p95']:.0f}), "
-          f"height median {h['median']:.0f} (5%-95%: {h['p5']:.0f}-{h['p95']:.0f})")
+    print(
+        f"{stats['count']} images; width median {w['median']:.0f} (5%-95%: {w['p5']:.0f}-{w['p95']:.0f}), "
+        f"height median {h['median']:.0f} (5%-95%: {h['p5']:.0f}-{h['p95']:.0f})"
+    )
     for path, error in stats.get("errors", []):
         print(f"unreadable: {path}: {error}", file=sys.stderr)
     png = Path(args.out or ".") / "sizes.png"
@@ -139,8 +169,10 @@ def cmd_sizes(args) -> int:
 def cmd_resize(args) -> int:
     data = _data(args)
     resized = data.resize(args.target, args.tmp_name)
-    print(f"{len(resized.trn_files) + len(resized.val_files)} images with shorter side <= {args.target} px "
-          f"under {data.path / args.tmp_name / str(args.target)}")
+    print(
+        f"{len(resized.trn_files) + len(resized.val_files)} images with shorter side <= {args.target} px "
+        f"under {data.path / args.tmp_name / str(args.target)}"
+    )
     return 0
 
 
@@ -167,7 +199,9 @@ def _run_learner(run_dir: Path):
         return learner_from_run(run_dir)
     cfg = load_run_config(run_dir)
     data = make_data(cfg, (cfg.sizes or [cfg.size])[-1], Path(run_dir))
-    return ConvLearner.pretrained(cfg.arch, data, precompute=False, weights=cfg.weights, models_dir=Path(run_dir) / "models")
+    return ConvLearner.pretrained(
+        cfg.arch, data, precompute=False, weights=cfg.weights, models_dir=Path(run_dir) / "models"
+    )
 
 
 def cmd_fit(args) -> int:
@@ -208,10 +242,12 @@ def _outdated_note(run_dir: Path, *, metrics_too: bool = False) -> str:
     import shlex
 
     run = shlex.quote(str(run_dir))
-    return (f"note: {'metrics.json, ' if metrics_too else ''}bundle/ and report.html in {run_dir} still describe "
-            f"the model before `trainer fit`; refresh the bundle with `trainer export --run {run}`"
-            + (f" and metrics.json with `trainer tta --run {run}`" if metrics_too else "")
-            + " (report.html is written only by `trainer run`)")
+    return (
+        f"note: {'metrics.json, ' if metrics_too else ''}bundle/ and report.html in {run_dir} still describe "
+        f"the model before `trainer fit`; refresh the bundle with `trainer export --run {run}`"
+        + (f" and metrics.json with `trainer tta --run {run}`" if metrics_too else "")
+        + " (report.html is written only by `trainer run`)"
+    )
 
 
 def cmd_predict(args) -> int:
@@ -246,13 +282,17 @@ def cmd_demo(args) -> int:
         data = learn.data
         acc, replies = served_accuracy(target, data.val_files, data.val_y, data.classes)
         print(f"\nserver on {target}, a few of its predictions:")
-        for f, y, r in list(zip(data.val_files, data.val_y, replies))[: args.show]:
+        for f, y, r in list(zip(data.val_files, data.val_y, replies, strict=True))[: args.show]:
             p = r.predictions[0]
             mark = "ok" if p.label == data.classes[y] else "WRONG"
-            print(f"  {f.relative_to(cfg.out)}: true {data.classes[y]}, predicted {p.label} "
-                  f"({p.probability:.3f}, {len(r.tta_views)} TTA views) {mark}")
-        print(f"\naccuracy on {len(replies)} validation images: served {acc:.4f}, "
-              f"trainer TTA {metrics['accuracy_tta']:.4f}, trainer without TTA {metrics['accuracy']:.4f}")
+            print(
+                f"  {f.relative_to(cfg.out)}: true {data.classes[y]}, predicted {p.label} "
+                f"({p.probability:.3f}, {len(r.tta_views)} TTA views) {mark}"
+            )
+        print(
+            f"\naccuracy on {len(replies)} validation images: served {acc:.4f}, "
+            f"trainer TTA {metrics['accuracy_tta']:.4f}, trainer without TTA {metrics['accuracy']:.4f}"
+        )
         print(f"bundle: {cfg.out / 'bundle'}  (serve it: serving serve --bundle {cfg.out / 'bundle'})")
     finally:
         server.stop(0)
@@ -266,8 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     add_model_args(p, RunConfig)
     p.add_argument("--epochs", type=int, help="epochs of each head step (sets --head-epochs and --aug-cycles)")
     p.add_argument("--cycles", type=int, help="unfrozen SGDR cycles (sets --unfreeze-cycles)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run in --out from its last completed epoch (default: off)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --out from its last completed epoch (default: off)",
+    )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser(
         "export",
@@ -277,13 +320,33 @@ def main(argv: list[str] | None = None) -> int:
         "the trainer's.",
     )
     p.add_argument("--run", type=Path, required=True, help="run folder written by `trainer run` (config.json, models/)")
-    p.add_argument("--out", help="bundle folder to write (default: RUN/bundle); an existing one is replaced only once the new one is verified")
+    p.add_argument(
+        "--out",
+        help="bundle folder to write (default: RUN/bundle); an existing one is replaced only once the new one is verified",
+    )
     p.add_argument("--name", help="model name recorded in the bundle (default: the run's --name)")
     p.add_argument("--version", help="model version recorded in the bundle (default: the export time, YYYYmmdd-HHMMSS)")
-    p.add_argument("--snapshots", action="store_true", help="export the run's SGDR snapshots as one ensemble graph that averages their probabilities (default: the final weights)")
-    p.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx for GPUs, with its measured accuracy change (default: off)")
-    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx for CPUs (static quantization), with its measured accuracy change (default: off)")
-    p.add_argument("--calibration-images", type=int, default=64, help="training images that calibrate --int8 (default: %(default)s)")
+    p.add_argument(
+        "--snapshots",
+        action="store_true",
+        help="export the run's SGDR snapshots as one ensemble graph that averages their probabilities (default: the final weights)",
+    )
+    p.add_argument(
+        "--fp16",
+        action="store_true",
+        help="also write model.fp16.onnx for GPUs, with its measured accuracy change (default: off)",
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write model.int8.onnx for CPUs (static quantization), with its measured accuracy change (default: off)",
+    )
+    p.add_argument(
+        "--calibration-images",
+        type=int,
+        default=64,
+        help="training images that calibrate --int8 (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("lr-find", help="the lr finder on precomputed activations: lr_find.png and a suggested lr")
     add_model_args(p, RunConfig)
@@ -294,9 +357,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cycles", type=int, default=1, help="SGDR cycles (default: %(default)s)")
     p.add_argument("--cycle-len", type=int, default=1, help="epochs in the first cycle (default: %(default)s)")
     p.add_argument("--cycle-mult", type=int, default=1, help="each cycle this many times longer (default: %(default)s)")
-    p.add_argument("--unfreeze", action="store_true", help="train all layer groups, with differential lrs (default: the head only)")
-    p.add_argument("--lr-ratio", type=float, default=10.0, help="with --unfreeze: each earlier group this many times slower (default: %(default)s)")
-    p.add_argument("--precompute", action="store_true", help="train the head on precomputed activations (default: images with augmentation)")
+    p.add_argument(
+        "--unfreeze", action="store_true", help="train all layer groups, with differential lrs (default: the head only)"
+    )
+    p.add_argument(
+        "--lr-ratio",
+        type=float,
+        default=10.0,
+        help="with --unfreeze: each earlier group this many times slower (default: %(default)s)",
+    )
+    p.add_argument(
+        "--precompute",
+        action="store_true",
+        help="train the head on precomputed activations (default: images with augmentation)",
+    )
     p.set_defaults(func=cmd_fit)
     p = sub.add_parser("tta", help="accuracy and log loss of a run's model on the validation set, with and without TTA")
     p.add_argument("--run", type=Path, required=True, help="run folder")
@@ -305,11 +379,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, required=True, help="run folder")
     p.add_argument("--test", type=Path, required=True, help="folder of images to predict")
     p.add_argument("--csv", help="CSV to write (default: RUN/submission.csv)")
-    p.add_argument("--top-label", action="store_true", help="one column with the most probable label (default: one probability column per class)")
+    p.add_argument(
+        "--top-label",
+        action="store_true",
+        help="one column with the most probable label (default: one probability column per class)",
+    )
     p.add_argument("--no-tta", action="store_true", help="plain centre view only (default: TTA)")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("sizes", help="image-size statistics of a dataset and a histogram PNG, to choose a size")
-    add_model_args(p, RunConfig, only=DATA_FIELDS + ("out",))
+    add_model_args(p, RunConfig, only=(*DATA_FIELDS, "out"))
     p.set_defaults(func=cmd_sizes)
     p = sub.add_parser("resize", help="cache copies of a dataset's images with the shorter side at most --target px")
     add_model_args(p, RunConfig, only=DATA_FIELDS)
@@ -324,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValidationError as e:
-        problems = "; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(
+            f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}" for err in e.errors()
+        )
         print(f"trainer: {problems}", file=sys.stderr)
         return 2
     except _user_errors() as e:

@@ -16,10 +16,14 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: Path | None = Field(None, description="dataset folder (train/, valid/ with one folder per class); none: the embedded digits")
+    data: Path | None = Field(
+        None, description="dataset folder (train/, valid/ with one folder per class); none: the embedded digits"
+    )
     out: Path = Field(Path("runs/latest"), description="run folder: config, epoch table, bundle/")
     val_name: str = Field("valid", description="name of the validation folder under --data")
-    csv: str | None = Field(None, description="labels CSV under --data (id, label); a random fifth of its rows validate")
+    csv: str | None = Field(
+        None, description="labels CSV under --data (id, label); a random fifth of its rows validate"
+    )
     folder: str = Field("train", description="with --csv: the folder of images under --data")
     suffix: str = Field("", description="with --csv: appended to each id to name its file, e.g. .jpg")
     id_col: str | None = Field(None, description="with --csv: the id column's name; none: the first column")
@@ -27,24 +31,35 @@ class RunConfig(BaseModel):
     arch: str = Field("efficientnet_lite0", description="backbone architecture")
     weights: Path | None = Field(None, description="local ImageNet weights file for the backbone")
     size: int = Field(224, ge=16, le=1024, description="network input side, pixels")
-    sizes: list[int] | None = Field(None, description="progressive resizing, e.g. 128,224: train at each size in turn (overrides --size)")
+    sizes: list[int] | None = Field(
+        None, description="progressive resizing, e.g. 128,224: train at each size in turn (overrides --size)"
+    )
     crop_pct: float = Field(0.875, ge=0.5, le=1.0, description="centre crop as a fraction of the resized shorter side")
     aug: Literal["side_on", "top_down", "basic", "none"] = Field("side_on", description="training augmentation family")
     max_zoom: float = Field(1.1, ge=1.0, le=2.0, description="largest random zoom in training")
     bs: int = Field(64, ge=2, description="mini-batch size, images")
     lr: float | None = Field(None, gt=0, description="lr of the head (last layer group); none: lr_find picks it")
-    lr_ratio: float = Field(10.0, ge=1.0, description="each earlier layer group trains this many times slower (3 for satellite/medical)")
+    lr_ratio: float = Field(
+        10.0, ge=1.0, description="each earlier layer group trains this many times slower (3 for satellite/medical)"
+    )
     head_epochs: int = Field(2, ge=0, description="step 3: epochs of the head on precomputed activations")
     aug_cycles: int = Field(3, ge=0, description="step 4: cycles (cycle_len=1) of the head with augmentation")
-    unfreeze_cycles: int = Field(3, ge=0, description="step 8: cycles of all layers, cycle_len=1, cycle_mult=2 (3 -> 7 epochs)")
+    unfreeze_cycles: int = Field(
+        3, ge=0, description="step 8: cycles of all layers, cycle_len=1, cycle_mult=2 (3 -> 7 epochs)"
+    )
     num_workers: int = Field(2, ge=0, description="data-loading worker processes")
     seed: int = Field(42, description="seed for reproducible runs")
     name: str = Field("classifier", description="model name recorded in the bundle")
     # On by default: the head was fitted on activations computed with the ImageNet statistics
     # (precompute), and batch statistics of a few dozen images differ enough to undo it; on 32 px
     # digits unfrozen BatchNorm in training mode collapsed accuracy to chance.
-    bn_freeze: bool = Field(True, description="keep the backbone's BatchNorm statistics when unfrozen (the lesson's bn_freeze); --no-bn-freeze to train them")
-    full: bool = Field(False, description="train the final model on train+valid (validation scores are then not held out)")
+    bn_freeze: bool = Field(
+        True,
+        description="keep the backbone's BatchNorm statistics when unfrozen (the lesson's bn_freeze); --no-bn-freeze to train them",
+    )
+    full: bool = Field(
+        False, description="train the final model on train+valid (validation scores are then not held out)"
+    )
 
     @field_validator("sizes", mode="before")
     @classmethod
@@ -53,7 +68,9 @@ class RunConfig(BaseModel):
             try:
                 sizes = [int(x) for x in sizes.split(",") if x.strip()]
             except ValueError:
-                raise ValueError(f"sizes must be whole numbers separated by commas, e.g. 128,224; got {sizes!r}") from None
+                raise ValueError(
+                    f"sizes must be whole numbers separated by commas, e.g. 128,224; got {sizes!r}"
+                ) from None
         if sizes is not None and (not sizes or any(not 16 <= x <= 1024 for x in sizes)):
             raise ValueError(f"sizes must be between 16 and 1024 pixels, got {sizes}")
         return sizes

@@ -59,8 +59,14 @@ class ImageDataset(Dataset):
     (augment=True: one called as transform(image, rng), like Tfms.train) then draws from
     random.Random(seed), so an image's augmentation never depends on which process reads it."""
 
-    def __init__(self, files: list[Path], labels: list[int] | None, transform: Callable[..., np.ndarray],
-                 *, augment: bool = False):
+    def __init__(
+        self,
+        files: list[Path],
+        labels: list[int] | None,
+        transform: Callable[..., np.ndarray],
+        *,
+        augment: bool = False,
+    ):
         self.files = list(files)
         self.labels = list(labels) if labels is not None else [-1] * len(self.files)
         self.transform = transform
@@ -106,7 +112,7 @@ class EpochSampler(Sampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = np.random.default_rng([self.seed % 2**64, self.epoch, self.repeat])
         order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
-        return iter(zip(order.tolist(), rng.integers(2**63, size=self.n).tolist()))
+        return iter(zip(order.tolist(), rng.integers(2**63, size=self.n).tolist(), strict=True))
 
 
 def _folder_dataset(root: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
@@ -204,7 +210,9 @@ class ImageClassifierData:
             raise DataError(f"{image_dir}: no such folder; `folder` names the folder of images under {path}")
         classes = sorted({label for _, label in rows})
         if len(classes) < 2:
-            raise DataError(f"{csv_path}: only {len(classes)} class ({', '.join(classes)}); a classifier needs at least two")
+            raise DataError(
+                f"{csv_path}: only {len(classes)} class ({', '.join(classes)}); a classifier needs at least two"
+            )
 
         n = len(rows)
         val = np.asarray(get_cv_idxs(n) if val_idxs is None else val_idxs).ravel()
@@ -219,20 +227,24 @@ class ImageClassifierData:
 
         files = [image_dir / f"{image_id}{suffix}" for image_id, _ in rows]
         present = [f.is_file() for f in files]
-        missing = [f for f, ok in zip(files, present) if not ok]
+        missing = [f for f, ok in zip(files, present, strict=True) if not ok]
         if missing:
-            first = ", ".join(str(f) for f in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            first = ", ".join(str(f) for f in missing[:5]) + (
+                f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            )
             if not skip_missing:
                 raise DataError(
                     f"{csv_path}: {len(missing)} of {n} rows name an image that does not exist: {first}. "
                     f"Images are looked up as {image_dir}/<id>{suffix} (suffix={suffix!r}); fix `folder` or "
                     "`suffix`, or pass skip_missing=True to drop those rows"
                 )
-            warnings.warn(f"{csv_path}: skipped {len(missing)} of {n} rows whose image is missing: {first}", stacklevel=2)
+            warnings.warn(
+                f"{csv_path}: skipped {len(missing)} of {n} rows whose image is missing: {first}", stacklevel=2
+            )
 
         index = {c: i for i, c in enumerate(classes)}
         split: dict[bool, tuple[list[Path], list[int]]] = {False: ([], []), True: ([], [])}
-        for f, (_, label), ok, v in zip(files, rows, present, is_val):
+        for f, (_, label), ok, v in zip(files, rows, present, is_val, strict=True):
             if ok:
                 split[bool(v)][0].append(f)
                 split[bool(v)][1].append(index[label])
@@ -334,7 +346,9 @@ def _read_labels_csv(csv_path: Path, id_col: str | None, label_col: str | None) 
         image_id, label = row[i].strip(), row[j].strip()
         if image_id in seen:
             # The same image twice could land on both sides of the split and inflate validation scores.
-            raise DataError(f"{csv_path}: id {image_id!r} is on rows {seen[image_id]} and {line_no}; ids must be unique")
+            raise DataError(
+                f"{csv_path}: id {image_id!r} is on rows {seen[image_id]} and {line_no}; ids must be unique"
+            )
         seen[image_id] = line_no
         rows.append((image_id, label))
     if not rows:

@@ -28,7 +28,7 @@ def materialise_digits(root: Path | str, *, val_pct: float = 0.2, seed: int = 42
     marker = root / ".complete"
     if marker.is_file():
         return root
-    for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+    for i, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
         split = "valid" if i in val else "train"
         folder = root / split / str(label)
         folder.mkdir(parents=True, exist_ok=True)

@@ -238,18 +238,25 @@ def _variant(tmp: Path, manifest: Manifest, precision: str, reference: np.ndarra
     # the ModelSession below checks it, as the server does at any precision.
     make(tmp / MODEL_NAME, tmp / file)
     variant = Variant(
-        precision=precision, file=file, sha256=sha256_file(tmp / file), intended_for="cuda" if precision == "fp16" else "cpu",
-        accuracy_tta=0.0, accuracy_tta_delta=0.0, max_probability_diff=0.0,
+        precision=precision,
+        file=file,
+        sha256=sha256_file(tmp / file),
+        intended_for="cuda" if precision == "fp16" else "cpu",
+        accuracy_tta=0.0,
+        accuracy_tta_delta=0.0,
+        max_probability_diff=0.0,
     )
     write_manifest(tmp, manifest.model_copy(update={"variants": [variant]}))
     probs = predict_files(ModelSession(tmp, device="cpu", precision=precision), data.val_files)
     y = np.asarray(data.val_y)
     fp32 = accuracy(reference, y)
-    measured = variant.model_copy(update={
-        "accuracy_tta": accuracy(probs, y),
-        "accuracy_tta_delta": accuracy(probs, y) - fp32,
-        "max_probability_diff": float(np.abs(probs - reference).max()) if len(y) else 0.0,
-    })
+    measured = variant.model_copy(
+        update={
+            "accuracy_tta": accuracy(probs, y),
+            "accuracy_tta_delta": accuracy(probs, y) - fp32,
+            "max_probability_diff": float(np.abs(probs - reference).max()) if len(y) else 0.0,
+        }
+    )
     log(f"export: {precision} TTA accuracy {measured.accuracy_tta:.4f} ({measured.accuracy_tta_delta:+.4f} vs fp32)")
     return measured
 
@@ -293,8 +300,13 @@ def quantize_int8(src: Path, dst: Path, manifest: Manifest, calibration_files: S
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantize_static(
-                str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                str(pre),
+                str(dst),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
             )
     finally:
         pre.unlink(missing_ok=True)

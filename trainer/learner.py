@@ -42,7 +42,11 @@ def default_work_dir(data_path: Path) -> Path:
     if os.access(data_path, os.W_OK) and data_path.stat().st_mode & 0o222:
         return data_path
     digest = hashlib.sha256(str(data_path).encode()).hexdigest()[:12]
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lesson2-classifier" / f"{data_path.name}-{digest}"
+    return (
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        / "lesson2-classifier"
+        / f"{data_path.name}-{digest}"
+    )
 
 
 def _as_tuple(x):
@@ -188,7 +192,7 @@ class ConvLearner:
         return values
 
     def set_lrs(self, lrs: list[float]) -> None:
-        for g, lr in zip(self.opt.param_groups, lrs):
+        for g, lr in zip(self.opt.param_groups, lrs, strict=True):
             g["lr"] = lr
 
     # --- precomputed activations
@@ -213,7 +217,7 @@ class ConvLearner:
             arch = f"{self.net.arch_name} ({self.net.arch_definition})"
             key = cache_key(arch, weights, tfms.prep, tfms.tta_views[0], files)
             path = self.work_dir / "tmp" / "precompute" / f"{self.net.arch_name}_{tfms.sz}_{name}.pt"
-            self._features[name] = cached(path, key, len(files), lambda: self.compute_features(name))
+            self._features[name] = cached(path, key, len(files), lambda name=name: self.compute_features(name))
 
     def _files(self, name: str) -> list[Path]:
         return {"train": self.data.trn_files, "valid": self.data.val_files, "test": self.data.test_files or []}[name]
@@ -329,7 +333,7 @@ class ConvLearner:
         start_epoch skips epochs already trained (resuming a checkpoint: the schedule continues
         where it stopped); on_epoch_end(epochs_done) runs after every epoch, e.g. to checkpoint."""
         lrs = self.group_values(lrs, "lrs")
-        for g, wd in zip(self.opt.param_groups, self.group_values(wds or 0.0, "wds")):
+        for g, wd in zip(self.opt.param_groups, self.group_values(wds or 0.0, "wds"), strict=True):
             g["weight_decay"] = wd
         cycle_len = cycle_len or 1
         spe = self.steps_per_epoch()
@@ -344,8 +348,9 @@ class ConvLearner:
             # Counted in images, so the bar shows throughput (img/s) and its ETA.
             bar = tqdm(total=len(self.data.trn_files), desc=f"epoch {len(self.history)}", unit="img", leave=False)
             for xb, yb, forward in self.batches("train", train=True, repeat=0):
-                step_lrs = sgdr_lrs(step, lrs, n_cycle=n_cycle, cycle_len=cycle_len, cycle_mult=cycle_mult,
-                                    steps_per_epoch=spe)
+                step_lrs = sgdr_lrs(
+                    step, lrs, n_cycle=n_cycle, cycle_len=cycle_len, cycle_mult=cycle_mult, steps_per_epoch=spe
+                )
                 self.set_lrs(step_lrs)
                 self.lr_history.append(step_lrs)
                 losses.append(self.train_step(xb, yb, forward, scaler))
@@ -389,7 +394,9 @@ class ConvLearner:
 
         Uses the exported graph's own wrapper and `serving.preprocess`, the code the server runs."""
         views = list(views or self.data.tfms.tta_views)
-        per_view = predict_views(self.inference_net(), self._files(name), self.data.tfms.prep, views, device=self.device)
+        per_view = predict_views(
+            self.inference_net(), self._files(name), self.data.tfms.prep, views, device=self.device
+        )
         return per_view.mean(axis=1), np.asarray(self._labels(name))
 
     def snapshot_ensemble(self, names: list[str] | None = None, name: str = "valid", *, tta: bool = True):

@@ -7,6 +7,7 @@ it for export: uint8 NHWC in, probabilities out.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,7 @@ def _load_in_order(model: nn.Module, state: dict) -> None:
     if len(state) != len(target):
         raise ValueError(f"weights hold {len(state)} tensors, the model expects {len(target)}")
     mapped = {}
-    for (key, want), (src_key, got) in zip(target.items(), state.items()):
+    for (key, want), (src_key, got) in zip(target.items(), state.items(), strict=True):
         if want.shape != got.shape:
             raise ValueError(f"weights tensor {src_key} {tuple(got.shape)} does not fit {key} {tuple(want.shape)}")
         mapped[key] = got
@@ -145,7 +146,9 @@ def _tv_arch(name: str, weights_enum: str) -> ArchSpec:
 
     n_features = 512 if name in ("resnet18", "resnet34") else 2048
     imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    return ArchSpec(name, build, default_weights, load, backbone, n_features, *imagenet, definition=f"torchvision {name}")
+    return ArchSpec(
+        name, build, default_weights, load, backbone, n_features, *imagenet, definition=f"torchvision {name}"
+    )
 
 
 def _registry() -> dict[str, ArchSpec]:
@@ -221,7 +224,7 @@ def make_head(n_in: int, n_classes: int, ps: tuple[float, ...], xtra_fc: tuple[i
     if len(ps) != len(sizes) - 1:
         raise ValueError(f"ps needs {len(sizes) - 1} dropout values for xtra_fc={xtra_fc}, got {ps}")
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers += [nn.BatchNorm1d(a), nn.Dropout(ps[i]), nn.Linear(a, b)]
         if i < len(sizes) - 2:
             layers.append(nn.ReLU(inplace=True))

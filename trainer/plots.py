@@ -67,7 +67,9 @@ def plot_schedule(
         raise ValueError("plot_schedule: the lr history is empty; train for at least one batch first")
     widths = {len(row) for row in lr_history}
     if len(widths) != 1 or 0 in widths:
-        raise ValueError(f"plot_schedule: every batch needs one lr per layer group, got rows of lengths {sorted(widths)}")
+        raise ValueError(
+            f"plot_schedule: every batch needs one lr per layer group, got rows of lengths {sorted(widths)}"
+        )
     lrs = np.asarray(lr_history, dtype=np.float64)
     n_groups = lrs.shape[1]
     names = list(group_names) if len(group_names) == n_groups else [f"group {i}" for i in range(n_groups)]
@@ -114,9 +116,7 @@ def plot_losses(history: Sequence[Mapping], path: Path | str) -> Path:
     return _save_png(fig, path)
 
 
-def plot_confusion_matrix(
-    cm: np.ndarray, classes: Sequence[str], path: Path | str, *, normalize: bool = False
-) -> Path:
+def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str], path: Path | str, *, normalize: bool = False) -> Path:
     """A heat map of counts[true, predicted] (trainer.metrics.confusion_matrix): true class on y,
     predicted on x, the value in each cell when there are at most 20 classes.
 
@@ -238,13 +238,21 @@ def plot_image_grid(
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes:
         ax.set_axis_off()
-    for ax, f, title in zip(axes, files, titles):
+    for ax, f, title in zip(axes, files, titles, strict=True):
         try:
             im = decode_image(Path(f).read_bytes())
             im.thumbnail((thumb, thumb))
             ax.imshow(np.asarray(im))
         except (OSError, ValueError):  # ImageError is a ValueError
-            ax.text(0.5, 0.5, f"cannot read\n{Path(f).name}", ha="center", va="center", fontsize=8, color="tab:red",
-                    transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                f"cannot read\n{Path(f).name}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="tab:red",
+                transform=ax.transAxes,
+            )
         ax.set_title(str(title), fontsize=8)
     return _save_png(fig, path)

@@ -14,13 +14,12 @@ import numpy as np
 import torch
 
 from serving.bundle import write_atomic
-from trainer import augment
+from trainer import augment, plots
+from trainer.config import RunConfig
 from trainer.data import ImageClassifierData
 from trainer.learner import ConvLearner, EpochStats, seed_everything
-from trainer import plots
 from trainer.metrics import accuracy, confusion_matrix, log_loss
 from trainer.report import write_report
-from trainer.config import RunConfig
 from trainer.schedule import lr_spread
 
 FINAL = "final"  # the trained weights, saved as <run>/models/final.pt
@@ -103,9 +102,11 @@ def run(cfg: RunConfig, log=print, *, resume: bool = False) -> tuple[ConvLearner
     checkpoint_path = out / CHECKPOINT
     state = _load_checkpoint(checkpoint_path, cfg) if resume else None
     if state and state.get("finished"):
-        log(f"{out}: the run is already complete ({len(state['learner']['history'])} epochs, bundle in "
+        log(
+            f"{out}: the run is already complete ({len(state['learner']['history'])} epochs, bundle in "
             f"{out / 'bundle'}); nothing to resume. Train it further with `trainer fit --run {out}`, "
-            "or run without --resume to start afresh")
+            "or run without --resume to start afresh"
+        )
         return learner_from_run(out, log), json.loads((out / "metrics.json").read_text())
     if not resume or state is None:
         seed_everything(cfg.seed)
@@ -131,8 +132,14 @@ def run(cfg: RunConfig, log=print, *, resume: bool = False) -> tuple[ConvLearner
 
     def checkpoint(stage: int, epochs: int, *, finished: bool = False) -> None:
         """finished: every output is written, so resuming has nothing left to do."""
-        blob = {"stage": stage, "epochs": epochs, "lr": lr, "config": cfg.model_dump(mode="json"),
-                "learner": learn.training_state(), "finished": finished}
+        blob = {
+            "stage": stage,
+            "epochs": epochs,
+            "lr": lr,
+            "config": cfg.model_dump(mode="json"),
+            "learner": learn.training_state(),
+            "finished": finished,
+        }
         buf = io.BytesIO()
         torch.save(blob, buf)
         write_atomic(checkpoint_path, buf.getvalue())
@@ -152,10 +159,15 @@ def run(cfg: RunConfig, log=print, *, resume: bool = False) -> tuple[ConvLearner
         # Step 6: earlier groups train lr_ratio times slower than the next.
         ratios = lr_spread(1.0, cfg.lr_ratio if stage.unfrozen else 1.0, len(learn.layer_groups()))
         if stage.kind == "lr_find":
-            found = find_lr(learn, out / f"{stage.name}.png", log, start_lr=[1e-5 * r for r in ratios],
-                             # On precomputed activations a sweep is cheap (100 batches, cycling a small
-                             # dataset); unfrozen, every batch runs the whole network: 30 are enough.
-                             num_it=max(100 if stage.precompute else 30, learn.steps_per_epoch()))
+            found = find_lr(
+                learn,
+                out / f"{stage.name}.png",
+                log,
+                start_lr=[1e-5 * r for r in ratios],
+                # On precomputed activations a sweep is cheap (100 batches, cycling a small
+                # dataset); unfrozen, every batch runs the whole network: 30 are enough.
+                num_it=max(100 if stage.precompute else 30, learn.steps_per_epoch()),
+            )
             # Step 7 may lower the lr (a whole network is more fragile than a head on fixed
             # activations) but never raises it.
             lr = found if lr is None else min(lr, found)
@@ -163,10 +175,15 @@ def run(cfg: RunConfig, log=print, *, resume: bool = False) -> tuple[ConvLearner
             lrs = [lr * r for r in ratios]
             if stage.unfrozen and i == done_stage and done_epochs == 0:
                 log(f"{stage.name}: lrs {', '.join(f'{x:.2e}' for x in lrs)}")
-            learn.fit(lrs, stage.cycles, cycle_len=1, cycle_mult=stage.cycle_mult,
-                      cycle_save_name=f"snapshot_{stage.size}" if stage.unfrozen else None,
-                      start_epoch=done_epochs if i == done_stage else 0,
-                      on_epoch_end=lambda epochs, i=i: checkpoint(i, epochs))
+            learn.fit(
+                lrs,
+                stage.cycles,
+                cycle_len=1,
+                cycle_mult=stage.cycle_mult,
+                cycle_save_name=f"snapshot_{stage.size}" if stage.unfrozen else None,
+                start_epoch=done_epochs if i == done_stage else 0,
+                on_epoch_end=lambda epochs, i=i: checkpoint(i, epochs),
+            )
         checkpoint(i + 1, 0)
     learn.precompute = False
     learn.save(FINAL)
@@ -177,9 +194,14 @@ def run(cfg: RunConfig, log=print, *, resume: bool = False) -> tuple[ConvLearner
     export(learn, out / "bundle", name=cfg.name, metrics=metrics, recipe=recipe, log=log)
     write_atomic(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     write_figures(learn, out, probs, y)
-    write_report(out, title=f"{cfg.name}: {cfg.arch} at {learn.data.tfms.sz} px", config=cfg.model_dump(mode="json"),
-                 metrics=metrics, history=[vars(h) for h in learn.history],
-                 images=[(caption, png) for png, caption in FIGURES.items() if (out / png).is_file()])
+    write_report(
+        out,
+        title=f"{cfg.name}: {cfg.arch} at {learn.data.tfms.sz} px",
+        config=cfg.model_dump(mode="json"),
+        metrics=metrics,
+        history=[vars(h) for h in learn.history],
+        images=[(caption, png) for png, caption in FIGURES.items() if (out / png).is_file()],
+    )
     checkpoint(len(plan), 0, finished=True)
     log(f"bundle: {out / 'bundle'}; report: {out / 'report.html'}")
     return learn, metrics
@@ -236,8 +258,9 @@ def _load_checkpoint(path: Path, cfg: RunConfig) -> dict | None:
         raise ValueError(f"{path}: cannot read the checkpoint ({e}); delete it to start the run afresh") from None
     saved = RunConfig.model_validate(state["config"])
     if saved.model_dump(exclude={"out"}) != cfg.model_dump(exclude={"out"}):
-        raise ValueError(f"{path}: the checkpoint was made with other settings; resume with the same flags, "
-                         "or use another --out")
+        raise ValueError(
+            f"{path}: the checkpoint was made with other settings; resume with the same flags, or use another --out"
+        )
     return state
 
 
@@ -285,8 +308,10 @@ def _read_history(path: Path) -> list[EpochStats]:
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [EpochStats(int(r["epoch"]), float(r["trn_loss"]), float(r["val_loss"]), float(r["accuracy"]))
-                for r in csv.DictReader(f)]
+        return [
+            EpochStats(int(r["epoch"]), float(r["trn_loss"]), float(r["val_loss"]), float(r["accuracy"]))
+            for r in csv.DictReader(f)
+        ]
 
 
 def write_history(path: Path, learn: ConvLearner) -> None:
@@ -301,9 +326,7 @@ def write_history(path: Path, learn: ConvLearner) -> None:
 def digits_demo_config(out: Path) -> RunConfig:
     """Small settings that train the digits on a 2-core CPU in about a minute. Digits are never
     flipped (a mirrored 2 is not a 2): rotation, lighting and zoom only."""
-    return RunConfig(
-        out=out, size=64, crop_pct=1.0, aug="basic", bs=64, head_epochs=3, aug_cycles=1, unfreeze_cycles=0
-    )
+    return RunConfig(out=out, size=64, crop_pct=1.0, aug="basic", bs=64, head_epochs=3, aug_cycles=1, unfreeze_cycles=0)
 
 
 def served_accuracy(target: str, files: list[Path], labels: list[int], classes: list[str]) -> tuple[float, list]:
@@ -314,5 +337,5 @@ def served_accuracy(target: str, files: list[Path], labels: list[int], classes: 
     with Client(target) as client:
         for f in files:
             replies.append(client.predict_file(f, top_k=1))
-    hits = [classes.index(r.predictions[0].label) == y for r, y in zip(replies, labels)]
+    hits = [classes.index(r.predictions[0].label) == y for r, y in zip(replies, labels, strict=True)]
     return float(np.mean(hits)), replies

@@ -56,8 +56,12 @@ def resize_images(
         raise ValueError(f"target must be a positive number of pixels, got {target!r}")
     src_root = Path(data.path)
     root = src_root / tmp_name / str(target)
-    settings = {"format": FORMAT, "target": target, "interpolation": data.tfms.prep.interpolation,
-                "jpeg_quality": JPEG_QUALITY}
+    settings = {
+        "format": FORMAT,
+        "target": target,
+        "interpolation": data.tfms.prep.interpolation,
+        "jpeg_quality": JPEG_QUALITY,
+    }
     sources = list(dict.fromkeys([*data.trn_files, *data.val_files, *(data.test_files or [])]))
     rel = {f: _relative(Path(f), src_root) for f in sources}
     cached = {f: root / rel[f] for f in sources}
@@ -74,7 +78,7 @@ def resize_images(
         try:
             jobs = pool.map(lambda f: _cache_one(Path(f), cached[f], target, settings["interpolation"]), todo)
             bar = tqdm(jobs, total=len(todo), desc=f"resize to {target}px", unit="img", leave=False)
-            for f, (entry, error) in zip(todo, bar):
+            for f, (entry, error) in zip(todo, bar, strict=True):
                 if error is not None:
                     failed.append((Path(f), error))
                     entries.pop(rel[f], None)
@@ -125,8 +129,10 @@ def _read_index(path: Path, settings: dict) -> dict[str, dict]:
     except (OSError, ValueError) as e:  # truncated or garbled JSON, bad UTF-8
         log.warning("resize cache index %s is damaged (%s): re-making its images", path, e)
         return {}
-    if not isinstance(raw, dict) or not isinstance(raw.get("files"), dict) or any(
-        raw.get(k) != v for k, v in settings.items()
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("files"), dict)
+        or any(raw.get(k) != v for k, v in settings.items())
     ):
         log.warning("resize cache index %s was made with other settings: re-making its images", path)
         return {}
@@ -161,10 +167,7 @@ def _cache_one(src: Path, dst: Path, target: int, interpolation: str) -> tuple[d
         return None, str(e)
     except OSError as e:
         return None, f"cannot read: {e.strerror or e}"
-    if min(im.size) <= target:
-        out = raw
-    else:
-        out = _encode(resize_shorter(im, target, interpolation), _format(src, raw))
+    out = raw if min(im.size) <= target else _encode(resize_shorter(im, target, interpolation), _format(src, raw))
     dst.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(dst, out)
     return {"source": source_stamp, "cache": _stamp(dst.stat())}, None

@@ -9,6 +9,7 @@ parameter group, so differential learning rates come for free.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -46,7 +47,7 @@ def sgdr_lrs(
     bounds = cycle_boundaries(n_cycle, cycle_len, cycle_mult, steps_per_epoch)
     # 1. find the cycle this step is in; 2. progress through it in [0, 1); 3. cosine of that.
     assert 0 <= step < bounds[-1], f"step {step} outside the schedule's {bounds[-1]} steps"
-    start, end = next((a, b) for a, b in zip(bounds, bounds[1:]) if a <= step < b)
+    start, end = next((a, b) for a, b in itertools.pairwise(bounds) if a <= step < b)
     t = (step - start) / (end - start)
     return [cosine(t, lr) for lr in lrs]
 

@@ -85,14 +85,18 @@ def plot_size_histogram(stats_or_files: dict | Iterable[Path | str], out_png: Pa
     out_png = Path(out_png)
     fig = Figure(figsize=(10, 4), dpi=100)
     FigureCanvasAgg(fig)
-    for ax, name, counts in zip(fig.subplots(1, 2), ("width", "height"), (stats["col_counts"], stats["row_counts"])):
+    for ax, name, counts in zip(
+        fig.subplots(1, 2), ("width", "height"), (stats["col_counts"], stats["row_counts"]), strict=True
+    ):
         sizes = np.asarray([int(k) for k in counts], dtype=np.float64)
         ax.hist(sizes, bins=bins, weights=list(counts.values()), color="tab:blue")
         summary = stats[name]
         ax.axvline(summary["median"], color="tab:orange", label=f"median {summary['median']:g} px")
         ax.set_xlabel(f"{name} (pixels)")
         ax.set_ylabel("images")
-        ax.set_title(f"{name}: {summary['min']}-{summary['max']} px; 5-95%: {summary['p5']:.0f}-{summary['p95']:.0f} px")
+        ax.set_title(
+            f"{name}: {summary['min']}-{summary['max']} px; 5-95%: {summary['p5']:.0f}-{summary['p95']:.0f} px"
+        )
         ax.legend()
     fig.suptitle(f"{stats['count']} images")
     fig.tight_layout()

@@ -49,11 +49,11 @@ def write_predictions_csv(
     writer = csv.writer(buf, lineterminator="\n")
     if top_label:
         writer.writerow(["id", "label"])
-        writer.writerows([i, classes[k]] for i, k in zip(ids, p.argmax(axis=1)))
+        writer.writerows([i, classes[k]] for i, k in zip(ids, p.argmax(axis=1), strict=True))
     else:
         writer.writerow(["id", *classes])
         # 7 significant digits: the precision of float32, the dtype the model produces.
-        writer.writerows([i, *(f"{x:.7g}" for x in row)] for i, row in zip(ids, p))
+        writer.writerows([i, *(f"{x:.7g}" for x in row)] for i, row in zip(ids, p, strict=True))
     path_out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path_out, buf.getvalue().encode("utf-8"))
     return path_out
