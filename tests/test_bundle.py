@@ -21,14 +21,11 @@ from serving.bundle import (
     check_contract,
     contract_json,
     load_bundle,
-    make_temp_dir,
     now,
     read_manifest,
-    sha256_file,
-    umask,
-    write_atomic,
     write_manifest,
 )
+from serving.files import make_temp_dir, sha256_file, umask, write_atomic
 
 
 def make_bundle(folder, payload: bytes = b"onnx bytes") -> Manifest:

@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import write_colour_dataset
 
-from serving.bundle import CONTRACT_KEY, MODEL_NAME, BundleError, contract_json, load_bundle, sha256_file
+from serving.bundle import CONTRACT_KEY, MODEL_NAME, BundleError, contract_json, load_bundle
 from serving.evaluate import predict_files
+from serving.files import sha256_file
 from serving.preprocess import load_views
 from serving.session import ModelSession
 from trainer import export as export_module

@@ -10,7 +10,8 @@ import sys
 import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
-from serving.bundle import CONTRACT_KEY, MODEL_NAME, BundleError, contract_json, sha256_file
+from serving.bundle import CONTRACT_KEY, MODEL_NAME, BundleError, contract_json
+from serving.files import sha256_file
 from serving.session import ModelSession
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from serving.bundle import write_atomic
+from serving.files import write_atomic
 from trainer.config import RunConfig
 
 

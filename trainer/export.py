@@ -20,12 +20,11 @@ from serving.bundle import (
     Normalization,
     Variant,
     contract_json,
-    make_temp_dir,
     now,
-    sha256_file,
     write_manifest,
 )
 from serving.evaluate import predict_files
+from serving.files import make_temp_dir, sha256_file
 from serving.preprocess import load_views
 from serving.session import ModelSession
 from trainer.metrics import accuracy, log_loss

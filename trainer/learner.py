@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from serving.bundle import write_atomic
+from serving.files import write_atomic
 from trainer.data import EpochSampler, ImageClassifierData
 from trainer.metrics import accuracy, log_loss
 from trainer.model import ClassifierNet, InferenceNet, build_net

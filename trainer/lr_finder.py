@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm.auto import tqdm
 
-from serving.bundle import write_atomic
+from serving.files import write_atomic
 from trainer.schedule import exponential_lrs
 
 if TYPE_CHECKING:

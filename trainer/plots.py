@@ -2,7 +2,7 @@
 
 Plain lists and arrays in, PNG files out; no learner objects. Every figure is drawn on matplotlib's
 Agg canvas without pyplot (no global state, so it is thread-safe and needs no display) and written
-with `serving.bundle.write_atomic`, so a reader never sees half a PNG.
+with `serving.files.write_atomic`, so a reader never sees half a PNG.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.bundle import write_atomic
+from serving.files import write_atomic
 from serving.preprocess import decode_image
 
 DPI = 100

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from serving.bundle import Preprocessing, TTAView, write_atomic
+from serving.bundle import Preprocessing, TTAView
+from serving.files import write_atomic
 
 log = logging.getLogger(__name__)
 

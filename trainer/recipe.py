@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from serving.bundle import write_atomic
+from serving.files import write_atomic
 from trainer import augment, plots
 from trainer.config import RunConfig
 from trainer.data import ImageClassifierData

@@ -14,7 +14,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from serving.bundle import write_atomic
+from serving.files import write_atomic
 
 REPORT_NAME = "report.html"
 EPOCH_COLUMNS = ("epoch", "trn_loss", "val_loss", "accuracy")

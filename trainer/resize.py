@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from serving.bundle import write_atomic
+from serving.files import write_atomic
 from serving.preprocess import ImageError, decode_image, resize_shorter
 from trainer.data import DataError, ImageClassifierData
 

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from serving.bundle import write_atomic
+from serving.files import write_atomic
 
 PERCENTILES = (5, 25, 50, 75, 95)
 # EXIF orientations 5-8 are quarter turns: the decoded (upright) image has width and height swapped.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.bundle import write_atomic
+from serving.files import write_atomic
 
 
 def write_predictions_csv(
