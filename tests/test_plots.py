@@ -1,4 +1,5 @@
-"""trainer.plots: every plot writes a PNG, edge cases included; the lesson's selections pick exact rows."""
+"""trainer.plots: each figure draws exactly its data (read back from the matplotlib Figure), every plot
+writes a non-blank PNG of that figure, edge cases included; the lesson's selections pick exact rows."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import pytest
 from PIL import Image
 
 from trainer.plots import (
+    DPI,
+    MAX_ANNOTATED_CLASSES,
+    RESTART_GID,
+    confusion_matrix_figure,
+    image_grid_figure,
     image_grid_titles,
+    losses_figure,
     most_correct,
     most_incorrect,
     most_uncertain,
@@ -18,6 +25,7 @@ from trainer.plots import (
     plot_losses,
     plot_schedule,
     restart_steps,
+    schedule_figure,
 )
 from trainer.schedule import sgdr_lrs
 
@@ -28,7 +36,18 @@ def assert_png(path, min_side: int = 100) -> tuple[int, int]:
         im.verify()
     with Image.open(path) as im:
         assert im.width > min_side and im.height > min_side, im.size
+        lo, hi = im.convert("L").getextrema()
+        assert hi - lo > 50, f"{path.name} looks blank: grey levels {lo}..{hi}"
         return im.size
+
+
+def curves(ax) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """label -> (x, y) of every line on `ax` but the restart markers."""
+    return {
+        line.get_label(): (np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float))
+        for line in ax.get_lines()
+        if line.get_gid() != RESTART_GID
+    }
 
 
 def sgdr_history(n_cycle=3, cycle_len=1, cycle_mult=2, spe=4, lrs=(1e-4, 1e-3, 1e-2)) -> list[list[float]]:
@@ -38,6 +57,28 @@ def sgdr_history(n_cycle=3, cycle_len=1, cycle_mult=2, spe=4, lrs=(1e-4, 1e-3, 1
 
 
 class TestSchedule:
+    def test_lines_are_the_lrs_and_restarts_are_marked(self):
+        history = sgdr_history()
+        ax = schedule_figure(history).axes[0]
+        lines = curves(ax)
+        assert list(lines) == ["early", "late", "head"]
+        for g, (x, y) in enumerate(lines.values()):
+            np.testing.assert_array_equal(x, np.arange(len(history)))
+            np.testing.assert_array_equal(y, [row[g] for row in history])
+        restarts = [line.get_xdata()[0] for line in ax.get_lines() if line.get_gid() == RESTART_GID]
+        assert restarts == [4, 12]
+        assert ax.get_yscale() == "log"
+
+    def test_png_is_the_figure(self, tmp_path):
+        w, h = schedule_figure(sgdr_history()).get_size_inches() * DPI
+        assert assert_png(plot_schedule(sgdr_history(), tmp_path / "lr.png")) == (round(w), round(h))
+
+    def test_non_positive_lrs_are_gaps_and_other_group_counts_are_numbered(self):
+        lines = curves(schedule_figure([[0.1, 0.2], [0.0, -1.0], [0.05, 0.1]]).axes[0])
+        assert list(lines) == ["group 0", "group 1"]
+        np.testing.assert_array_equal(lines["group 0"][1], [0.1, np.nan, 0.05])
+        np.testing.assert_array_equal(lines["group 1"][1], [0.2, np.nan, 0.1])
+
     def test_sgdr_history(self, tmp_path):
         assert_png(plot_schedule(sgdr_history(), tmp_path / "lr.png"))
 
@@ -69,6 +110,23 @@ def epochs(n: int) -> list[dict]:
 
 
 class TestLosses:
+    def test_lines_are_the_history(self):
+        history = epochs(5)
+        history[0]["trn_loss"] = math.nan
+        loss_ax, acc_ax = losses_figure(history).axes
+        lines = curves(loss_ax)
+        assert list(lines) == ["training loss", "validation loss"]
+        for label, key in [("training loss", "trn_loss"), ("validation loss", "val_loss")]:
+            np.testing.assert_array_equal(lines[label][0], [row["epoch"] for row in history])
+            np.testing.assert_array_equal(lines[label][1], [row[key] for row in history])
+        ((_, acc_y),) = curves(acc_ax).values()
+        np.testing.assert_array_equal(acc_y, [row["accuracy"] for row in history])
+        assert (loss_ax.get_ylabel(), acc_ax.get_ylabel()) == ("loss", "accuracy")
+
+    def test_extra_keys_are_ignored(self):
+        history = [dict(row, stage="head", seconds=1.5) for row in epochs(2)]
+        assert len(curves(losses_figure(history).axes[0])) == 2
+
     @pytest.mark.parametrize("n", [1, 7])
     def test_epochs(self, tmp_path, n):
         assert_png(plot_losses(epochs(n), tmp_path / "sub" / "losses.png"))
@@ -94,6 +152,34 @@ class TestLosses:
 
 
 class TestConfusionMatrix:
+    CM = np.array([[50, 3, 0], [7, 40, 1], [0, 0, 0]])
+
+    def test_image_is_the_matrix_labelled_with_the_classes(self):
+        ax = confusion_matrix_figure(self.CM, ["ants", "bees", "wasps"]).axes[0]
+        np.testing.assert_array_equal(ax.images[0].get_array(), self.CM)
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["ants", "bees", "wasps"]
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["ants", "bees", "wasps"]
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted", "true")
+        # One number per cell, row by row.
+        assert [t.get_text() for t in ax.texts] == [str(v) for v in self.CM.ravel()]
+
+    def test_normalized_rows(self):
+        ax = confusion_matrix_figure(self.CM, ["ants", "bees", "wasps"], normalize=True).axes[0]
+        np.testing.assert_allclose(
+            ax.images[0].get_array(), [[50 / 53, 3 / 53, 0], [7 / 48, 40 / 48, 1 / 48], [0, 0, 0]]
+        )
+        assert ax.texts[0].get_text() == "0.94"
+
+    @pytest.mark.parametrize("n", [MAX_ANNOTATED_CLASSES + 1, 50, 400])
+    def test_many_classes_no_numbers_and_bounded_size(self, n):
+        cm = np.arange(n * n).reshape(n, n)
+        fig = confusion_matrix_figure(cm, [f"c{i}" for i in range(n)])
+        ax = fig.axes[0]
+        assert len(ax.texts) == 0
+        np.testing.assert_array_equal(ax.images[0].get_array(), cm)
+        w, h = fig.get_size_inches() * DPI
+        assert w <= 1750 and h <= 1600
+
     @pytest.mark.parametrize("normalize", [False, True])
     def test_two_classes(self, tmp_path, normalize):
         cm = np.array([[50, 3], [7, 40]])
@@ -175,6 +261,26 @@ def photos(tmp_path):
 
 
 class TestImageGrid:
+    def test_titles_and_thumbnails_drawn(self, photos):
+        titles = ["true ants\npred bees (p=0.93)", "tall", "rotated"]
+        axes = image_grid_figure(photos, titles, cols=2, thumb=160).axes
+        assert len(axes) == 4  # 2 x 2, the last cell empty
+        assert [ax.get_title() for ax in axes] == [*titles, ""]
+        # Longer side 160 px, aspect kept; the EXIF-rotated photo is drawn upright (tall).
+        shapes = [ax.images[0].get_array().shape[:2] for ax in axes[:3]]
+        assert shapes == [(80, 160), (160, 64), (160, 67)]
+        assert len(axes[3].images) == 0
+
+    def test_unreadable_file_drawn_as_a_message(self, tmp_path, photos):
+        bad = tmp_path / "bad.jpg"
+        bad.write_bytes(b"not an image")
+        axes = image_grid_figure([photos[0], bad], ["a", "b"]).axes
+        assert [ax.get_title() for ax in axes] == ["a", "b"]
+        assert len(axes[1].images) == 0 and [t.get_text() for t in axes[1].texts] == ["cannot read\nbad.jpg"]
+
+    def test_empty_says_so(self):
+        assert [t.get_text() for t in image_grid_figure([], []).texts] == ["no images"]
+
     def test_grid(self, tmp_path, photos):
         titles = ["true ants\npred bees (p=0.93)", "tall", "rotated"]
         assert_png(plot_image_grid(photos, titles, tmp_path / "grid.png", cols=2))

@@ -1,8 +1,10 @@
 """Training plots as pure functions: lr schedule, losses, confusion matrix, and the lesson's image grids.
 
-Plain lists and arrays in, PNG files out; no learner objects. Every figure is drawn on matplotlib's
-Agg canvas without pyplot (no global state, so it is thread-safe and needs no display) and written
-with `serving.files.write_atomic`, so a reader never sees half a PNG.
+Plain lists and arrays in, PNG files out; no learner objects. Each plot is two functions: a
+`*_figure` builder that draws a matplotlib Figure (what tests inspect: the lines, image and labels
+drawn) and a `plot_*` saver that writes it as a PNG. Figures are drawn on matplotlib's Agg canvas
+without pyplot (no global state, so it is thread-safe and needs no display) and written with
+`serving.files.write_atomic`, so a reader never sees half a PNG.
 """
 
 from __future__ import annotations
@@ -11,18 +13,24 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from serving.files import write_atomic
 from serving.preprocess import decode_image
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 DPI = 100
 # Above this many classes the cells are too small for readable numbers: the colour alone tells.
 MAX_ANNOTATED_CLASSES = 20
+# The restart lines' gid, by which a reader of the Figure tells them from the lr curves.
+RESTART_GID = "restart"
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -31,7 +39,7 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save_png(fig, path: Path | str) -> Path:
+def _save_png(fig: Figure, path: Path | str) -> Path:
     path = Path(path)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
@@ -43,7 +51,7 @@ def _save_png(fig, path: Path | str) -> Path:
 # --- training curves -----------------------------------------------------------------------------
 
 
-def restart_steps(lr_history: Sequence[Sequence[float]]) -> list[int]:
+def restart_steps(lr_history: Sequence[Sequence[float]] | np.ndarray) -> list[int]:
     """Batches at which any group's lr rises: SGDR's lr only falls within a cycle, so a rise is a
     warm restart (the first batch is not counted)."""
     lrs = np.asarray(lr_history, dtype=np.float64)
@@ -57,8 +65,16 @@ def restart_steps(lr_history: Sequence[Sequence[float]]) -> list[int]:
 def plot_schedule(
     lr_history: Sequence[Sequence[float]], path: Path | str, *, group_names: Sequence[str] = ("early", "late", "head")
 ) -> Path:
+    """`schedule_figure` written as a PNG at `path`; returns the path."""
+    return _save_png(schedule_figure(lr_history, group_names=group_names), path)
+
+
+def schedule_figure(
+    lr_history: Sequence[Sequence[float]], *, group_names: Sequence[str] = ("early", "late", "head")
+) -> Figure:
     """The lr of every layer group per training batch (log y axis), with a faint vertical line at each
-    warm restart. `lr_history` holds one row per batch, one lr per group (ConvLearner.lr_history).
+    warm restart (gid RESTART_GID). `lr_history` holds one row per batch, one lr per group
+    (ConvLearner.lr_history).
 
     Groups are labelled with `group_names` when it has one name per group, else "group 0", "group 1",
     ... Non-positive lrs are left out (a log axis cannot show them). Raises ValueError when the
@@ -77,19 +93,25 @@ def plot_schedule(
     ax = fig.subplots()
     steps = np.arange(len(lrs))
     for restart in restart_steps(lrs):
-        ax.axvline(restart, color="0.6", linewidth=0.8, alpha=0.5)
+        ax.axvline(restart, color="0.6", linewidth=0.8, alpha=0.5, gid=RESTART_GID)
     for g, name in enumerate(names):
         # A one-batch history is a single point: the marker keeps it visible.
         ax.plot(steps, np.where(lrs[:, g] > 0, lrs[:, g], np.nan), label=name, marker="." if len(lrs) == 1 else None)
     ax.set(yscale="log", xlabel="batch", ylabel="learning rate")
     ax.legend(title="layer group")
-    return _save_png(fig, path)
+    return fig
 
 
 def plot_losses(history: Sequence[Mapping], path: Path | str) -> Path:
+    """`losses_figure` written as a PNG at `path`; returns the path."""
+    return _save_png(losses_figure(history), path)
+
+
+def losses_figure(history: Sequence[Mapping]) -> Figure:
     """Training and validation loss per epoch, and accuracy on a second y axis. `history` rows are
-    mappings with keys epoch, trn_loss, val_loss, accuracy (`vars(EpochStats)`). NaN values leave a
-    gap. Raises ValueError when the history is empty or a row lacks a key."""
+    mappings with keys epoch, trn_loss, val_loss, accuracy (`vars(EpochStats)`; other keys are
+    ignored). The first axes hold the two losses, its twin the accuracy. NaN values leave a gap.
+    Raises ValueError when the history is empty or a row lacks a key."""
     if not len(history):
         raise ValueError("plot_losses: the history is empty; train for at least one epoch first")
     keys = ("epoch", "trn_loss", "val_loss", "accuracy")
@@ -112,16 +134,23 @@ def plot_losses(history: Sequence[Mapping], path: Path | str) -> Path:
     acc_ax.set_ylabel("accuracy")
     lines = ax.get_lines() + acc_ax.get_lines()
     # Outside the axes: the twin axis is drawn over the first, so a legend inside would be hidden.
-    fig.legend(lines, [line.get_label() for line in lines], loc="outside upper center", ncols=3)
-    return _save_png(fig, path)
+    fig.legend(lines, [str(line.get_label()) for line in lines], loc="outside upper center", ncols=3)
+    return fig
 
 
 def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str], path: Path | str, *, normalize: bool = False) -> Path:
+    """`confusion_matrix_figure` written as a PNG at `path`; returns the path."""
+    return _save_png(confusion_matrix_figure(cm, classes, normalize=normalize), path)
+
+
+def confusion_matrix_figure(cm: np.ndarray, classes: Sequence[str], *, normalize: bool = False) -> Figure:
     """A heat map of counts[true, predicted] (trainer.metrics.confusion_matrix): true class on y,
-    predicted on x, the value in each cell when there are at most 20 classes.
+    predicted on x, the value in each cell when there are at most MAX_ANNOTATED_CLASSES classes
+    (beyond that the numbers would be unreadable: the colour alone tells).
 
     `normalize=True` shows each row as fractions of its true class (a row with no images stays 0).
-    Fonts shrink as classes grow; about 50 classes still read. Raises ValueError when `cm` is not
+    Fonts shrink as classes grow; about 50 classes still read. The figure is at most 17.5 x 16
+    inches (1750 x 1600 px) however many classes there are. Raises ValueError when `cm` is not
     square or `classes` does not name every row."""
     counts = np.asarray(cm, dtype=np.float64)
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] == 0:
@@ -156,7 +185,7 @@ def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str], path: Path | s
                 # Rec. 601 luma: white text on dark cells, black on light ones.
                 text = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
                 ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", color=text, fontsize=label_size)
-    return _save_png(fig, path)
+    return fig
 
 
 # --- the lesson's selections: which images to look at --------------------------------------------
@@ -217,6 +246,11 @@ def image_grid_titles(probs: np.ndarray, y: np.ndarray, classes: Sequence[str], 
 def plot_image_grid(
     files: Sequence[Path | str], titles: Sequence[str], path: Path | str, *, cols: int = 4, thumb: int = 160
 ) -> Path:
+    """`image_grid_figure` written as a PNG at `path`; returns the path."""
+    return _save_png(image_grid_figure(files, titles, cols=cols, thumb=thumb), path)
+
+
+def image_grid_figure(files: Sequence[Path | str], titles: Sequence[str], *, cols: int = 4, thumb: int = 160) -> Figure:
     """Thumbnails of `files` in a grid, `cols` wide, each at most `thumb` pixels on its longer side
     (aspect ratio kept, EXIF orientation applied) with its title above. A file that cannot be read
     gets a cell saying so rather than failing the whole grid; an empty list writes a small PNG that
@@ -228,7 +262,7 @@ def plot_image_grid(
     if not files:
         fig = _figure(3, 1.5)
         fig.text(0.5, 0.5, "no images", ha="center", va="center", fontsize=14)
-        return _save_png(fig, path)
+        return fig
     cols = min(cols, len(files))
     rows = math.ceil(len(files) / cols)
     title_lines = max(str(t).count("\n") + 1 for t in titles)
@@ -238,7 +272,7 @@ def plot_image_grid(
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes:
         ax.set_axis_off()
-    for ax, f, title in zip(axes, files, titles, strict=True):
+    for ax, f, title in zip(axes[: len(files)], files, titles, strict=True):
         try:
             im = decode_image(Path(f).read_bytes())
             im.thumbnail((thumb, thumb))
@@ -255,4 +289,4 @@ def plot_image_grid(
                 transform=ax.transAxes,
             )
         ax.set_title(str(title), fontsize=8)
-    return _save_png(fig, path)
+    return fig

@@ -1,4 +1,4 @@
-"""A run's report: one self-contained HTML file with its metrics, epochs, plots and configuration.
+"""A run's report: one self-contained HTML file with its data, metrics, epochs, plots and configuration.
 
 Self-contained so that it can be mailed or attached to a ticket as it is: images are embedded as
 base64 data: URIs, the CSS is inline, and nothing is fetched from anywhere (no scripts, no links).
@@ -17,7 +17,11 @@ from pathlib import Path
 from serving.files import write_atomic
 
 REPORT_NAME = "report.html"
-EPOCH_COLUMNS = ("epoch", "trn_loss", "val_loss", "accuracy")
+# The order of the epoch table's columns; only those some row has are shown, any others after them.
+EPOCH_COLUMNS = ("epoch", "stage", "trn_loss", "val_loss", "accuracy", "seconds")
+SPLITS = ("train", "valid", "test")
+# Beyond this many classes a list of names is a wall of text; the count alone is shown.
+MAX_LISTED_CLASSES = 20
 # Magic bytes of the formats a browser shows inline; anything else is reported, not embedded.
 _MIME = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg"}
 
@@ -29,6 +33,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; font-
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; } .missing { color: #b00; }
+.warning { background: #fff4e0; border-left: 4px solid #e69500; padding: 0.5em 1em; }
 pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 """
 
@@ -71,6 +76,41 @@ def _image(run_dir: Path, caption: str, png: str | Path) -> str:
     return f'<figure><img src="{uri}" alt="{_esc(caption)}">\n<figcaption>{_esc(caption)}</figcaption></figure>'
 
 
+def _data_rows(summary: Mapping) -> list[tuple[str, object]]:
+    """Name/value rows for the data summary: classes, images per split, whether validation is held out."""
+    rows: list[tuple[str, object]] = []
+    classes = summary.get("classes")
+    if isinstance(classes, numbers.Integral):
+        rows.append(("classes", classes))
+    elif classes is not None:
+        names = [str(c) for c in classes]
+        rows.append(("classes", len(names)))
+        if len(names) <= MAX_LISTED_CLASSES:
+            rows.append(("class names", ", ".join(names)))
+    images = summary.get("images") or {}
+    for split in [s for s in SPLITS if s in images] + [s for s in images if s not in SPLITS]:
+        rows.append((f"{split} images", images[split]))
+    if "held_out" in summary:
+        held_out = summary["held_out"]
+        rows.append(("validation held out", "yes" if held_out else "no: the model trained on these images too"))
+    rows += [(str(k), v) for k, v in summary.items() if k not in ("classes", "images", "held_out")]
+    return rows
+
+
+def _epoch_table(history: Sequence[Mapping]) -> str:
+    present = {k for row in history for k in row}
+    extra = dict.fromkeys(k for row in history for k in row if k not in EPOCH_COLUMNS)
+    columns = [c for c in EPOCH_COLUMNS if c in present] + list(extra)
+
+    def cell(column: str, value: object) -> object:
+        # Wall time to a tenth of a second: five decimals of a second are noise.
+        if column == "seconds" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return f"{float(value):.1f}"
+        return value
+
+    return _table(columns, [[cell(c, row.get(c, "")) for c in columns] for row in history])
+
+
 def write_report(
     run_dir: Path | str,
     *,
@@ -80,14 +120,22 @@ def write_report(
     history: Sequence[Mapping],
     images: Sequence[tuple[str, str | Path]],
     tables: Mapping[str, Sequence[Sequence]] | None = None,
+    data_summary: Mapping | None = None,
+    most_confused: Sequence[tuple[str, str, int]] | None = None,
 ) -> Path:
     """Write `run_dir/report.html` (atomically; the folder is created if needed) and return its path.
 
-    The page shows, in order: `title`; `metrics` as a name/value table; `history` as one row per
-    epoch (keys epoch, trn_loss, val_loss, accuracy; a missing key leaves its cell empty); every
-    (caption, path) in `images`, path relative to `run_dir` or absolute, embedded as a data: URI (a
-    file that is missing or not a PNG/JPEG is listed by name instead of failing the report); the
-    resolved `config` as JSON; and each of `tables` under its name, its first row the header.
+    The page shows, in order: `title`; `data_summary` when given, as rows: "classes" (a list of
+    names, or a count; the names are listed when there are at most MAX_LISTED_CLASSES), "images" (a mapping split ->
+    count, shown train, valid, test, then any others), "held_out" and any other keys as they are;
+    `metrics` as a name/value table, headed by a plain warning when `data_summary["held_out"]` is
+    False (the model trained on its validation images, `--full`, so the scores are not held out);
+    `most_confused` when given, as (actual, predicted, count) rows (trainer.metrics.most_confused);
+    `history` as one row per epoch with the columns of EPOCH_COLUMNS that any row has, in that order,
+    then any other keys (a key a row lacks leaves its cell empty); every (caption, path) in `images`,
+    path relative to `run_dir` or absolute, embedded as a data: URI (a file that is missing or not a
+    PNG/JPEG is listed by name instead of failing the report); the resolved `config` as JSON; and
+    each of `tables` under its name, its first row the header.
     All text is HTML-escaped; the page loads nothing from outside itself."""
     run_dir = Path(run_dir)
     parts = [
@@ -96,14 +144,24 @@ def write_report(
         f"<title>{_esc(title)}</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>{_esc(title)}</h1>",
-        "<h2>Metrics</h2>",
-        _table(("metric", "value"), list(metrics.items())) if metrics else "<p>(no metrics)</p>",
-        "<h2>Epochs</h2>",
     ]
-    if history:
-        parts.append(_table(EPOCH_COLUMNS, [[row.get(k, "") for k in EPOCH_COLUMNS] for row in history]))
-    else:
-        parts.append("<p>(no epochs)</p>")
+    if data_summary is not None:
+        parts += ["<h2>Data</h2>", _table(("data", "value"), _data_rows(data_summary))]
+    parts.append("<h2>Metrics</h2>")
+    if data_summary is not None and "held_out" in data_summary and not data_summary["held_out"]:
+        parts.append(
+            '<p class="warning"><strong>These validation scores are NOT held out:</strong> this run trained '
+            "on its validation images too (<code>--full</code>), so they are scores on images the model has "
+            "seen and overstate how it will do on new images.</p>"
+        )
+    parts.append(_table(("metric", "value"), list(metrics.items())) if metrics else "<p>(no metrics)</p>")
+    if most_confused is not None:
+        parts.append("<h2>Most confused pairs (actual, predicted, count)</h2>")
+        if most_confused:
+            parts.append(_table(("actual", "predicted", "count"), most_confused))
+        else:
+            parts.append("<p>(no confused pairs)</p>")
+    parts += ["<h2>Epochs</h2>", _epoch_table(history) if history else "<p>(no epochs)</p>"]
     if images:
         parts.append("<h2>Plots</h2>")
         parts.extend(_image(run_dir, caption, png) for caption, png in images)
