@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serving.preprocess import resize_shorter
 from trainer.augment import (
     TTA_BASIC,
     TTA_SIDE_ON,
@@ -56,6 +57,19 @@ class TestTrainViews:
         im = Image.fromarray(np.full((40, 60, 3), 200, np.uint8))
         out = RandomRotate(deg=10, p=1.0)(im, random.Random(3))
         assert out.size == im.size and np.asarray(out).min() == 200
+
+    def test_bare_crop_is_the_pil_crop_and_writable(self):
+        # No augmentation (aug="none"): the view is a random crop, made in numpy so that the one copy
+        # it needs is writable (torch.from_numpy then shares it instead of warning or copying again).
+        tfms = tfms_from_model("efficientnet_lite0", 16, crop_pct=0.5)
+        im = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+        resized = resize_shorter(im, 32)
+        for seed in range(5):
+            rng = random.Random(seed)
+            left, top = rng.randint(0, resized.width - 16), rng.randint(0, resized.height - 16)
+            v = tfms.train(im, random.Random(seed))
+            assert np.array_equal(v, np.asarray(resized.crop((left, top, left + 16, top + 16))))
+            assert v.flags.writeable and v.flags.c_contiguous
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""trainer.data.ImageClassifierData.from_csv: a labels CSV and one folder of images, on real files."""
+"""trainer.data: ImageClassifierData.from_csv on real files (a labels CSV and one folder of images), and dataset items."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from trainer.augment import tfms_from_model
-from trainer.data import DataError, ImageClassifierData, get_cv_idxs
+from trainer.config import RunConfig
+from trainer.data import DataError, ImageClassifierData, ImageDataset, get_cv_idxs
 
 TFMS = tfms_from_model("efficientnet_lite0", 16)
 LABELS = ["husky", "beagle", "pug"]
@@ -104,7 +106,7 @@ class TestMissingImages:
         with pytest.raises(DataError) as e:
             from_csv(root)
         message = str(e.value)
-        assert "labels.csv" in message and "7 of 20 rows" in message and "skip_missing=True" in message
+        assert "labels.csv" in message and "7 of 20 rows" in message and "--skip-missing" in message
         for i in range(5):
             assert str(root / "train" / f"img{i:03d}.png") in message
         assert "img005" not in message and "img006" not in message
@@ -120,6 +122,9 @@ class TestMissingImages:
         assert "img003.png" in str(record[0].message)
         kept = {f.stem for f in data.trn_files + data.val_files}
         assert len(kept) == 18 and not kept & {"img003", "img011"}
+
+    def test_run_config_has_the_flag_off_by_default(self):
+        assert RunConfig().skip_missing is False and RunConfig(skip_missing=True).skip_missing is True
 
     def test_no_warning_when_nothing_is_missing(self, tmp_path):
         with warnings.catch_warnings():
@@ -191,3 +196,33 @@ class TestBadCsv:
 def test_get_cv_idxs_is_a_fixed_fifth():
     a = get_cv_idxs(100)
     assert len(a) == 20 and len(set(a.tolist())) == 20 and np.array_equal(a, get_cv_idxs(100))
+
+
+class TestItems:
+    """ImageDataset hands torch.from_numpy writable arrays: torch warns (once per process) about a
+    read-only one, whose memory the tensor would share."""
+
+    @pytest.fixture
+    def writable_flags(self, monkeypatch):
+        seen, real = [], torch.from_numpy
+        monkeypatch.setattr(torch, "from_numpy", lambda a: seen.append(a.flags.writeable) or real(a))
+        return seen
+
+    def test_read_only_transform_output_is_copied(self, tmp_path, writable_flags):
+        Image.new("RGB", (8, 8), (9, 8, 7)).save(tmp_path / "a.png")
+
+        def read_only(im):
+            a = np.asarray(im)
+            assert not a.flags.writeable  # numpy's view of a PIL image
+            return a
+
+        x, y = ImageDataset([tmp_path / "a.png"], [0], read_only)[0]
+        assert writable_flags == [True] and x.shape == (3, 8, 8) and int(x[0, 0, 0]) == 9 and y == 0
+
+    @pytest.mark.parametrize("augment", [False, True])
+    def test_items_without_augmentation_families_are_writable(self, tmp_path, writable_flags, augment):
+        # aug="none": a training view is a bare random crop.
+        data = from_csv(write_dataset(tmp_path))
+        item = (0, 123) if augment else 0
+        x, _ = data.dataset("train", augment=augment)[item]
+        assert writable_flags == [True] and tuple(x.shape) == (3, 16, 16)

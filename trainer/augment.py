@@ -138,7 +138,10 @@ class Tfms:
                 im = t(im, rng)
         side = self.sz
         left, top = rng.randint(0, im.width - side), rng.randint(0, im.height - side)
-        a = np.asarray(im.crop((left, top, left + side, top + side)), dtype=np.uint8)
+        # Cropped in numpy, not PIL: numpy's view of a PIL image is read-only, so a PIL crop would
+        # need a further copy to become the writable array torch.from_numpy wants; the copy that
+        # ascontiguousarray makes of this slice is writable already.
+        a = np.asarray(im, dtype=np.uint8)[top : top + side, left : left + side]
         for t in self.aug_tfms:
             if not isinstance(t, RandomRotate):
                 a = t(a, rng)

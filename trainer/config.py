@@ -8,7 +8,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# The backbones trainer.model can build, named here too so that --help lists them and a misspelt
+# --arch is refused without loading torch (tests/test_trainer_cli.py checks the two lists agree).
+ARCH_NAMES = (
+    "efficientnet_lite0",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+)
 
 
 class RunConfig(BaseModel):
@@ -28,11 +41,24 @@ class RunConfig(BaseModel):
     suffix: str = Field("", description="with --csv: appended to each id to name its file, e.g. .jpg")
     id_col: str | None = Field(None, description="with --csv: the id column's name; none: the first column")
     label_col: str | None = Field(None, description="with --csv: the label column's name; none: the second column")
-    arch: str = Field("efficientnet_lite0", description="backbone architecture")
+    skip_missing: bool = Field(
+        False, description="with --csv: drop CSV rows whose image file is missing instead of stopping"
+    )
+    arch: str = Field(
+        "efficientnet_lite0", description="backbone architecture", json_schema_extra={"choices": list(ARCH_NAMES)}
+    )
     weights: Path | None = Field(None, description="local ImageNet weights file for the backbone")
     size: int = Field(224, ge=16, le=1024, description="network input side, pixels")
     sizes: list[int] | None = Field(
         None, description="progressive resizing, e.g. 128,224: train at each size in turn (overrides --size)"
+    )
+    resize: int | None = Field(
+        None,
+        ge=16,
+        description="cache copies of the images with the shorter side at most this many pixels (the lesson's "
+        "data.resize) and train from them; speeds up decoding of large photos. At least the training size. "
+        "Validation and TTA read the copies too, but the bundle serves the originals, so served "
+        "probabilities can differ slightly from validation's",
     )
     crop_pct: float = Field(0.875, ge=0.5, le=1.0, description="centre crop as a fraction of the resized shorter side")
     aug: Literal["side_on", "top_down", "basic", "none"] = Field("side_on", description="training augmentation family")
@@ -75,10 +101,19 @@ class RunConfig(BaseModel):
             raise ValueError(f"sizes must be between 16 and 1024 pixels, got {sizes}")
         return sizes
 
+    @model_validator(mode="after")
+    def _resize_not_below_size(self) -> RunConfig:
+        largest = max(self.sizes or [self.size])
+        if self.resize is not None and self.resize < largest:
+            raise ValueError(
+                f"resize {self.resize} px is smaller than the training size {largest} px; the copies would be "
+                f"upscaled again. Pass --resize {largest} or more (the lesson uses 340 for 224 and 299)"
+            )
+        return self
+
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
-        from trainer.model import get_arch
-
-        get_arch(arch)  # raises with the list of known architectures
+        if arch not in ARCH_NAMES:
+            raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCH_NAMES)}")
         return arch

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from serving.preprocess import ImageError, decode_image
 from trainer.augment import Tfms
+from trainer.resize import resize_images
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -29,7 +31,7 @@ def get_cv_idxs(n: int, val_pct: float = 0.2, seed: int = 42) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n)[: round(n * val_pct)]
 
 
-def read_image(path: Path):
+def read_image(path: Path) -> Image.Image:
     """Decode one image file, naming the file when it is unreadable."""
     try:
         return decode_image(Path(path).read_bytes())
@@ -79,7 +81,9 @@ class ImageDataset(Dataset):
         i, seed = item if isinstance(item, tuple) else (item, None)
         im = read_image(self.files[i])
         a = self.transform(im, random.Random(seed)) if self.augment and seed is not None else self.transform(im)
-        return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1), self.labels[i]
+        # torch.from_numpy shares memory and needs a writable array (numpy's view of a PIL image is
+        # read-only); require() copies only an array that is read-only or not contiguous.
+        return torch.from_numpy(np.require(a, requirements=("C", "W"))).permute(2, 0, 1), self.labels[i]
 
 
 class EpochSampler(Sampler):
@@ -235,8 +239,8 @@ class ImageClassifierData:
             if not skip_missing:
                 raise DataError(
                     f"{csv_path}: {len(missing)} of {n} rows name an image that does not exist: {first}. "
-                    f"Images are looked up as {image_dir}/<id>{suffix} (suffix={suffix!r}); fix `folder` or "
-                    "`suffix`, or pass skip_missing=True to drop those rows"
+                    f"Images are looked up as {image_dir}/<id>{suffix} (suffix={suffix!r}); fix --folder or "
+                    "--suffix, or pass --skip-missing to drop those rows (from Python: skip_missing=True)"
                 )
             warnings.warn(
                 f"{csv_path}: skipped {len(missing)} of {n} rows whose image is missing: {first}", stacklevel=2
@@ -262,11 +266,40 @@ class ImageClassifierData:
     def c(self) -> int:
         return len(self.classes)
 
-    def resize(self, target: int, new_path: str = "tmp") -> ImageClassifierData:
-        """The lesson's `data.resize(340, 'tmp')`: see `trainer.resize.resize_images`."""
-        from trainer.resize import resize_images  # resize builds on this module
+    def resize(self, target: int, new_path: str = "tmp", *, workers: int | None = None) -> ImageClassifierData:
+        """The lesson's `data.resize(340, 'tmp')`: the same dataset read from cached copies of its
+        images with the shorter side at most `target` pixels (`trainer.resize.resize_images`).
 
-        return resize_images(self, target, new_path)
+        The copies go to `trainer.resize.cache_dir(self.path, target, new_path)`: `new_path/<target>`
+        beside the data, or in the user's cache when the data folder is read-only. Labels, classes,
+        transforms and `path` are unchanged, so models and other caches stay where they were."""
+        copies = resize_images(
+            [*self.trn_files, *self.val_files, *(self.test_files or [])],
+            self.path,
+            target,
+            tmp_name=new_path,
+            interpolation=self.tfms.prep.interpolation,
+            workers=workers,
+        )
+        return dataclasses.replace(
+            self,
+            trn_files=[copies[f] for f in self.trn_files],
+            val_files=[copies[f] for f in self.val_files],
+            test_files=None if self.test_files is None else [copies[f] for f in self.test_files],
+        )
+
+    def resized(self, target: int) -> ImageClassifierData:
+        """`resize(target)` for training at this data's size (`trainer run --resize`): refuses a
+        target below the input size, which would train on upscaled copies.
+
+        Evaluation and TTA then read the copies too, while the exported bundle serves the original
+        images, so validation probabilities can differ slightly from what the server answers."""
+        if target < self.tfms.sz:
+            raise DataError(
+                f"resize target {target} px is smaller than the training size {self.tfms.sz} px; "
+                f"pass a target of at least {self.tfms.sz} (the lesson resizes to 340 for 224)"
+            )
+        return self.resize(target)
 
     def with_tfms(self, tfms: Tfms) -> ImageClassifierData:
         """The same files read with other transforms (progressive resizing: 128 px, then 224 px)."""
@@ -336,7 +369,8 @@ def _read_labels_csv(csv_path: Path, id_col: str | None, label_col: str | None) 
         )
     i = _column(csv_path, header, id_col, 0, "image id")
     j = _column(csv_path, header, label_col, 1, "label")
-    rows, seen = [], {}
+    rows: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
     for line_no, row in enumerate(lines[1:], start=2):
         if len(row) <= max(i, j) or not row[i].strip() or not row[j].strip():
             raise DataError(

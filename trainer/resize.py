@@ -8,16 +8,20 @@ A file is reused only when both still match, so a changed source is re-made, and
 replaced or deleted cache file is too. The index is rewritten atomically every few seconds and at
 the end; an entry is only added after its file is complete, so an interrupted run loses at most
 the work since the last index write and never leaves a file that looks valid but is not.
+
+The cache lives in the dataset's work folder (`trainer.workdir`): `tmp/<target>/` beside the images,
+or under the user's cache when the data folder is read-only, so a shared dataset is never written to.
+It works on paths alone; `ImageClassifierData.resize` maps a dataset's files through it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +30,7 @@ from tqdm.auto import tqdm
 
 from serving.files import write_atomic
 from serving.preprocess import ImageError, decode_image, resize_shorter
-from trainer.data import DataError, ImageClassifierData
+from trainer.workdir import default_work_dir
 
 log = logging.getLogger(__name__)
 
@@ -36,33 +40,50 @@ JPEG_QUALITY = 95  # also used for WebP; high enough that re-encoding is invisib
 INDEX_EVERY_S = 2.0  # how much work an interrupted run may lose, in seconds
 
 
+class ResizeError(ValueError):
+    """Images that cannot be cached; the message names them and what to do."""
+
+
+def cache_dir(data_path: Path, target: int, tmp_name: str = "tmp") -> Path:
+    """The folder of the copies at `target` pixels of the dataset at `data_path`: `tmp_name/<target>`
+    in its work folder, which is the data folder itself or, when that is read-only, a folder in the
+    user's cache (`trainer.workdir.default_work_dir`, where the precompute cache goes too)."""
+    return default_work_dir(data_path) / tmp_name / str(target)
+
+
 def resize_images(
-    data: ImageClassifierData, target: int, tmp_name: str = "tmp", *, workers: int | None = None
-) -> ImageClassifierData:
-    """A copy of `data` whose training, validation and test files are the cached resized images.
+    files: Sequence[Path],
+    data_path: Path,
+    target: int,
+    *,
+    tmp_name: str = "tmp",
+    interpolation: str = "bilinear",
+    workers: int | None = None,
+) -> dict[Path, Path]:
+    """The cached copy of each of `files`, keyed by the path as given, made where missing or stale.
 
-    Each image `data.path/<rel>` is cached at `data.path/tmp_name/<target>/<rel>`: its shorter side
-    reduced to `target` pixels with `serving.preprocess.resize_shorter` (the data's interpolation)
-    after EXIF-aware decoding, and encoded in the format its extension names (JPEG and WebP at
-    quality 95). Images whose shorter side is already `target` or less are copied byte for byte:
-    never upscaled. Up-to-date cache files are reused; see the module docstring for what that means.
-    Labels, classes, transforms and `path` are unchanged, so models and other caches stay where
-    they were. `workers` threads decode and encode (default: the CPU count, at most 8).
+    Each image `data_path/<rel>` is cached at `cache_dir(data_path, target, tmp_name)/<rel>`: its
+    shorter side reduced to `target` pixels with `serving.preprocess.resize_shorter` (with
+    `interpolation`, the data's) after EXIF-aware decoding, and encoded in the format its extension
+    names (JPEG and WebP at quality 95). Images whose shorter side is already `target` or less are
+    copied byte for byte: never upscaled. Up-to-date cache files are reused; see the module
+    docstring for what that means. `workers` threads decode and encode (default: the CPU count, at
+    most 8).
 
-    Raises DataError when a file lies outside `data.path`, or, after caching every other image,
+    Raises ResizeError when a file lies outside `data_path`, or, after caching every other image,
     when some sources could not be read or decoded (naming them).
     """
     if isinstance(target, bool) or not isinstance(target, int) or target < 1:
         raise ValueError(f"target must be a positive number of pixels, got {target!r}")
-    src_root = Path(data.path)
-    root = src_root / tmp_name / str(target)
+    src_root = Path(data_path)
+    root = cache_dir(src_root, target, tmp_name)
     settings = {
         "format": FORMAT,
         "target": target,
-        "interpolation": data.tfms.prep.interpolation,
+        "interpolation": interpolation,
         "jpeg_quality": JPEG_QUALITY,
     }
-    sources = list(dict.fromkeys([*data.trn_files, *data.val_files, *(data.test_files or [])]))
+    sources = list(dict.fromkeys(files))
     rel = {f: _relative(Path(f), src_root) for f in sources}
     cached = {f: root / rel[f] for f in sources}
 
@@ -76,11 +97,11 @@ def resize_images(
         pool = ThreadPoolExecutor(max_workers=workers)
         last_write = time.monotonic()
         try:
-            jobs = pool.map(lambda f: _cache_one(Path(f), cached[f], target, settings["interpolation"]), todo)
+            jobs = pool.map(lambda f: _cache_one(Path(f), cached[f], target, interpolation), todo)
             bar = tqdm(jobs, total=len(todo), desc=f"resize to {target}px", unit="img", leave=False)
-            for f, (entry, error) in zip(todo, bar, strict=True):
-                if error is not None:
-                    failed.append((Path(f), error))
+            for f, entry in zip(todo, bar, strict=True):
+                if isinstance(entry, str):
+                    failed.append((Path(f), entry))
                     entries.pop(rel[f], None)
                     continue
                 entries[rel[f]] = entry
@@ -94,17 +115,11 @@ def resize_images(
         log.info("resize to %dpx: made %d of %d images under %s", target, len(todo) - len(failed), len(sources), root)
     if failed:
         shown = "; ".join(f"{f}: {e}" for f, e in failed[:5]) + ("; ..." if len(failed) > 5 else "")
-        raise DataError(
+        raise ResizeError(
             f"{len(failed)} of {len(sources)} images could not be resized ({shown}); "
             f"remove or replace them and run again (the other {len(sources) - len(failed)} are cached under {root})"
         )
-
-    def moved(files):
-        return None if files is None else [cached[f] for f in files]
-
-    return dataclasses.replace(
-        data, trn_files=moved(data.trn_files), val_files=moved(data.val_files), test_files=moved(data.test_files)
-    )
+    return cached
 
 
 def _relative(f: Path, root: Path) -> str:
@@ -114,7 +129,7 @@ def _relative(f: Path, root: Path) -> str:
             return a.relative_to(b).as_posix()
         except ValueError:
             pass
-    raise DataError(
+    raise ResizeError(
         f"{f}: not under the data folder {root}; the resize cache mirrors paths relative to it, "
         "so keep every image of the dataset under `path`"
     )
@@ -147,7 +162,7 @@ def _stamp(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _up_to_date(src: Path, dst: Path, entry) -> bool:
+def _up_to_date(src: Path, dst: Path, entry: object) -> bool:
     if not isinstance(entry, dict):
         return False
     try:
@@ -156,21 +171,21 @@ def _up_to_date(src: Path, dst: Path, entry) -> bool:
         return False
 
 
-def _cache_one(src: Path, dst: Path, target: int, interpolation: str) -> tuple[dict | None, str | None]:
-    """Write the cached copy of one image: (index entry, None), or (None, why) for a bad source."""
+def _cache_one(src: Path, dst: Path, target: int, interpolation: str) -> dict | str:
+    """Write the cached copy of one image: its index entry, or why not for a bad source."""
     try:
         # Stat before reading: a source changed while we read it then looks newer than its entry.
         source_stamp = _stamp(src.stat())
         raw = src.read_bytes()
         im = decode_image(raw)
     except ImageError as e:
-        return None, str(e)
+        return str(e)
     except OSError as e:
-        return None, f"cannot read: {e.strerror or e}"
+        return f"cannot read: {e.strerror or e}"
     out = raw if min(im.size) <= target else _encode(resize_shorter(im, target, interpolation), _format(src, raw))
     dst.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(dst, out)
-    return {"source": source_stamp, "cache": _stamp(dst.stat())}, None
+    return {"source": source_stamp, "cache": _stamp(dst.stat())}
 
 
 def _format(path: Path, raw: bytes) -> str:
@@ -178,7 +193,7 @@ def _format(path: Path, raw: bytes) -> str:
     if fmt is None:  # an id without an extension: keep whatever the file really is
         with Image.open(io.BytesIO(raw)) as im:
             fmt = im.format
-    return fmt
+    return fmt or "PNG"  # a decodable image of no format Pillow names: lossless, to change nothing
 
 
 def _encode(im: Image.Image, fmt: str) -> bytes:
