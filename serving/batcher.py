@@ -148,7 +148,8 @@ class Batcher:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            batch, views = [], 0
+            batch: list[_Pending] = []
+            views = 0
             # A request larger than a whole batch still runs, alone.
             while self._queue and (not batch or views + self._queue[0].size <= self.max_batch_views):
                 p = self._queue.popleft()

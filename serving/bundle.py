@@ -5,9 +5,9 @@ as a pydantic model with a schema version; the trainer writes it and the server 
 load. Every constant the server needs (input size, resize policy, TTA views, classes) lives in the
 manifest and is never re-declared on the serving side.
 
-The ONNX graph contract (schema 1): one input, uint8, layout NHWC (batch, size, size, 3), RGB; one
-output, float32 (batch, n_classes), probabilities that sum to 1. Normalisation and softmax are
-inside the graph, so the server only decodes, resizes and crops.
+The ONNX graph contract (schemas 1 and 2): one input, uint8, layout NHWC (batch, size, size, 3),
+RGB; one output, float32 (batch, n_classes), probabilities that sum to 1. Normalisation and softmax
+are inside the graph, so the server only decodes, resizes and crops.
 
 The manifest's sha256 covers the graph, and the graph covers the manifest's meaning: at export the
 classes, preprocessing and TTA views are written into the graph's metadata (CONTRACT_KEY, canonical
@@ -20,13 +20,20 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path, PureWindowsPath
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serving.files import sha256_file, write_atomic
 
-SCHEMA_VERSION = 1
+# Schema 2 added tta.default / tta.reason (whether a call that does not say gets TTA, and why) and
+# metrics_held_out. Every schema-1 manifest is still read, with the defaults those fields declare
+# (TTA on, as servers then did), so old bundles keep working here. The version is bumped anyway
+# because a schema-2 bundle can ask for TTA off by default, which a server that knows only schema 1
+# would not honour: such a server now refuses it, naming the version, instead of failing on an
+# unknown field or serving it with the wrong default.
+SCHEMA_VERSION: Final = 2
+READABLE_SCHEMAS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
 # The graph metadata key (ONNX metadata_props) that holds contract_json() of the manifest at export.
@@ -84,10 +91,24 @@ class Normalization(_Strict):
     in_graph: Literal[True] = True
 
 
+# The reason a bundle exported before the TTA default was recorded (schema 1) gives for its default.
+UNRECORDED_TTA_REASON = "not recorded: exported before the default was chosen at export; TTA on, as servers then did"
+
+
 class TTA(_Strict):
-    # views[0] is the plain view, the only one run when a caller switches TTA off.
+    # views[0] is the plain view, the only one run when TTA is off.
     views: list[TTAView] = Field(min_length=1)
     aggregation: Literal["mean_probability"] = "mean_probability"
+    # Whether a call that does not say (PredictRequest.tta unset) gets every view: chosen at export
+    # from the validation metrics (trainer.export.choose_tta_default), since TTA can score worse than
+    # the plain view. `reason` says why, for people.
+    default: bool = True
+    reason: str = UNRECORDED_TTA_REASON
+
+    def views_for(self, tta: bool | None = None) -> list[TTAView]:
+        """The views a prediction runs: every one with tta=True, only the plain first one with
+        tta=False, and the bundle's default with None (a call that does not say)."""
+        return self.views if (self.default if tta is None else tta) else self.views[:1]
 
     @field_validator("views")
     @classmethod
@@ -134,7 +155,7 @@ Precision = Literal["fp32", "fp16", "int8"]
 
 
 class Manifest(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     name: str = Field(min_length=1)
     version: str = Field(min_length=1)
     created_at: datetime
@@ -149,6 +170,9 @@ class Manifest(_Strict):
     ensemble: list[str] = Field(default_factory=list)
     # Validation metrics at export, e.g. accuracy, log_loss, accuracy_tta, log_loss_tta.
     metrics: dict[str, float] = Field(default_factory=dict)
+    # False when the model also trained on the validation images (`trainer run --full`): `metrics`
+    # then flatter it. Schema-1 manifests did not record it and read as True.
+    metrics_held_out: bool = True
     # The training recipe that produced the model (epochs, lrs, cycles, sizes): free-form, for people.
     recipe: dict = Field(default_factory=dict)
     # Library versions at export (torch, onnx, ...).
@@ -184,7 +208,11 @@ def _canonical(value) -> str:
 
 def check_contract(manifest: Manifest, embedded: str | None, model_path: Path) -> None:
     """Refuse a manifest whose classes, preprocessing or TTA differ from those embedded in its graph
-    (`embedded`: the graph's CONTRACT_KEY metadata, None when absent)."""
+    (`embedded`: the graph's CONTRACT_KEY metadata, None when absent).
+
+    The embedded parts are read through the manifest's own models before they are compared, so a
+    field added since the graph was written compares as its default on both sides: an old graph's
+    TTA section (no `default`) matches an old manifest's, and refuses an edit to it."""
     if embedded is None:
         raise BundleError(
             f"{model_path}: the graph carries no {CONTRACT_KEY} metadata, so it was exported by an older trainer "
@@ -199,12 +227,29 @@ def check_contract(manifest: Manifest, embedded: str | None, model_path: Path) -
             f"{model_path}: the graph's {CONTRACT_KEY} metadata is not a JSON object: re-export the bundle"
         )
     expected = json.loads(contract_json(manifest.classes, manifest.preprocessing, manifest.tta))
-    differ = [part for part in CONTRACT_PARTS if _canonical(graph.get(part)) != _canonical(expected[part])]
+    differ = [
+        part for part in CONTRACT_PARTS if _canonical(_read_part(part, graph.get(part))) != _canonical(expected[part])
+    ]
     if differ:
         raise BundleError(
             f"{model_path.parent / MANIFEST_NAME}: {', '.join(differ)} not as embedded in {model_path.name} at "
             "export (the manifest was edited after export): re-export the bundle"
         )
+
+
+_PART_MODELS: dict[str, type[BaseModel]] = {"preprocessing": Preprocessing, "tta": TTA}
+
+
+def _read_part(part: str, value: object) -> object:
+    """An embedded contract part with the defaults of fields it lacks filled in, as JSON values;
+    one that does not validate is returned as it is (and so differs from any manifest's)."""
+    model = _PART_MODELS.get(part)
+    if model is None or not isinstance(value, dict):
+        return value
+    try:
+        return model.model_validate(value).model_dump(mode="json")
+    except ValidationError:
+        return value
 
 
 def write_manifest(bundle_dir: Path, manifest: Manifest) -> Path:
@@ -225,10 +270,10 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path}: not valid JSON ({e}); re-export the bundle") from None
     version = raw.get("schema_version") if isinstance(raw, dict) else None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMAS:
         raise BundleError(
-            f"{path}: schema_version {version!r} is not supported (this server reads {SCHEMA_VERSION}); "
-            "re-export with a matching trainer"
+            f"{path}: schema_version {version!r} is not supported (this server reads "
+            f"{' and '.join(map(str, READABLE_SCHEMAS))}); re-export with a matching trainer or upgrade the server"
         )
     try:
         return Manifest.model_validate(raw)

@@ -34,7 +34,13 @@ def _predict_parser(sub) -> None:
     p.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, WebP, BMP, ...)")
     p.add_argument("--target", default="localhost:50051", help="server address host:port (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default: %(default)s)")
-    p.add_argument("--no-tta", action="store_true", help="run only the plain centre view")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run every TTA view of the bundle (--tta) or only the plain centre view (--no-tta) "
+        "(default: as the bundle chose at export, from its validation scores)",
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default: %(default)s)")
     p.add_argument(
         "--tls-ca",
@@ -94,7 +100,7 @@ def run_predict(args) -> int:
     with client:
         for path in args.images:
             try:
-                reply = client.predict(path.read_bytes(), top_k=args.top_k, tta=False if args.no_tta else None)
+                reply = client.predict(path.read_bytes(), top_k=args.top_k, tta=args.tta)
             except OSError as e:
                 print(f"{path}: cannot read: {e.strerror or e}", file=sys.stderr)
                 status = 1

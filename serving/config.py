@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from serving.bundle import Precision
 from serving.preprocess import DEFAULT_FORMATS, PEAK_BYTES_PER_PIXEL
@@ -168,13 +170,14 @@ def describe(name: str) -> str:
     return f"{field.description} (default: {default}; {env})"
 
 
-def load_config(flags: dict, environ: dict[str, str] | None = None) -> ServerConfig:
-    """Defaults, overridden by SERVING_<NAME> variables, overridden by flags that were given."""
-    environ = os.environ if environ is None else environ
-    values = {
-        name: environ[f"{ENV_PREFIX}{name.upper()}"]
+def load_config(flags: dict, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Defaults, overridden by SERVING_<NAME> variables (of `environ`, os.environ when None),
+    overridden by flags that were given."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {
+        name: env[f"{ENV_PREFIX}{name.upper()}"]
         for name in ServerConfig.model_fields
-        if f"{ENV_PREFIX}{name.upper()}" in environ
+        if f"{ENV_PREFIX}{name.upper()}" in env
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     try:
@@ -188,6 +191,6 @@ def load_config(flags: dict, environ: dict[str, str] | None = None) -> ServerCon
         raise ConfigError(f"invalid configuration: {problems}") from None
 
 
-def _message(err: dict) -> str:
+def _message(err: ErrorDetails) -> str:
     # pydantic prefixes the messages of our own validators with "Value error, "; people need only ours.
     return err["msg"].removeprefix("Value error, ")

@@ -17,9 +17,10 @@ from serving.session import ModelSession
 def predict_files(
     session: ModelSession, files: Sequence[Path], *, tta: bool = True, batch_images: int = 16
 ) -> np.ndarray:
-    """Mean probability over the views of every file, (n_files, n_classes), float32."""
+    """Mean probability over the views of every file, (n_files, n_classes), float32: every TTA view
+    with tta=True (the default here, whatever the bundle's serving default), the plain one with False."""
     m = session.manifest
-    views = m.tta.views if tta else m.tta.views[:1]
+    views = m.tta.views_for(tta)
     out = []
     for i in range(0, len(files), batch_images):
         chunk = files[i : i + batch_images]

@@ -8,6 +8,7 @@ The calls are counted by serving.interceptor, including those gRPC refuses befor
 from __future__ import annotations
 
 from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
@@ -74,7 +75,7 @@ class Metrics:
             registry=r,
         )
         self.model = Info("classifier_model", "The model being served", registry=r)
-        self._http = None
+        self._http: WSGIServer | None = None
 
     def model_loaded(self, manifest: Manifest, *, precision: str, sha256: str, providers: list[str]) -> None:
         self.model.info(
@@ -110,7 +111,7 @@ class Metrics:
                 f"cannot serve metrics on {host}:{port}: {e.strerror or e}; pick another --metrics-port "
                 "(0 for a free one) or turn metrics off with --metrics-port off"
             ) from None
-        return self._http.server_port
+        return int(self._http.server_port)
 
     def close(self) -> None:
         if self._http is not None:

@@ -35,21 +35,22 @@ def prepare(
     manifest: Manifest,
     data: bytes,
     *,
-    tta: bool = True,
+    tta: bool | None = None,
     max_bytes: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     formats: Sequence[str] = DEFAULT_FORMATS,
     admit: Admit | None = None,
 ) -> Prepared:
-    """Check and decode one encoded image and make the bundle's views of it (all of them, or only
-    the first, plain one with tta=False). Raises ImageError saying what was wrong; `admit` is
-    load_views' hook for bounding the decoding work."""
+    """Check and decode one encoded image and make the bundle's views of it: all of them with
+    tta=True, only the first, plain one with tta=False, and as the bundle's `tta.default` says with
+    None (a call that does not say). Raises ImageError saying what was wrong; `admit` is load_views'
+    hook for bounding the decoding work."""
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageError(
             f"image is {len(data)} bytes, over the limit of {max_bytes}; the model sees "
             f"{manifest.preprocessing.input_size}x{manifest.preprocessing.input_size} pixels, so send a smaller file"
         )
-    views = manifest.tta.views if tta else manifest.tta.views[:1]
+    views = manifest.tta.views_for(tta)
     limits = {} if admit is None else {"admit": admit}
     views_array = load_views(data, manifest.preprocessing, views, max_pixels=max_pixels, formats=formats, **limits)
     return Prepared(views_array, [v.name for v in views])

@@ -126,7 +126,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # round(v / 65535 * 255) is (v + 128) // 257 exactly (65535 = 255 x 257, and no v lies on a
         # tie): integers instead of float64 keep a 50-megapixel 16-bit PNG from needing 400 MB more.
-        a = np.asarray(im, dtype=np.int64 if im.mode == "I" else np.uint32)
+        a: np.ndarray = np.asarray(im, dtype=np.int64 if im.mode == "I" else np.uint32)
         if im.mode == "I" and a.max() <= 255:
             a8 = np.clip(a, 0, 255).astype(np.uint8)
         else:

@@ -89,7 +89,7 @@ class Server:
         c = self.config
         address = f"{c.host}:{c.port}"
         try:
-            if c.tls_cert is None:
+            if c.tls_cert is None or c.tls_key is None:  # ServerConfig allows both or neither
                 port = self.grpc_server.add_insecure_port(address)
             else:
                 client_ca = c.tls_client_ca.read_bytes() if c.tls_client_ca is not None else None

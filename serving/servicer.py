@@ -10,6 +10,7 @@ import logging
 import time
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 import numpy as np
@@ -58,6 +59,13 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, ShuttingDown):
         return grpc.StatusCode.UNAVAILABLE, str(error)
     return grpc.StatusCode.INTERNAL, f"the model failed on this input: {type(error).__name__}: {error}"
+
+
+def abort(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
+    """End the call with `error`'s status. grpc's context.abort always raises, but grpc ships no type
+    information that says so; this function does, for the type checker and the reader."""
+    context.abort(*status_for(error))
+    raise AssertionError("grpc.ServicerContext.abort returned instead of raising")
 
 
 def deadline_of(context: grpc.ServicerContext) -> float | None:
@@ -113,7 +121,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                     raise result
                 return self._respond(model, request, prepared, result)
         except Exception as e:
-            context.abort(*status_for(e))
+            abort(context, e)
 
     def PredictBatch(self, request: pb.PredictBatchRequest, context: grpc.ServicerContext) -> pb.PredictBatchResponse:
         try:
@@ -130,23 +138,24 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 for i, item in enumerate(request.requests):
                     guard.check()  # no more decoding once the caller's deadline passed or it hung up
                     prepared.append(self._prepare(model, item, guard, f"PredictBatch image {i}"))
-                good = [i for i, p in enumerate(prepared) if isinstance(p, Prepared)]
-                probs = dict(zip(good, self._run(model, [prepared[i] for i in good], context), strict=True))
+                # Only the images that were prepared run; their results come back in that order.
+                ran = iter(self._run(model, [p for p in prepared if isinstance(p, Prepared)], context))
+                outcomes = [p if isinstance(p, Exception) else (p, next(ran)) for p in prepared]
                 return pb.PredictBatchResponse(
                     results=[
-                        self._batch_result(model, item, prepared[i], probs.get(i))
-                        for i, item in enumerate(request.requests)
+                        self._batch_result(model, item, outcome)
+                        for item, outcome in zip(request.requests, outcomes, strict=True)
                     ]
                 )
         except Exception as e:
-            context.abort(*status_for(e))
+            abort(context, e)
 
     def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfoResponse:
         try:
             with self.admission.admitted():
                 model = self._ready()
         except CallFailed as e:
-            context.abort(*status_for(e))
+            abort(context, e)
         m = model.session.manifest
         return pb.ModelInfoResponse(
             model_name=m.name,
@@ -160,6 +169,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             schema_version=m.schema_version,
             precision=model.session.precision,
             providers=model.session.providers,
+            tta_default=m.tta.default,
+            tta_reason=m.tta.reason,
+            metrics_held_out=m.metrics_held_out,
         )
 
     # Helpers shared by the RPCs.
@@ -186,7 +198,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     ) -> Prepared | Exception:
         """The image's views, or the error that fails this image alone. Raises CallFailed when the
         whole call must end (deadline passed, caller gone)."""
-        tta = request.tta if request.HasField("tta") else True
+        # A call that does not say gets what the bundle chose at export (manifest tta.default).
+        tta = request.tta if request.HasField("tta") else None
         try:
             with decoder_log.counted(self._decoder_warning):
                 return prepare(
@@ -217,7 +230,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     def _decoder_warning(self, source: str) -> None:
         self.metrics.decoder_warnings.labels(source).inc()
 
-    def _run(self, model: LoadedModel, prepared: list[Prepared], context: grpc.ServicerContext) -> list:
+    def _run(
+        self, model: LoadedModel, prepared: list[Prepared], context: grpc.ServicerContext
+    ) -> list[np.ndarray | Exception]:
         deadline = deadline_of(context)
         futures = model.batcher.submit([p.views for p in prepared], deadline=deadline)
         # A caller that hangs up or times out frees its place: queued views it left are not run.
@@ -242,11 +257,18 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self,
         model: LoadedModel,
         request: pb.PredictRequest,
-        prepared: Prepared | Exception,
-        probs: np.ndarray | Exception | None,
+        outcome: Exception | tuple[Prepared, np.ndarray | Exception],
     ) -> pb.PredictBatchResult:
-        failure = prepared if isinstance(prepared, Exception) else probs if isinstance(probs, Exception) else None
-        if failure is not None:
-            code, message = status_for(failure)
-            return pb.PredictBatchResult(status=pb.Status(code=code.value[0], message=message))
-        return pb.PredictBatchResult(status=pb.Status(code=0), response=self._respond(model, request, prepared, probs))
+        """One PredictBatch entry: `outcome` is the error that stopped the image before it ran, or
+        its prepared views with the model's probabilities (or the error the model run raised)."""
+        if isinstance(outcome, Exception):
+            failure = outcome
+        else:
+            prepared, probs = outcome
+            if not isinstance(probs, Exception):
+                return pb.PredictBatchResult(
+                    status=pb.Status(code=0), response=self._respond(model, request, prepared, probs)
+                )
+            failure = probs
+        code, message = status_for(failure)
+        return pb.PredictBatchResult(status=pb.Status(code=code.value[0], message=message))

@@ -12,6 +12,7 @@ from serving.bundle import (
     CONTRACT_KEY,
     MODEL_NAME,
     TTA,
+    UNRECORDED_TTA_REASON,
     BundleError,
     Manifest,
     ModelFile,
@@ -27,8 +28,10 @@ from serving.bundle import (
 )
 from serving.files import make_temp_dir, sha256_file, umask, write_atomic
 
+TWO_VIEWS = TTA(views=[CENTER, TTAView(name="hflip", hflip=True)])
 
-def make_bundle(folder, payload: bytes = b"onnx bytes") -> Manifest:
+
+def make_bundle(folder, payload: bytes = b"onnx bytes", tta: TTA = TWO_VIEWS) -> Manifest:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MODEL_NAME).write_bytes(payload)
     manifest = Manifest(
@@ -39,7 +42,7 @@ def make_bundle(folder, payload: bytes = b"onnx bytes") -> Manifest:
         classes=["ants", "bees"],
         preprocessing=Preprocessing(input_size=32, resize_size=36),
         normalization=Normalization(mean=(0.5,) * 3, std=(0.5,) * 3),
-        tta=TTA(views=[CENTER, TTAView(name="hflip", hflip=True)]),
+        tta=tta,
         model=ModelFile(sha256=sha256_file(folder / MODEL_NAME), opset=17, input_name="image", output_name="p"),
     )
     write_manifest(folder, manifest)
@@ -72,10 +75,24 @@ class TestManifest:
     def test_future_schema_is_refused(self, tmp_path):
         make_bundle(tmp_path)
         raw = json.loads((tmp_path / "manifest.json").read_text())
-        raw["schema_version"] = 2
+        raw["schema_version"] = 3
         (tmp_path / "manifest.json").write_text(json.dumps(raw))
-        with pytest.raises(BundleError, match="schema_version 2 is not supported"):
+        with pytest.raises(BundleError, match=r"schema_version 3 is not supported \(this server reads 1 and 2\)"):
             read_manifest(tmp_path)
+
+    def test_a_schema_1_manifest_reads_with_tta_on_and_held_out_metrics(self, tmp_path):
+        written = make_bundle(tmp_path)
+        edit_manifest(tmp_path, as_schema_1)
+        m = read_manifest(tmp_path)
+        assert m.schema_version == 1 and m.metrics_held_out
+        assert m.tta.default and m.tta.reason == UNRECORDED_TTA_REASON
+        assert m.tta.views == written.tta.views
+
+    def test_new_manifests_record_the_tta_choice(self, tmp_path):
+        make_bundle(tmp_path, tta=TTA(views=[CENTER], default=False, reason="plain view scored better"))
+        raw = json.loads((tmp_path / "manifest.json").read_text())
+        assert raw["schema_version"] == 2 and raw["metrics_held_out"] is True
+        assert raw["tta"]["default"] is False and raw["tta"]["reason"] == "plain view scored better"
 
     @pytest.mark.parametrize("missing", ["manifest.json", MODEL_NAME])
     def test_missing_file(self, tmp_path, missing):
@@ -97,6 +114,31 @@ class TestManifest:
     def test_crop_larger_than_resize_is_refused(self):
         with pytest.raises(ValueError, match="smaller than input_size"):
             Preprocessing(input_size=64, resize_size=32)
+
+
+class TestTTAViews:
+    """A call's `tta` wins; a call that does not say (None) gets the bundle's default."""
+
+    @pytest.mark.parametrize(
+        ("default", "tta", "names"),
+        [
+            (True, None, ["center", "hflip"]),
+            (False, None, ["center"]),
+            (True, False, ["center"]),
+            (False, True, ["center", "hflip"]),
+            (True, True, ["center", "hflip"]),
+            (False, False, ["center"]),
+        ],
+    )
+    def test_views_for(self, default, tta, names):
+        views = TWO_VIEWS.model_copy(update={"default": default})
+        assert [v.name for v in views.views_for(tta)] == names
+
+
+def as_schema_1(raw: dict) -> None:
+    """A manifest as the trainer wrote it before the TTA default and metrics_held_out were recorded."""
+    raw["schema_version"] = 1
+    del raw["metrics_held_out"], raw["tta"]["default"], raw["tta"]["reason"]
 
 
 def edit_manifest(folder, change) -> None:
@@ -188,7 +230,8 @@ class TestContract:
         assert list(parsed) == ["classes", "preprocessing", "tta"]
         assert parsed["classes"] == m.classes and Preprocessing(**parsed["preprocessing"]) == m.preprocessing
         assert TTA(**parsed["tta"]) == m.tta
-        assert text == json.dumps(parsed, sort_keys=True, separators=(",", ":")) and " " not in text
+        assert text == json.dumps(parsed, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        assert text.startswith('{"classes":["ants","bees"],"preprocessing":{')  # compact: no spaces between items
 
     def test_the_manifests_own_contract_passes(self, tmp_path):
         m = make_bundle(tmp_path)
@@ -216,6 +259,26 @@ class TestContract:
             r"\(the manifest was edited after export\): re-export",
         ):
             check_contract(edit(exported), embedded, tmp_path / MODEL_NAME)
+
+    def test_an_edited_tta_default_is_refused(self, tmp_path):
+        exported = make_bundle(tmp_path)
+        embedded = contract_json(exported.classes, exported.preprocessing, exported.tta)
+        edited = exported.model_copy(update={"tta": exported.tta.model_copy(update={"default": False})})
+        with pytest.raises(BundleError, match=r"manifest.json: tta not as embedded"):
+            check_contract(edited, embedded, tmp_path / MODEL_NAME)
+
+    def test_a_schema_1_graph_and_manifest_still_agree(self, tmp_path):
+        """Before schema 2 the embedded TTA part had no default or reason: both sides read as TTA on."""
+        make_bundle(tmp_path)
+        edit_manifest(tmp_path, as_schema_1)
+        old = read_manifest(tmp_path)
+        embedded = json.loads(contract_json(old.classes, old.preprocessing, old.tta))
+        del embedded["tta"]["default"], embedded["tta"]["reason"]
+        check_contract(old, json.dumps(embedded), tmp_path / MODEL_NAME)
+        # ...and an edit to an old manifest's TTA default is still caught.
+        edited = old.model_copy(update={"tta": old.tta.model_copy(update={"default": False})})
+        with pytest.raises(BundleError, match=r"manifest.json: tta not as embedded"):
+            check_contract(edited, json.dumps(embedded), tmp_path / MODEL_NAME)
 
     def test_a_graph_without_the_contract_came_from_an_older_trainer(self, tmp_path):
         m = make_bundle(tmp_path)

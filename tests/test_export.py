@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 from conftest import write_colour_dataset
 
-from serving.bundle import CONTRACT_KEY, MODEL_NAME, BundleError, contract_json, load_bundle
+from serving.bundle import CONTRACT_KEY, MODEL_NAME, BundleError, contract_json, load_bundle, read_manifest
 from serving.evaluate import predict_files
 from serving.files import sha256_file
 from serving.preprocess import load_views
@@ -19,7 +21,7 @@ from serving.session import ModelSession
 from trainer import export as export_module
 from trainer.augment import tfms_from_model, transforms_side_on
 from trainer.data import ImageClassifierData
-from trainer.export import ExportError, check_parity, export
+from trainer.export import ExportError, check_parity, choose_tta_default, export, quantize_int8
 from trainer.learner import ConvLearner
 from trainer.metrics import accuracy
 
@@ -91,6 +93,126 @@ class TestVariants:
         export(learn, tmp_path / "plain")
         with pytest.raises(BundleError, match=r"no int8 model .*export with --int8"):
             load_bundle(tmp_path / "plain", "int8")
+
+
+class TestQuietQuantization:
+    """onnxruntime.quantization logs a WARNING on the root logger per 1-D weight ("Axis 1 is
+    out-of-range for weight ..."): noise on the user's terminal, which the export keeps away."""
+
+    def test_int8_quantization_prints_nothing_to_the_terminal(self, learn, bundle, tmp_path):
+        # A child process, as `trainer export --int8` runs: logging unconfigured, stderr the terminal.
+        out, _ = bundle
+        script = (
+            "import logging, sys\n"
+            "from pathlib import Path\n"
+            "from serving.bundle import read_manifest\n"
+            "from trainer.export import quantize_int8\n"
+            "b, files = Path(sys.argv[1]), [Path(f) for f in sys.argv[3:]]\n"
+            "quantize_int8(b / 'model.onnx', Path(sys.argv[2]), read_manifest(b), files)\n"
+            "print('root handlers', len(logging.getLogger().handlers))\n"
+        )
+        files = [str(f) for f in learn.data.trn_files[:4]]
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(out), str(tmp_path / "q.onnx"), *files],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "WARNING" not in done.stderr and "out-of-range" not in done.stderr, done.stderr
+        # No stderr handler left behind either (logging.warning on an unconfigured root installs one).
+        assert done.stdout.splitlines()[-1] == "root handlers 0"
+        assert (tmp_path / "q.onnx").is_file()
+
+    def test_in_process_only_the_quantizers_chatter_is_dropped(self, learn, bundle, tmp_path, caplog):
+        out, manifest = bundle
+        root = logging.getLogger()
+        before = (list(root.handlers), list(root.filters), logging.getLogger("onnxruntime").level)
+        with caplog.at_level(logging.INFO):
+            quantize_int8(out / MODEL_NAME, tmp_path / "q.onnx", manifest, learn.data.trn_files[:4])
+            logging.getLogger("trainer.test").warning("a warning of ours after quantization")
+        assert not [r for r in caplog.records if r.name == "root" or r.name.startswith("onnxruntime")]
+        assert [r.getMessage() for r in caplog.records] == ["a warning of ours after quantization"]
+        assert (list(root.handlers), list(root.filters), logging.getLogger("onnxruntime").level) == before
+
+    def test_errors_still_show_and_a_failure_still_raises(self, bundle, tmp_path, caplog):
+        from google.protobuf.message import DecodeError
+
+        _, manifest = bundle
+        root = logging.getLogger()
+        before = (list(root.handlers), list(root.filters))
+        with caplog.at_level(logging.INFO), export_module._quiet_quantizer():
+            logging.warning("chatter")
+            logging.error("a real problem")
+            logging.getLogger("onnxruntime.quantization").info("more chatter")
+            logging.getLogger("trainer.test").warning("somebody else's warning")
+        assert [r.getMessage() for r in caplog.records] == ["a real problem", "somebody else's warning"]
+        (tmp_path / "broken.onnx").write_bytes(b"not a model")
+        with pytest.raises(DecodeError, match="Error parsing message"):
+            quantize_int8(tmp_path / "broken.onnx", tmp_path / "q.onnx", manifest, [])
+        assert (list(root.handlers), list(root.filters)) == before
+
+
+ACC = {"accuracy": 0.9248, "log_loss": 0.30, "accuracy_tta": 0.9192, "log_loss_tta": 0.25}
+
+
+class TestTTADefault:
+    """TTA on by default unless it scores worse on validation: lower accuracy, ties by log loss."""
+
+    @pytest.mark.parametrize(
+        ("metrics", "on", "reason"),
+        [
+            (ACC, False, r"^validation accuracy 0.9248 without TTA, 0.9192 with it; log loss 0.3000 without TTA, "
+             r"0.2500 with it: less accurate with TTA, so TTA off$"),
+            ({**ACC, "accuracy_tta": 0.93}, True, r"more accurate with TTA, so TTA on$"),
+            ({**ACC, "accuracy_tta": 0.9248}, True, r"as accurate either way, log loss no higher with TTA, so TTA on$"),
+            ({**ACC, "accuracy_tta": 0.9248, "log_loss_tta": 0.31}, False, r"log loss higher with TTA, so TTA off$"),
+            ({**ACC, "accuracy_tta": 0.9248, "log_loss_tta": 0.30}, True, r"log loss no higher with TTA, so TTA on$"),
+            ({"accuracy": 1.0, "accuracy_tta": 1.0, "log_loss_tta": 0.1}, True, r"no log loss of both to break the tie, so TTA on$"),
+            ({"accuracy": 0.92480001, "accuracy_tta": 0.9248}, False, r"0.92480001 without TTA, 0.92480000 with it"),
+            ({}, True, r"^no validation accuracy or accuracy_tta to compare TTA with the plain view, so TTA on$"),
+            ({"accuracy_tta": 0.9, "log_loss_tta": 0.2}, True, r"^no validation accuracy to compare"),
+            ({**ACC, "accuracy": float("nan")}, True, r"^no validation accuracy to compare"),
+        ],
+        ids=["tta-less-accurate", "tta-more-accurate", "tie-lower-loss", "tie-higher-loss", "tie-same-loss",
+             "tie-no-loss", "close-accuracies", "no-metrics", "no-plain-accuracy", "nan"],
+    )  # fmt: skip
+    def test_rule(self, metrics, on, reason):
+        default, why = choose_tta_default(metrics)
+        assert default is on
+        assert re.search(reason, why), why
+
+    def test_scores_that_are_not_held_out_say_so(self):
+        assert "not held out" not in choose_tta_default(ACC)[1]
+        default, why = choose_tta_default(ACC, held_out=False)
+        assert not default and why.endswith(
+            "; these scores are not held out: the model also trained on the validation images (--full)"
+        )
+
+    def test_without_metrics_the_export_keeps_tta_on_and_says_so(self, bundle):
+        out, manifest = bundle
+        assert manifest.tta.default and manifest.metrics_held_out
+        assert manifest.tta.reason == "no validation accuracy to compare TTA with the plain view, so TTA on"
+        assert read_manifest(out).tta == manifest.tta
+
+    def test_tta_worse_than_the_plain_view_turns_it_off_and_says_why(self, learn, tmp_path):
+        # Plain accuracy 1 and log loss 0: whatever TTA scores, it is worse (or tied with a higher loss).
+        logs: list[str] = []
+        manifest = export(
+            learn, tmp_path / "b", metrics={"accuracy": 1.0, "log_loss": 0.0}, held_out=False, log=logs.append
+        )
+        assert not manifest.tta.default and not manifest.metrics_held_out
+        assert manifest.tta.reason.startswith("validation accuracy 1.0000 without TTA, ")
+        assert manifest.tta.reason.endswith(
+            "so TTA off; these scores are not held out: the model also trained on the validation images (--full)"
+        )
+        assert f"export: TTA off for calls that do not say: {manifest.tta.reason}" in logs
+        session = ModelSession(tmp_path / "b", device="cpu")  # the choice is in the graph's contract too
+        assert (
+            session.manifest == manifest
+            and json.loads(session.session.get_modelmeta().custom_metadata_map[CONTRACT_KEY])["tta"]["default"] is False
+        )
 
 
 class TestSnapshotEnsemble:

@@ -96,6 +96,56 @@ class TestPredictBatch:
             assert "3 images in one PredictBatch call, over the limit of 2" in err.value.details()
 
 
+@pytest.fixture(scope="module")
+def plain_by_default(tiny_bundle):
+    """A server whose bundle chose the plain view for calls that do not say. The choice is swapped
+    into the loaded manifest here; tests/test_export.py exports a bundle that makes it."""
+    session = ModelSession(tiny_bundle, device="cpu")
+    m = session.manifest
+    session.manifest = m.model_copy(update={"tta": m.tta.model_copy(update={"default": False})})
+    with Server(config(tiny_bundle), session=session) as srv:
+        yield srv
+
+
+class TestTTADefault:
+    """A call's `tta` wins; a call that leaves it unset gets the bundle's default (tta.default)."""
+
+    @pytest.mark.parametrize(
+        ("which", "tta", "views"),
+        [
+            ("server", None, N_VIEWS),
+            ("plain_by_default", None, 1),
+            ("plain_by_default", True, N_VIEWS),
+            ("plain_by_default", False, 1),
+            ("server", False, 1),
+        ],
+    )
+    def test_predict_and_predict_batch(self, request, which, tta, views):
+        srv = request.getfixturevalue(which)
+        with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
+            assert len(c.predict(png(), tta=tta).tta_views) == views
+            (result,) = c.predict_batch([png()], tta=tta).results
+            assert len(result.response.tta_views) == views
+
+    @pytest.mark.parametrize(("which", "default"), [("server", True), ("plain_by_default", False)])
+    def test_model_info_says_the_default_and_why(self, request, which, default):
+        srv = request.getfixturevalue(which)
+        with Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
+            info = c.model_info()
+        assert info.tta_default is default
+        assert info.tta_reason  # the export's reason (or, for a bundle without one, that it was not recorded)
+        assert info.metrics_held_out is True
+
+    @pytest.mark.parametrize(("flag", "views"), [([], 1), (["--tta"], N_VIEWS), (["--no-tta"], 1)])
+    def test_the_predict_command(self, plain_by_default, tmp_path, capsys, flag, views):
+        from serving.cli import main
+
+        image = tmp_path / "red.png"
+        image.write_bytes(png())
+        assert main(["predict", str(image), "--target", f"127.0.0.1:{plain_by_default.port}", *flag]) == 0
+        assert capsys.readouterr().out.rstrip().endswith(f"[{views} views]")
+
+
 class TestHealth:
     def test_not_serving_until_loaded_then_serving_then_not_serving_while_draining(self, tiny_bundle):
         srv = Server(config(tiny_bundle), load=False)

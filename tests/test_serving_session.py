@@ -10,7 +10,7 @@ import sys
 import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
-from serving.bundle import CONTRACT_KEY, MODEL_NAME, BundleError, contract_json
+from serving.bundle import CONTRACT_KEY, MODEL_NAME, UNRECORDED_TTA_REASON, BundleError, contract_json
 from serving.files import sha256_file
 from serving.session import ModelSession
 
@@ -43,6 +43,24 @@ def symbolic_sides(model) -> None:
             dim.dim_param = "side"
 
 
+def as_schema_1(bundle) -> None:
+    """Make a bundle what the trainer wrote before schema 2: no tta.default, tta.reason or
+    metrics_held_out in the manifest nor in the contract embedded in the graph."""
+
+    def old_contract(model) -> None:
+        (prop,) = [p for p in model.metadata_props if p.key == CONTRACT_KEY]
+        contract = json.loads(prop.value)
+        del contract["tta"]["default"], contract["tta"]["reason"]
+        prop.value = json.dumps(contract, sort_keys=True, separators=(",", ":"))
+
+    def old_manifest(raw: dict) -> None:
+        raw["schema_version"] = 1
+        del raw["metrics_held_out"], raw["tta"]["default"], raw["tta"]["reason"]
+
+    edit_graph(bundle, old_contract)
+    edit_manifest(bundle, old_manifest)
+
+
 def smaller_input(raw: dict) -> None:
     raw["preprocessing"]["input_size"] -= 8  # still a valid manifest: resize_size stays larger
 
@@ -65,8 +83,9 @@ class TestContract:
             (lambda raw: raw["preprocessing"].update(interpolation="bicubic"), "preprocessing"),
             (lambda raw: raw["tta"]["views"].pop(), "tta"),
             (lambda raw: raw["tta"]["views"][1].update(vflip=True), "tta"),
+            (lambda raw: raw["tta"].update(default=not raw["tta"]["default"]), "tta"),
         ],
-        ids=["classes-reordered", "resize-size", "interpolation", "view-dropped", "view-changed"],
+        ids=["classes-reordered", "resize-size", "interpolation", "view-dropped", "view-changed", "default-flipped"],
     )
     def test_manifest_edited_after_export_is_refused(self, tiny_bundle, fresh_copy, change, differ):
         bundle = fresh_copy(tiny_bundle)
@@ -76,6 +95,20 @@ class TestContract:
             match=rf"manifest.json: {differ} not as embedded in model.onnx at export "
             r"\(the manifest was edited after export\): re-export",
         ):
+            ModelSession(bundle, device="cpu")
+
+    def test_a_schema_1_bundle_loads_with_tta_on(self, tiny_bundle, fresh_copy):
+        bundle = fresh_copy(tiny_bundle)
+        as_schema_1(bundle)
+        m = ModelSession(bundle, device="cpu").manifest
+        assert m.schema_version == 1 and m.metrics_held_out
+        assert m.tta.default and m.tta.reason == UNRECORDED_TTA_REASON
+
+    def test_a_schema_1_bundle_edited_to_tta_off_is_refused(self, tiny_bundle, fresh_copy):
+        bundle = fresh_copy(tiny_bundle)
+        as_schema_1(bundle)
+        edit_manifest(bundle, lambda raw: raw["tta"].update(default=False))
+        with pytest.raises(BundleError, match=r"manifest.json: tta not as embedded in model.onnx at export"):
             ModelSession(bundle, device="cpu")
 
     def test_graph_from_an_older_trainer_is_refused(self, tiny_bundle, fresh_copy):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
+import logging
+import math
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -90,6 +94,7 @@ def export(
     name: str = "classifier",
     version: str | None = None,
     metrics: dict[str, float] | None = None,
+    held_out: bool = True,
     recipe: dict | None = None,
     snapshots: Sequence[str] = (),
     fp16: bool = False,
@@ -104,6 +109,9 @@ def export(
     probabilities (a snapshot ensemble) instead of using the current weights. Every one must have
     been trained at the bundle's input size (see snapshots_at_input_size); `metrics` describe the
     current weights, so the ensemble's own are measured instead.
+    held_out: False when the model also trained on the validation images (`trainer run --full`), so
+    that `metrics` are not held-out scores; recorded as the manifest's metrics_held_out.
+    The manifest's tta.default (TTA for calls that do not say) follows choose_tta_default.
     fp16 / int8: also write model.fp16.onnx (for GPUs) / model.int8.onnx (for CPUs, calibrated on
     training images), each with its validation accuracy change against the fp32 graph.
 
@@ -118,13 +126,17 @@ def export(
     _check_snapshot_sizes(learn, snapshots)  # before anything is written: the old bundle stays
     net = _export_net(learn, snapshots)
     metrics = dict(metrics or {})
-    if snapshots:  # the given metrics are the current weights'; _verify_tta measures the ensemble's
+    if snapshots:  # the given metrics are the current weights'; _measure_tta measures the ensemble's
         metrics = {k: v for k, v in metrics.items() if k not in ENSEMBLE_METRICS}
+    # Before the graph is written: the TTA default these metrics decide is part of its contract.
+    _measure_tta(net, learn, metrics)
+    default, reason = choose_tta_default(metrics, held_out=held_out)
+    log(f"export: TTA {'on' if default else 'off'} for calls that do not say: {reason}")
     created = now()
     tmp = make_temp_dir(out_dir.parent, prefix=f".{out_dir.name}.tmp-")
     try:
         # The graph carries the manifest's meaning, so the sha256 taken below covers both.
-        classes, tta = list(data.classes), TTA(views=list(tfms.tta_views))
+        classes, tta = list(data.classes), TTA(views=list(tfms.tta_views), default=default, reason=reason)
         export_onnx(net, tmp / MODEL_NAME, tfms.sz, contract_json(classes, tfms.prep, tta))
         manifest = Manifest(
             name=name,
@@ -144,14 +156,14 @@ def export(
             ),
             ensemble=list(snapshots),
             metrics=metrics,
+            metrics_held_out=held_out,
             recipe=recipe or {},
             versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": _ort_version()},
         )
         write_manifest(tmp, manifest)
         session = ModelSession(tmp, device="cpu")
         check_parity(session, net, list(data.val_files[:parity_files]) or list(data.trn_files[:parity_files]))
-        reference = _verify_tta(session, net, learn, metrics, log)
-        manifest = manifest.model_copy(update={"metrics": metrics})
+        reference = _verify_tta(session, learn, metrics, log)
         variants = []
         if fp16:
             variants.append(_variant(tmp, manifest, "fp16", reference, data, convert_fp16, log))
@@ -205,21 +217,69 @@ def _export_net(learn, snapshots: Sequence[str]) -> torch.nn.Module:
     return EnsembleNet(members).eval()
 
 
-def _verify_tta(session: ModelSession, net: torch.nn.Module, learn, metrics: dict, log) -> np.ndarray:
-    """The bundle's TTA through ONNX Runtime must reproduce PyTorch's TTA accuracy exactly.
-    Fills metrics' accuracy_tta / log_loss_tta where absent (and, for an ensemble, whose metrics
-    nobody else measured, accuracy / log_loss of its plain view); returns the ONNX probabilities."""
-    data, m = learn.data, session.manifest
+def choose_tta_default(metrics: Mapping[str, float], *, held_out: bool = True) -> tuple[bool, str]:
+    """Whether the server applies TTA to a call that does not say, and why, for the manifest.
+
+    TTA is on unless it scores worse on validation than the plain view: a lower accuracy with TTA
+    (accuracy_tta < accuracy), or the same accuracy and a higher log loss (log_loss_tta > log_loss).
+    Averaging views can blur what the plain centre view sees best: on the digits demo TTA scored
+    0.9192 against 0.9248 without. Where the metrics cannot tell (an accuracy missing, or a tie and
+    no log loss to break it) TTA stays on, the lesson's default. Pure: no model, no files."""
+    acc, acc_tta = metrics.get("accuracy", math.nan), metrics.get("accuracy_tta", math.nan)
+    loss, loss_tta = metrics.get("log_loss", math.nan), metrics.get("log_loss_tta", math.nan)
+    caveat = (
+        "" if held_out else "; these scores are not held out: the model also trained on the validation images (--full)"
+    )
+    # 1) Nothing to compare: keep the default.
+    missing = [name for name, value in (("accuracy", acc), ("accuracy_tta", acc_tta)) if not math.isfinite(value)]
+    if missing:
+        return True, f"no validation {' or '.join(missing)} to compare TTA with the plain view, so TTA on"
+    # 2) Accuracy first, log loss on a tie (a comparison with a missing, NaN, log loss is False: TTA on).
+    worse = acc_tta < acc or (acc_tta == acc and loss_tta > loss)
+    scores = f"validation accuracy {_pair(acc, acc_tta)} with it"
+    if math.isfinite(loss) and math.isfinite(loss_tta):
+        scores += f"; log loss {_pair(loss, loss_tta)} with it"
+    # 3) Say which rule decided.
+    if acc_tta != acc:
+        verdict = "less accurate with TTA" if worse else "more accurate with TTA"
+    elif not (math.isfinite(loss) and math.isfinite(loss_tta)):
+        verdict = "as accurate either way, and no log loss of both to break the tie"
+    else:
+        verdict = f"as accurate either way, log loss {'higher' if worse else 'no higher'} with TTA"
+    return not worse, f"{scores}: {verdict}, so TTA {'off' if worse else 'on'}{caveat}"
+
+
+def _pair(without: float, with_tta: float) -> str:
+    """'0.9248 without TTA, 0.9192', with decimals enough to tell them apart (at least 4)."""
+    d = 4
+    while d < 12 and without != with_tta and f"{without:.{d}f}" == f"{with_tta:.{d}f}":
+        d += 1
+    return f"{without:.{d}f} without TTA, {with_tta:.{d}f}"
+
+
+def _measure_tta(net: torch.nn.Module, learn, metrics: dict[str, float]) -> None:
+    """Fill metrics' accuracy_tta / log_loss_tta with PyTorch's TTA on the validation set where
+    absent (and, for an ensemble, whose metrics nobody else measured, accuracy / log_loss of its
+    plain view too)."""
+    if "accuracy_tta" in metrics and not isinstance(net, EnsembleNet):
+        return
+    data, tfms = learn.data, learn.data.tfms
+    y = np.asarray(data.val_y)
+    per_view = predict_views(net, data.val_files, tfms.prep, list(tfms.tta_views))
+    torch_probs = per_view.mean(axis=1)
+    metrics["accuracy_tta"] = accuracy(torch_probs, y)
+    metrics["log_loss_tta"] = log_loss(torch_probs, y)
+    if isinstance(net, EnsembleNet):
+        metrics["accuracy"] = accuracy(per_view[:, 0], y)
+        metrics["log_loss"] = log_loss(per_view[:, 0], y)
+
+
+def _verify_tta(session: ModelSession, learn, metrics: dict[str, float], log) -> np.ndarray:
+    """The bundle's TTA through ONNX Runtime must reproduce PyTorch's TTA accuracy (metrics'
+    accuracy_tta, see _measure_tta) exactly; returns the ONNX probabilities."""
+    data = learn.data
     y = np.asarray(data.val_y)
     onnx_probs = predict_files(session, data.val_files)
-    if "accuracy_tta" not in metrics or isinstance(net, EnsembleNet):
-        per_view = predict_views(net, data.val_files, m.preprocessing, m.tta.views)
-        torch_probs = per_view.mean(axis=1)
-        metrics["accuracy_tta"] = accuracy(torch_probs, y)
-        metrics["log_loss_tta"] = log_loss(torch_probs, y)
-        if isinstance(net, EnsembleNet):
-            metrics["accuracy"] = accuracy(per_view[:, 0], y)
-            metrics["log_loss"] = log_loss(per_view[:, 0], y)
     onnx_accuracy = accuracy(onnx_probs, y)
     if len(y) and onnx_accuracy != metrics["accuracy_tta"]:
         raise ExportError(
@@ -230,7 +290,9 @@ def _verify_tta(session: ModelSession, net: torch.nn.Module, learn, metrics: dic
     return onnx_probs
 
 
-def _variant(tmp: Path, manifest: Manifest, precision: str, reference: np.ndarray, data, make, log) -> Variant:
+def _variant(
+    tmp: Path, manifest: Manifest, precision: Literal["fp16", "int8"], reference: np.ndarray, data, make, log
+) -> Variant:
     """Write the `precision` copy of model.onnx and measure it against the fp32 model's probabilities."""
     file = f"model.{precision}.onnx"
     # Both converters keep the graph's metadata_props, so the copy carries the fp32 graph's contract;
@@ -295,9 +357,9 @@ def quantize_int8(src: Path, dst: Path, manifest: Manifest, calibration_files: S
 
     pre = dst.with_suffix(".pre.onnx")
     try:
-        quant_pre_process(str(src), str(pre))
-        with warnings.catch_warnings():
+        with _quiet_quantizer(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            quant_pre_process(str(src), str(pre))
             quantize_static(
                 str(pre),
                 str(dst),
@@ -309,6 +371,37 @@ def quantize_int8(src: Path, dst: Path, manifest: Manifest, calibration_files: S
             )
     finally:
         pre.unlink(missing_ok=True)
+
+
+@contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """Keep onnxruntime.quantization's notes off the user's terminal while it runs, and nothing else.
+
+    It logs on the root logger itself (`logging.warning("Axis 1 is out-of-range for weight ...")`
+    for every 1-D weight, expected with per-channel quantization, and info lines), and the first such
+    call on an unconfigured root also installs a stderr handler for the rest of the process
+    (logging.basicConfig). So for the duration: records below ERROR made on the root logger or under
+    `onnxruntime` are dropped (a logger's filter sees only its own records, so other libraries'
+    warnings still pass); an unconfigured root gets Python's last-resort handler, which prints what
+    would have been printed anyway and keeps basicConfig from running. Errors and exceptions pass."""
+    root, ort_logger = logging.getLogger(), logging.getLogger("onnxruntime")
+    ort_level = ort_logger.level
+    guard = logging.lastResort if not root.handlers else None
+
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    root.addFilter(errors_only)
+    ort_logger.setLevel(max(ort_level, logging.ERROR))
+    if guard is not None:
+        root.addHandler(guard)
+    try:
+        yield
+    finally:
+        if guard is not None:
+            root.removeHandler(guard)
+        ort_logger.setLevel(ort_level)
+        root.removeFilter(errors_only)
 
 
 def _ort_version() -> str:

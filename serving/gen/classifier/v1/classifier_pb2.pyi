@@ -73,7 +73,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "architecture", "classes", "input_size", "tta_views", "metrics", "model_sha256", "schema_version", "precision", "providers")
+    __slots__ = ("model_name", "model_version", "architecture", "classes", "input_size", "tta_views", "metrics", "model_sha256", "schema_version", "precision", "providers", "tta_default", "tta_reason", "metrics_held_out")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,9 @@ class ModelInfoResponse(_message.Message):
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    TTA_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    TTA_REASON_FIELD_NUMBER: _ClassVar[int]
+    METRICS_HELD_OUT_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     architecture: str
@@ -103,4 +106,7 @@ class ModelInfoResponse(_message.Message):
     schema_version: int
     precision: str
     providers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., architecture: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., tta_views: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., model_sha256: _Optional[str] = ..., schema_version: _Optional[int] = ..., precision: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ...) -> None: ...
+    tta_default: bool
+    tta_reason: str
+    metrics_held_out: bool
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., architecture: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., tta_views: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., model_sha256: _Optional[str] = ..., schema_version: _Optional[int] = ..., precision: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., tta_default: _Optional[bool] = ..., tta_reason: _Optional[str] = ..., metrics_held_out: _Optional[bool] = ...) -> None: ...
