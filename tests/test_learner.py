@@ -10,7 +10,9 @@ import torch
 
 from trainer.augment import tfms_from_model, transforms_side_on
 from trainer.data import ImageClassifierData
+from trainer.evaluate import snapshot_ensemble
 from trainer.learner import ConvLearner
+from trainer.submission import write_submission
 
 
 def make_learner(path, *, sz=32, precompute=True, bs=4) -> ConvLearner:
@@ -152,7 +154,7 @@ class TestSnapshotsAndPersistence:
         assert learn.snapshots == ["s_cyc_0", "s_cyc_1", "s_cyc_2"]
         assert all((learn.models_dir() / f"{n}.pt").is_file() for n in learn.snapshots)
         current = learn.TTA()[0]
-        ensemble, _ = learn.snapshot_ensemble()
+        ensemble, _ = snapshot_ensemble(learn)
         members = []
         for name in learn.snapshots:
             other = make_learner(colours)
@@ -209,7 +211,7 @@ def test_submission_csv_for_a_test_folder(colours, tmp_path):
     data = ImageClassifierData.from_paths(colours, tfms, bs=4, num_workers=0, test_name="test")
     learn = ConvLearner.pretrained("efficientnet_lite0", data, precompute=True, log=lambda _: None)
     learn.fit(0.1, 2)
-    rows = list(csv.reader(learn.write_submission(tmp_path / "sub.csv").open()))
+    rows = list(csv.reader(write_submission(learn, tmp_path / "sub.csv").open()))
     assert rows[0] == ["id", "blue", "red"] and len(rows) == 4
     assert {r[0] for r in rows[1:]} == {f.stem for f in test_dir.iterdir()}
     assert all(abs(float(r[1]) + float(r[2]) - 1) < 1e-5 for r in rows[1:])

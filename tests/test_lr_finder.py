@@ -6,6 +6,7 @@ import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -57,6 +58,8 @@ class TinyData:
     bs: int = BS
     classes: list[str] = field(default_factory=lambda: ["ants", "bees"])
     test_files: list[Path] | None = None
+    # The input side the learner names in its epochs' stage labels; the inputs here are feature vectors.
+    tfms: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(sz=N_IN))
 
     @property
     def c(self) -> int:

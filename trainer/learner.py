@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import io
 import json
 import math
-import os
-import random
+import numbers
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -21,55 +21,18 @@ from tqdm.auto import tqdm
 
 from serving.files import write_atomic
 from trainer.data import EpochSampler, ImageClassifierData
+from trainer.history import EpochStats, header
+from trainer.lr_finder import lr_find
 from trainer.metrics import accuracy, log_loss
 from trainer.model import ClassifierNet, InferenceNet, build_net
 from trainer.precompute import cache_key, cached, weights_digest
 from trainer.schedule import cycle_boundaries, sgdr_lrs
 from trainer.tta import predict_views
+from trainer.workdir import default_work_dir
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_work_dir(data_path: Path) -> Path:
-    """Where models/ and tmp/ go: beside the data as in the lesson, or, when the data folder is
-    read-only (a shared dataset), a per-dataset folder in the user's cache.
-
-    Read-only means either: this user may not write there, or the folder's mode grants nobody
-    write access. The second matters for root, whom os.access always lets write."""
-    data_path = Path(data_path).resolve()
-    if os.access(data_path, os.W_OK) and data_path.stat().st_mode & 0o222:
-        return data_path
-    digest = hashlib.sha256(str(data_path).encode()).hexdigest()[:12]
-    return (
-        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        / "lesson2-classifier"
-        / f"{data_path.name}-{digest}"
-    )
-
-
-def _as_tuple(x):
-    """random.setstate wants the nested tuples that a save through torch turned into lists."""
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) for a reproducible run."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@dataclass
-class EpochStats:
-    epoch: int
-    trn_loss: float
-    val_loss: float
-    accuracy: float
-
-    def line(self) -> str:
-        return f"[{self.epoch:3d}, {self.trn_loss:.5f}, {self.val_loss:.5f}, {self.accuracy:.5f}]"
 
 
 class ConvLearner:
@@ -182,14 +145,15 @@ class ConvLearner:
             return torch.optim.AdamW(groups, lr=1e-3, betas=(self.momentum, 0.99))
         raise ValueError(f"unknown optimizer {self.opt_name!r}; use 'sgd' or 'adamw'")
 
-    def group_values(self, values, name: str) -> list[float]:
+    def group_values(self, values: float | Sequence[float], name: str) -> list[float]:
+        """One value per layer group: `values` itself, or the one value repeated."""
         n = len(self.layer_groups())
-        if np.isscalar(values):
+        if isinstance(values, numbers.Real):  # NumPy's scalars count too
             return [float(values)] * n
-        values = [float(v) for v in values]
-        if len(values) != n:
-            raise ValueError(f"{name} needs one value or {n} (one per layer group), got {len(values)}")
-        return values
+        per_group = [float(v) for v in cast(Sequence[float], values)]  # a list or a NumPy array
+        if len(per_group) != n:
+            raise ValueError(f"{name} needs one value or {n} (one per layer group), got {len(per_group)}")
+        return per_group
 
     def set_lrs(self, lrs: list[float]) -> None:
         for g, lr in zip(self.opt.param_groups, lrs, strict=True):
@@ -217,12 +181,15 @@ class ConvLearner:
             arch = f"{self.net.arch_name} ({self.net.arch_definition})"
             key = cache_key(arch, weights, tfms.prep, tfms.tta_views[0], files)
             path = self.work_dir / "tmp" / "precompute" / f"{self.net.arch_name}_{tfms.sz}_{name}.pt"
-            self._features[name] = cached(path, key, len(files), lambda name=name: self.compute_features(name))
+            self._features[name] = cached(
+                path, key, len(files), functools.partial(self.compute_features, name), log=self.log
+            )
 
     def _files(self, name: str) -> list[Path]:
         return {"train": self.data.trn_files, "valid": self.data.val_files, "test": self.data.test_files or []}[name]
 
-    def _labels(self, name: str) -> list[int]:
+    def labels(self, name: str) -> list[int]:
+        """A dataset's labels; -1 for each unlabelled (test) image."""
         return {"train": self.data.trn_y, "valid": self.data.val_y}.get(name) or [-1] * len(self._files(name))
 
     def set_data(self, data: ImageClassifierData) -> None:
@@ -243,7 +210,7 @@ class ConvLearner:
         for xb, _ in tqdm(loader, desc=f"precompute {name}", unit="batch", leave=False):
             with self.autocast():
                 out.append(self.net.features(self._to_device(xb)).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, 2 * self.net.head[0].num_features)
+        return torch.cat(out) if out else torch.empty(0, self.net.n_pooled)
 
     def _to_device(self, xb: torch.Tensor) -> torch.Tensor:
         xb = xb.to(self.device, non_blocking=True).float()
@@ -262,7 +229,7 @@ class ConvLearner:
         the last one at this epoch (lr_find cycling a small training set sees it reshuffled)."""
         if self.precompute:
             x = self._features[name]
-            y = torch.tensor(self._labels(name))
+            y = torch.tensor(self.labels(name))
             order = torch.randperm(len(x)) if train else torch.arange(len(x))
             bs = self.data.bs
             for i in range(0, len(x), bs):
@@ -272,13 +239,14 @@ class ConvLearner:
                 yield x[idx].to(self.device), y[idx].to(self.device), self.net.head
         else:
             loader = self.data.loader(name, augment=train, shuffle=train)
-            if train and isinstance(getattr(loader, "sampler", None), EpochSampler):
+            sampler = getattr(loader, "sampler", None)
+            if train and isinstance(sampler, EpochSampler):
                 epoch = len(self.history)
                 if repeat is None:
                     last_epoch, last_repeat = self._last_pass
                     repeat = last_repeat + 1 if last_epoch == epoch else 0
                 self._last_pass = (epoch, repeat)
-                loader.sampler.set_epoch(epoch, repeat)
+                sampler.set_epoch(epoch, repeat)
             for xb, yb in loader:
                 if train and len(xb) < 2:
                     continue
@@ -303,8 +271,6 @@ class ConvLearner:
         """The lesson's lr finder (see trainer.lr_finder.lr_find); its result is kept as `self.sched`
         so that `learn.sched.plot(path)` works as in the lesson. Weights and optimizer state are
         exactly as they were afterwards."""
-        from trainer.lr_finder import lr_find  # lr_finder imports this module for type hints
-
         self.sched = lr_find(self, start_lr, end_lr, num_it, **kwargs)
         return self.sched
 
@@ -326,12 +292,15 @@ class ConvLearner:
         *,
         start_epoch: int = 0,
         on_epoch_end: Callable[[int], None] | None = None,
+        stage: str | None = None,
     ) -> list[EpochStats]:
         """SGDR: n_cycle cosine cycles of cycle_len * cycle_mult**i epochs (cycle_len=None: one
         epoch per cycle). `lrs` and `wds` are one value or one per layer group.
 
         start_epoch skips epochs already trained (resuming a checkpoint: the schedule continues
-        where it stopped); on_epoch_end(epochs_done) runs after every epoch, e.g. to checkpoint."""
+        where it stopped); on_epoch_end(epochs_done) runs after every epoch, e.g. to checkpoint.
+        `stage` labels the epochs' rows (default: what trains, from precompute and the freeze level)."""
+        stage = stage or self.describe_stage()
         lrs = self.group_values(lrs, "lrs")
         for g, wd in zip(self.opt.param_groups, self.group_values(wds or 0.0, "wds"), strict=True):
             g["weight_decay"] = wd
@@ -340,8 +309,11 @@ class ConvLearner:
         bounds = cycle_boundaries(n_cycle, cycle_len, cycle_mult, spe)
         n_epochs = bounds[-1] // spe
         scaler = self.grad_scaler()
-        new = []
+        new: list[EpochStats] = []
+        if start_epoch < n_epochs:
+            self.log(header())
         for epoch in range(start_epoch, n_epochs):
+            started = time.perf_counter()
             step = epoch * spe
             self.train_mode()
             losses = []
@@ -359,7 +331,8 @@ class ConvLearner:
                 step += 1
             bar.close()
             val_loss, acc = self.validate()
-            stats = EpochStats(len(self.history), float(np.mean(losses)) if losses else math.nan, val_loss, acc)
+            trn_loss = float(np.mean(losses)) if losses else math.nan
+            stats = EpochStats(len(self.history), trn_loss, val_loss, acc, stage, time.perf_counter() - started)
             self.history.append(stats)
             new.append(stats)
             self.log(stats.line())
@@ -373,6 +346,16 @@ class ConvLearner:
             if on_epoch_end:
                 on_epoch_end(epoch + 1)
         return new
+
+    def describe_stage(self) -> str:
+        """What a fit now trains, in words, for the epochs' rows."""
+        if self.precompute:
+            return "head on precomputed activations"
+        if self.frozen_groups == 0:
+            return f"all layers at {self.data.tfms.sz} px"
+        if self.frozen_groups >= len(self.layer_groups()) - 1:
+            return f"head with augmentation at {self.data.tfms.sz} px"
+        return f"layer groups {self.frozen_groups}+ at {self.data.tfms.sz} px"
 
     @torch.no_grad()
     def predict(self, name: str = "valid") -> np.ndarray:
@@ -397,38 +380,11 @@ class ConvLearner:
         per_view = predict_views(
             self.inference_net(), self._files(name), self.data.tfms.prep, views, device=self.device
         )
-        return per_view.mean(axis=1), np.asarray(self._labels(name))
-
-    def snapshot_ensemble(self, names: list[str] | None = None, name: str = "valid", *, tta: bool = True):
-        """Snapshot ensemble (Huang et al., 2017): the mean of the probabilities of the weights saved
-        at the end of each SGDR cycle. Returns (probs, labels); the current weights are kept."""
-        names = names or self.snapshots
-        if not names:
-            raise ValueError("no snapshots: train with fit(..., cycle_save_name=NAME) first")
-        current = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        try:
-            probs = []
-            for snapshot in names:
-                self.load(snapshot)
-                probs.append(self.TTA(name)[0] if tta else self.predict_files(name))
-        finally:
-            self.net.load_state_dict(current)
-        return np.mean(probs, axis=0), np.asarray(self._labels(name))
+        return per_view.mean(axis=1), np.asarray(self.labels(name))
 
     def predict_files(self, name: str = "valid") -> np.ndarray:
         """Probabilities of the plain centre views read from the files (no precomputed activations)."""
         return self.TTA(name, views=self.data.tfms.tta_views[:1])[0]
-
-    def write_submission(self, path: Path | str, *, tta: bool = True, top_label: bool = False) -> Path:
-        """Predict the test set and write a submission CSV: id, then one probability per class
-        (or id, label with top_label=True)."""
-        from trainer.submission import write_predictions_csv
-
-        if not self.data.test_files:
-            raise ValueError("no test set: build the data with test_name=FOLDER of unlabelled images")
-        probs = self.TTA("test")[0] if tta else self.predict_files("test")
-        write_predictions_csv(Path(path), self.data.test_files, probs, self.data.classes, top_label=top_label)
-        return Path(path)
 
     def inference_net(self) -> InferenceNet:
         return InferenceNet(self.net).eval()
@@ -452,46 +408,6 @@ class ConvLearner:
         unrecorded (saved by a version that did not record it)."""
         path = self.models_dir() / f"{name}.json"
         return int(json.loads(path.read_text())["size"]) if path.is_file() else None
-
-    def training_state(self) -> dict:
-        """Everything needed to continue training exactly: weights, optimizer, freeze level, history,
-        lr history, snapshots and RNG states. Tensors and plain Python values only, so it loads
-        with weights_only=True.
-
-        The global generators drive dropout and the order of precomputed batches. The loader's
-        order and augmentation need no state here: they follow from (seed, epoch) (see batches)."""
-        np_state = np.random.get_state()
-        return {
-            "net": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-            "opt": self.opt.state_dict(),
-            "frozen_groups": self.frozen_groups,
-            "bn_frozen": self.bn_frozen,
-            "precompute": self.precompute,
-            "history": [vars(h).copy() for h in self.history],
-            "lr_history": [list(x) for x in self.lr_history],
-            "snapshots": list(self.snapshots),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "python": random.getstate(),
-                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            },
-        }
-
-    def load_training_state(self, state: dict) -> None:
-        self.net.load_state_dict(state["net"])
-        self.net.to(self.device)
-        self.freeze_to(state["frozen_groups"])
-        self.bn_frozen = state["bn_frozen"]
-        self.opt.load_state_dict(state["opt"])
-        self.history = [EpochStats(**h) for h in state["history"]]
-        self.lr_history = [list(x) for x in state["lr_history"]]
-        self.snapshots = list(state["snapshots"])
-        self.precompute = state["precompute"]
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(_as_tuple(rng["python"]))
-        kind, keys, *rest = rng["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
 
     def load(self, name: str) -> None:
         path = self.models_dir() / f"{name}.pt"

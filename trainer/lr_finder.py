@@ -13,19 +13,37 @@ import copy
 import io
 import itertools
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from serving.files import write_atomic
 from trainer.schedule import exponential_lrs
 
-if TYPE_CHECKING:
-    from trainer.learner import ConvLearner
+
+class Trainable(Protocol):
+    """What the sweep needs of a learner (trainer.learner.ConvLearner is one). Named here, rather
+    than imported, so that the learner can offer lr_find without an import circle."""
+
+    @property
+    def net(self) -> torch.nn.Module: ...
+    @property
+    def opt(self) -> torch.optim.Optimizer: ...
+
+    def group_values(self, values: Any, name: str) -> list[float]: ...
+    def steps_per_epoch(self) -> int: ...
+    def grad_scaler(self) -> torch.amp.GradScaler: ...
+    def train_mode(self) -> None: ...
+    def set_lrs(self, lrs: list[float]) -> None: ...
+    def batches(self, name: str, *, train: bool, repeat: int | None = None) -> Iterator[tuple[Any, Any, Callable]]: ...
+    def train_step(self, xb: Any, yb: Any, forward: Callable, scaler: torch.amp.GradScaler) -> float: ...
+
 
 # The plot and the suggestion ignore the first batches (the smoothed loss rests on few batches there)
 # and the last ones (the divergence that ended the sweep).
@@ -61,16 +79,16 @@ def suggest_lr(
 
     The first `n_skip` and last `n_skip_end` points are ignored, as in the plot. Raises ValueError when
     fewer than MIN_POINTS remain."""
-    lrs, losses = np.asarray(lrs, dtype=np.float64), np.asarray(losses, dtype=np.float64)
-    if lrs.shape != losses.shape or lrs.ndim != 1:
-        raise ValueError(f"suggest_lr needs one loss per lr, got {lrs.shape} lrs and {losses.shape} losses")
-    if (lrs <= 0).any():
+    x, y = np.asarray(lrs, dtype=np.float64), np.asarray(losses, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"suggest_lr needs one loss per lr, got {x.shape} lrs and {y.shape} losses")
+    if (x <= 0).any():
         raise ValueError("suggest_lr: every lr must be positive (the curve is read against log10(lr))")
-    w = _window(len(lrs), n_skip, n_skip_end)
-    lrs, losses = lrs[w], losses[w]
+    w = _window(len(x), n_skip, n_skip_end)
+    x, y = x[w], y[w]
     # np.gradient handles uneven spacing, so a sweep cut short or resampled still reads right.
-    slope = np.gradient(losses, np.log10(lrs))
-    return Suggestion(lr_min_div10=float(lrs[np.nanargmin(losses)] / 10), lr_steep=float(lrs[np.nanargmin(slope)]))
+    slope = np.gradient(y, np.log10(x))
+    return Suggestion(lr_min_div10=float(x[np.nanargmin(y)] / 10), lr_steep=float(x[np.nanargmin(slope)]))
 
 
 @dataclass
@@ -152,7 +170,7 @@ def _save_png(fig, path: Path | str) -> Path:
 
 
 def lr_find(
-    learn: ConvLearner,
+    learn: Trainable,
     start_lr=1e-5,
     end_lr=10,
     num_it: int | None = None,
@@ -160,7 +178,7 @@ def lr_find(
     beta: float = 0.98,
     stop_div: bool = True,
 ) -> LRFinderResult:
-    """Smith's lr range test on a ConvLearner; its state is left exactly as it was.
+    """Smith's lr range test on a learner (a ConvLearner); its state is left exactly as it was.
 
     Trains on `num_it` training batches (default: one epoch; the loader is cycled when an epoch is
     shorter) while every layer group's lr is multiplied by the same factor each batch. `start_lr` is
@@ -172,7 +190,7 @@ def lr_find(
     modes are restored, also on error; gradients are left as None (fit clears them before each step).
     """
     starts = learn.group_values(start_lr, "start_lr")
-    if np.isscalar(end_lr):
+    if isinstance(end_lr, numbers.Real):
         end = float(end_lr)  # the last group's, as in the lesson: lr_find(lrs / 1000) sweeps lrs[-1] to 10
     else:
         ends = learn.group_values(end_lr, "end_lr")
@@ -194,7 +212,7 @@ def lr_find(
 
 
 def _sweep(
-    learn: ConvLearner, starts: list[float], end_lr: float, n_steps: int, beta: float, stop_div: bool
+    learn: Trainable, starts: list[float], end_lr: float, n_steps: int, beta: float, stop_div: bool
 ) -> LRFinderResult:
     record, lrs = SmoothedLoss(beta=beta), []
     scaler = learn.grad_scaler()
@@ -214,7 +232,7 @@ def _sweep(
     return LRFinderResult(lrs, record.smoothed, record.raw)
 
 
-def _cycle(learn: ConvLearner):
+def _cycle(learn: Trainable):
     """Training batches without end, reshuffled every epoch."""
     while True:
         empty = True
@@ -225,7 +243,7 @@ def _cycle(learn: ConvLearner):
             raise ValueError("lr_find: the training set gives no batches of two or more images; add training data")
 
 
-def _save_state(learn: ConvLearner) -> dict:
+def _save_state(learn: Trainable) -> dict:
     return {
         "net": copy.deepcopy(learn.net.state_dict()),
         "opt": copy.deepcopy(learn.opt.state_dict()),
@@ -234,7 +252,7 @@ def _save_state(learn: ConvLearner) -> dict:
     }
 
 
-def _restore_state(learn: ConvLearner, saved: dict) -> None:
+def _restore_state(learn: Trainable, saved: dict) -> None:
     # load_state_dict copies into the existing tensors, so the optimizer's references stay valid.
     learn.net.load_state_dict(saved["net"])
     learn.opt.load_state_dict(saved["opt"])

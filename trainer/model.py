@@ -11,6 +11,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,7 +67,8 @@ class SameConv2d(nn.Conv2d):
         from timm.layers.padding import pad_same_arg
 
         size = [int(x.shape[-2]), int(x.shape[-1])]
-        x = nn.functional.pad(x, pad_same_arg(size, self.kernel_size, self.stride, self.dilation))
+        kernel, stride, dilation = list(self.kernel_size), list(self.stride), list(self.dilation)
+        x = nn.functional.pad(x, pad_same_arg(size, kernel, stride, dilation))
         return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
@@ -77,7 +79,8 @@ def _use_static_same_padding(model: nn.Module) -> None:
 
     for module in model.modules():
         if type(module) is Conv2dSame:
-            module.__class__ = SameConv2d
+            # Retyping in place is the point (see above); mypy cannot follow a class change.
+            module.__class__ = SameConv2d  # type: ignore[assignment]
 
 
 def _lite0_weights() -> Path:
@@ -104,7 +107,9 @@ def _load_in_order(model: nn.Module, state: dict) -> None:
 
 
 class _Features(nn.Module):
-    def __init__(self, model: nn.Module):
+    """A timm model's forward_features as the module's forward."""
+
+    def __init__(self, model: Any):
         super().__init__()
         self.model = model
 
@@ -112,7 +117,8 @@ class _Features(nn.Module):
         return self.model.forward_features(x)
 
 
-def _lite0_backbone(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+def _lite0_backbone(model: Any) -> tuple[nn.Module, list[nn.Module]]:
+    # model: timm's EfficientNet, whose stages are attributes that nn.Module's typing cannot name.
     # Early group: stem and stages 0-3 (up to stride 16, 80 channels): generic edges and textures.
     # Late group: stages 4-6 and the 1x1 head conv: the most ImageNet-specific features.
     model.classifier = nn.Identity()
@@ -137,7 +143,7 @@ def _tv_arch(name: str, weights_enum: str) -> ArchSpec:
     def load(model: nn.Module, state: dict) -> None:
         model.load_state_dict(state)
 
-    def backbone(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+    def backbone(model: Any) -> tuple[nn.Module, list[nn.Module]]:  # a torchvision ResNet
         body = nn.Sequential(
             model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4
         )
@@ -201,6 +207,9 @@ def load_state(path: Path) -> dict:
 class Normalize(nn.Module):
     """0-255 pixels -> (x/255 - mean) / std, per channel; part of every graph we build or export."""
 
+    scale: torch.Tensor
+    shift: torch.Tensor
+
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
         self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1)))
@@ -241,6 +250,7 @@ class ClassifierNet(nn.Module):
         self.normalize = Normalize(arch.mean, arch.std)
         self.backbone = backbone
         self.pool = AdaptiveConcatPool2d()
+        self.n_pooled = 2 * arch.n_features  # the pooled features the head takes
         self.head = head
         # Not registered as submodules (they alias parameters of `backbone`); see layer_groups().
         self._groups = groups

@@ -7,10 +7,23 @@ import io
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from serving.files import write_atomic
+
+if TYPE_CHECKING:  # annotations only
+    from trainer.learner import ConvLearner
+
+
+def write_submission(learn: ConvLearner, path: Path | str, *, tta: bool = True, top_label: bool = False) -> Path:
+    """Predict the learner's test set and write a submission CSV: id, then one probability per
+    class (or id, label with top_label=True)."""
+    if not learn.data.test_files:
+        raise ValueError("no test set: build the data with test_name=FOLDER of unlabelled images")
+    probs = learn.TTA("test")[0] if tta else learn.predict_files("test")
+    return write_predictions_csv(Path(path), learn.data.test_files, probs, learn.data.classes, top_label=top_label)
 
 
 def write_predictions_csv(
