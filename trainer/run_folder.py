@@ -139,7 +139,11 @@ class RunFolder:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a damaged file: atomic writes make this unlikely, but never crash on it
-            raise ValueError(f"{path}: cannot read the checkpoint ({e}); delete it to start the run afresh") from None
+            # Not torch's own message: it suggests weights_only=False, which would run code from the file.
+            raise ValueError(
+                f"{path}: cannot read the checkpoint ({type(e).__name__}: damaged, or not written by `trainer run`); "
+                "delete it to start the run afresh"
+            ) from None
         saved = RunConfig.model_validate(state["config"])
         if saved.model_dump(exclude={"out"}) != cfg.model_dump(exclude={"out"}):
             raise ValueError(
