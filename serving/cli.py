@@ -18,9 +18,10 @@ from serving.config import ConfigError, ServerConfig, describe, load_config
 def _serve_parser(sub) -> None:
     p = sub.add_parser(
         "serve",
-        help="serve a bundle over gRPC",
+        help="serve a bundle or a model repository over gRPC",
         description="Serve an export bundle over gRPC, with the standard health service, server reflection and "
-        "Prometheus metrics. Every flag can also be set as SERVING_<NAME> in the environment; flags win. "
+        "Prometheus metrics. With --model-repository, new versions are loaded live (every --poll-s seconds, and "
+        "at once on SIGHUP). Every flag can also be set as SERVING_<NAME> in the environment; flags win. "
         "Requests larger than --max-message-bytes are refused by gRPC with RESOURCE_EXHAUSTED.",
     )
     for name in ServerConfig.model_fields:
@@ -40,6 +41,17 @@ def _predict_parser(sub) -> None:
         default=None,
         help="run every TTA view of the bundle (--tta) or only the plain centre view (--no-tta) "
         "(default: as the bundle chose at export, from its validation scores)",
+    )
+    p.add_argument(
+        "--model",
+        default="",
+        help="model to ask, for a server with a model repository (default: its only model)",
+    )
+    p.add_argument(
+        "--version",
+        type=int,
+        default=0,
+        help="model version to ask; 0 = the one the server's version policy serves (default: %(default)s)",
     )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default: %(default)s)")
     p.add_argument(
@@ -100,7 +112,9 @@ def run_predict(args) -> int:
     with client:
         for path in args.images:
             try:
-                reply = client.predict(path.read_bytes(), top_k=args.top_k, tta=args.tta)
+                reply = client.predict(
+                    path.read_bytes(), top_k=args.top_k, tta=args.tta, model=args.model, version=args.version
+                )
             except OSError as e:
                 print(f"{path}: cannot read: {e.strerror or e}", file=sys.stderr)
                 status = 1

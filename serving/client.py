@@ -50,21 +50,30 @@ class Client:
         self.stub = pb_grpc.ClassifierStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
-    def predict(self, image: bytes, *, top_k: int = 0, tta: bool | None = None) -> pb.PredictResponse:
-        return self.stub.Predict(_request(image, top_k, tta), timeout=self.timeout)
+    def predict(
+        self, image: bytes, *, top_k: int = 0, tta: bool | None = None, model: str = "", version: int = 0
+    ) -> pb.PredictResponse:
+        """`model` and `version` pick one of a model repository's models (empty, 0: the only one, at the
+        version its policy serves); the reply's model_version names the version that answered."""
+        request = _request(image, top_k, tta)
+        request.model, request.version = model, version
+        return self.stub.Predict(request, timeout=self.timeout)
 
     def predict_file(self, path: Path | str, **kwargs) -> pb.PredictResponse:
         return self.predict(Path(path).read_bytes(), **kwargs)
 
     def predict_batch(
-        self, images: Iterable[bytes], *, top_k: int = 0, tta: bool | None = None
+        self, images: Iterable[bytes], *, top_k: int = 0, tta: bool | None = None, model: str = "", version: int = 0
     ) -> pb.PredictBatchResponse:
-        """One call for several images; check each result's status.code (0 is OK) before its response."""
-        request = pb.PredictBatchRequest(requests=[_request(image, top_k, tta) for image in images])
+        """One call for several images, all to one model; check each result's status.code (0 is OK)
+        before its response."""
+        request = pb.PredictBatchRequest(
+            requests=[_request(image, top_k, tta) for image in images], model=model, version=version
+        )
         return self.stub.PredictBatch(request, timeout=self.timeout)
 
-    def model_info(self) -> pb.ModelInfoResponse:
-        return self.stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout)
+    def model_info(self, *, model: str = "", version: int = 0) -> pb.ModelInfoResponse:
+        return self.stub.ModelInfo(pb.ModelInfoRequest(model=model, version=version), timeout=self.timeout)
 
     def health(self, service: str = "") -> str:
         """The server's health status name (SERVING, NOT_SERVING, ...) for `service` ("" is the whole server)."""

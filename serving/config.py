@@ -13,6 +13,7 @@ from pydantic_core import ErrorDetails
 
 from serving.bundle import Precision
 from serving.preprocess import DEFAULT_FORMATS, PEAK_BYTES_PER_PIXEL
+from serving.repository import RepositoryError, parse_policies
 
 ENV_PREFIX = "SERVING_"
 # Words that turn an optional setting off when given as a flag or environment variable.
@@ -26,7 +27,29 @@ class ConfigError(ValueError):
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    bundle: Path = Field(description="bundle folder written by `trainer export` (model.onnx + manifest.json)")
+    bundle: Path | None = Field(
+        None,
+        description="bundle folder written by `trainer export` (model.onnx + manifest.json); or --model-repository",
+    )
+    model_repository: Path | None = Field(
+        None,
+        description="model repository folder, laid out <model>/<version>/ with one bundle per version (a positive "
+        "integer); watched for new and removed versions; or --bundle",
+    )
+    version_policy: str = Field(
+        "",
+        description="with --model-repository: versions served, as MODEL=latest or MODEL=N, comma-separated; "
+        "models not named serve their latest",
+    )
+    poll_s: float = Field(
+        5.0, ge=0, description="with --model-repository: seconds between scans for new versions; 0 = only on SIGHUP"
+    )
+    max_model_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="memory budget for loaded model versions, bytes (estimated from their model files); a load "
+        "that would exceed it is refused and the old version keeps serving; off = no budget",
+    )
     host: str = Field("127.0.0.1", description="address to listen on; 0.0.0.0 or [::] for all interfaces")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     workers: int = Field(
@@ -104,7 +127,25 @@ class ServerConfig(BaseModel):
         description="on SIGTERM/SIGINT, seconds to keep answering with health NOT_SERVING so load balancers move away first",
     )
 
-    @field_validator("metrics_port", "tls_cert", "tls_key", "tls_client_ca", mode="before")
+    @field_validator("version_policy")
+    @classmethod
+    def _policy_parses(cls, value: str) -> str:
+        try:
+            parse_policies(value)
+        except RepositoryError as e:
+            raise ValueError(str(e)) from None
+        return value
+
+    @field_validator(
+        "metrics_port",
+        "max_model_bytes",
+        "bundle",
+        "model_repository",
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        mode="before",
+    )
     @classmethod
     def _off_is_none(cls, value):
         return None if isinstance(value, str) and value.strip().lower() in OFF else value
@@ -135,6 +176,11 @@ class ServerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerConfig:
+        if (self.bundle is None) == (self.model_repository is None):
+            raise ValueError(
+                "give exactly one of bundle (one model) and model_repository (<model>/<version>/ folders, "
+                f"switched live); got {'both' if self.bundle is not None else 'neither'}"
+            )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both for TLS, or neither for plaintext")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -180,6 +226,11 @@ def load_config(flags: dict, environ: Mapping[str, str] | None = None) -> Server
         if f"{ENV_PREFIX}{name.upper()}" in env
     }
     values.update({k: v for k, v in flags.items() if v is not None})
+    if not {"bundle", "model_repository"} & set(values):
+        raise ConfigError(
+            "invalid configuration: bundle: Field required; give a bundle folder for one model, or "
+            "model_repository for a folder of <model>/<version>/ bundles"
+        )
     try:
         return ServerConfig.model_validate(values)
     except ValidationError as e:

@@ -74,7 +74,22 @@ class Metrics:
             ["source"],
             registry=r,
         )
-        self.model = Info("classifier_model", "The model being served", registry=r)
+        self.model = Info("classifier_model", "The model version loaded last", registry=r)
+        self.model_loads = Counter(
+            "classifier_model_loads",
+            "Model versions loaded (result=loaded) or refused (result=failed: broken bundle, over the memory budget)",
+            ["model", "result"],
+            registry=r,
+        )
+        self.model_version = Gauge(
+            "classifier_model_version", "The repository version number each model serves now", ["model"], registry=r
+        )
+        self.answers = Counter(
+            "classifier_model_answers",
+            "Images answered, by the model and version that answered",
+            ["model", "version"],
+            registry=r,
+        )
         self._http: WSGIServer | None = None
 
     def model_loaded(self, manifest: Manifest, *, precision: str, sha256: str, providers: list[str]) -> None:

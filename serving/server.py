@@ -1,9 +1,14 @@
-"""Build, start and stop the gRPC server for one bundle: classifier, health, reflection, metrics, TLS.
+"""Build, start and stop the gRPC server for a bundle or a model repository: classifier, health,
+reflection, metrics, TLS.
 
 Life of a server: it listens first and reports NOT_SERVING on the standard grpc.health.v1 service
 while the model loads and warms up; SERVING once it can answer; NOT_SERVING again from the moment
 it starts to drain. Orchestrators (Kubernetes gRPC probes, grpc_health_probe) and load balancers
 read that service, and server reflection lets generic tools (grpcurl, grpcui) discover the API.
+Each served model also has its own health name, SERVING while a version of it is served.
+
+With a model repository, a Watcher scans it every `poll_s` seconds and on SIGHUP, and the Registry
+switches versions live (serving/models.py).
 """
 
 from __future__ import annotations
@@ -12,23 +17,24 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from concurrent import futures
-from functools import partial
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving.batcher import Batcher
-from serving.bundle import model_file
 from serving.config import ServerConfig
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.interceptor import EdgeInterceptor
 from serving.metrics import Metrics
-from serving.predict import run_batch
-from serving.servicer import ClassifierServicer, LoadedModel
+from serving.models import Registry, ServedModel, open_model
+from serving.repository import parse_policies
+from serving.servicer import ClassifierServicer
 from serving.session import ModelSession
+from serving.watcher import Watcher
 
 log = logging.getLogger("serving")
 
@@ -50,7 +56,11 @@ class Server:
         self.health = health.HealthServicer()
         for name in HEALTH_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.servicer = ClassifierServicer(config, self.metrics)
+        self.models = Registry(config, self.metrics, on_change=self._served_changed)
+        self.metrics.watch_queue(self.models.queue_depth)
+        self.watcher: Watcher | None = None
+        self._health_names: set[str] = set()
+        self.servicer = ClassifierServicer(config, self.metrics, self.models)
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
             interceptors=[
@@ -109,46 +119,41 @@ class Server:
         return port
 
     def load(self, session: ModelSession | None = None) -> None:
-        """Load the bundle (unless a session is given), warm it up, start batching, report SERVING."""
+        """Load the bundle (unless a session is given) or the repository's versions, warm them up,
+        start batching, report SERVING. With a repository, start watching it for new versions."""
         c = self.config
-        if session is None:
-            session = ModelSession(
-                c.bundle,
-                device=c.device,
-                precision=c.precision,
-                intra_op_threads=c.intra_op_threads,
-                inter_op_threads=c.inter_op_threads,
-            )
-        m = session.manifest
-        # A full batch, so that the first real ones pay no allocation or kernel-selection cost.
-        session.warm_up(batch=max(1, c.max_batch_views // len(m.tta.views)))
-        batcher = Batcher(
-            partial(run_batch, session),
-            max_batch_views=c.max_batch_views,
-            max_delay_us=c.max_delay_us,
-            max_queue=c.max_queue,
-            on_batch=self.metrics.observe_batch,
-        )
-        self.metrics.watch_queue(lambda: batcher.depth)
-        self.metrics.model_loaded(
-            m, precision=session.precision, sha256=model_file(m, session.precision)[1], providers=session.providers
-        )
-        self.servicer.model = LoadedModel(session, batcher)
+        if c.model_repository is None:
+            assert c.bundle is not None  # ServerConfig holds exactly one of the two
+            self.models.install(open_model(c, self.metrics, c.bundle, session=session))
+        else:
+            self.watcher = Watcher(self.models, c.model_repository, parse_policies(c.version_policy), poll_s=c.poll_s)
+            self.watcher.poll()
+            self.watcher.start()
+            if not self.models.served():
+                log.warning("%s: no model version could be loaded yet; watching for one", c.model_repository)
+        log.info("listening on %s:%d", c.host, self.port)
+
+    def reload(self) -> None:
+        """Scan the repository now instead of at the next poll (what SIGHUP does); returns at once."""
+        if self.watcher is not None:
+            self.watcher.reload()
+
+    def _served_changed(self, served: Mapping[str, ServedModel]) -> None:
+        if self._stopped:
+            return
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self._health_names - set(served):
+            self.health.set(name, not_serving)
+        for name in served:
+            self.health.set(name, serving)
+        self._health_names |= set(served)
         for name in HEALTH_NAMES:
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info(
-            "serving %s %s (%s) on %s:%d with %s",
-            m.name,
-            m.version,
-            session.precision,
-            c.host,
-            self.port,
-            ", ".join(session.providers),
-        )
+            self.health.set(name, serving if served else not_serving)
 
     @property
     def batcher(self) -> Batcher | None:
-        return self.servicer.model.batcher if self.servicer.model else None
+        model = self.models.default()
+        return model.batcher if model else None
 
     def drain(self) -> None:
         """Report NOT_SERVING from now on, for good; calls are still answered until `stop`."""
@@ -159,6 +164,8 @@ class Server:
         if self._stopped:
             return
         self._stopped = True
+        if self.watcher is not None:
+            self.watcher.stop()
         self.drain()
         grace = self.config.grace_s if grace is None else grace
         end = time.monotonic() + grace
@@ -167,8 +174,7 @@ class Server:
         # What is left are health watchers and reflection streams; calls past the grace are cancelled.
         self.grpc_server.stop(max(0.0, end - time.monotonic())).wait()
         # Only now: until the handlers are done, they wait on the batcher for their results.
-        if self.batcher is not None:
-            self.batcher.close()
+        self.models.close()
         self.metrics.close()
 
     def wait(self) -> None:
@@ -188,7 +194,8 @@ def _grpc_active_calls(server: grpc.Server) -> int | None:
 
 
 def serve(config: ServerConfig) -> int:
-    """Run until SIGTERM or SIGINT, then shut down gracefully; returns the exit code."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully; returns the exit code. SIGHUP scans
+    the model repository at once."""
     done = threading.Event()
 
     def on_signal(signum, frame):
@@ -204,6 +211,8 @@ def serve(config: ServerConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server = Server(config, load=False)
+    # Only sets an event: the scan and any load run on the watcher's thread.
+    signal.signal(signal.SIGHUP, lambda signum, frame: server.reload())
     try:
         if not done.is_set():
             server.load()

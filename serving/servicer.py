@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
@@ -17,25 +16,19 @@ import numpy as np
 
 from serving import decoder_log
 from serving.admission import Admission, CallFailed, CallGuard, PixelBudget
-from serving.batcher import Batcher, DeadlineExpired, QueueFull, ShuttingDown
+from serving.batcher import DeadlineExpired, QueueFull, ShuttingDown
 from serving.config import ServerConfig
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.metrics import Metrics
+from serving.models import Registry, ServedModel
 from serving.predict import Prepared, prepare, top
 from serving.preprocess import ImageError
-from serving.session import ModelSession
 
 log = logging.getLogger("serving")
 
 # gRPC reports "no deadline" as a time remaining of about 292 years; anything past a day is none.
 _NO_DEADLINE_S = 86_400.0
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    session: ModelSession
-    batcher: Batcher
 
 
 class ItemFailed(Exception):
@@ -102,17 +95,16 @@ def wait_all(futures: list[Future], deadline: float | None) -> list[np.ndarray |
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    def __init__(self, config: ServerConfig, metrics: Metrics):
+    def __init__(self, config: ServerConfig, metrics: Metrics, models: Registry):
         self.config = config
         self.metrics = metrics
-        self.model: LoadedModel | None = None  # set by Server.load once the session is warm
+        self.models = models  # filled by Server.load once a model is warm
         self.admission = Admission()
         self.decode_budget = PixelBudget(config.max_decode_pixels)
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         try:
-            with self.admission.admitted():
-                model = self._ready()
+            with self.admission.admitted(), self.models.acquire(request.model, request.version) as model:
                 prepared = self._prepare(model, request, self._guard(context), "Predict")
                 if isinstance(prepared, Exception):
                     raise prepared
@@ -125,8 +117,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     def PredictBatch(self, request: pb.PredictBatchRequest, context: grpc.ServicerContext) -> pb.PredictBatchResponse:
         try:
-            with self.admission.admitted():
-                model = self._ready()
+            with self.admission.admitted(), self.models.acquire(request.model, request.version) as model:
                 if len(request.requests) > self.config.max_batch_images:
                     raise CallFailed(
                         grpc.StatusCode.INVALID_ARGUMENT,
@@ -152,14 +143,14 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfoResponse:
         try:
-            with self.admission.admitted():
-                model = self._ready()
+            with self.admission.admitted(), self.models.acquire(request.model, request.version) as model:
+                pass
         except CallFailed as e:
             abort(context, e)
         m = model.session.manifest
         return pb.ModelInfoResponse(
-            model_name=m.name,
-            model_version=m.version,
+            model_name=model.name,
+            model_version=model.version,
             architecture=m.architecture,
             classes=m.classes,
             input_size=m.preprocessing.input_size,
@@ -176,14 +167,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     # Helpers shared by the RPCs.
 
-    def _ready(self) -> LoadedModel:
-        model = self.model
-        if model is None:
-            raise CallFailed(
-                grpc.StatusCode.UNAVAILABLE,
-                "the model is still loading; retry shortly (health reports SERVING once it is ready)",
-            )
-        return model
+    @property
+    def model(self) -> ServedModel | None:
+        """The model a call that names none gets (None while loading, or with several models)."""
+        return self.models.default()
 
     def _guard(self, context: grpc.ServicerContext) -> CallGuard:
         return CallGuard(
@@ -194,7 +181,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         )
 
     def _prepare(
-        self, model: LoadedModel, request: pb.PredictRequest, guard: CallGuard, where: str
+        self, model: ServedModel, request: pb.PredictRequest, guard: CallGuard, where: str
     ) -> Prepared | Exception:
         """The image's views, or the error that fails this image alone. Raises CallFailed when the
         whole call must end (deadline passed, caller gone)."""
@@ -231,7 +218,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self.metrics.decoder_warnings.labels(source).inc()
 
     def _run(
-        self, model: LoadedModel, prepared: list[Prepared], context: grpc.ServicerContext
+        self, model: ServedModel, prepared: list[Prepared], context: grpc.ServicerContext
     ) -> list[np.ndarray | Exception]:
         deadline = deadline_of(context)
         futures = model.batcher.submit([p.views for p in prepared], deadline=deadline)
@@ -240,22 +227,23 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         return wait_all(futures, deadline)
 
     def _respond(
-        self, model: LoadedModel, request: pb.PredictRequest, prepared: Prepared, probs: np.ndarray
+        self, model: ServedModel, request: pb.PredictRequest, prepared: Prepared, probs: np.ndarray
     ) -> pb.PredictResponse:
         m = model.session.manifest
         ranked = top(probs, request.top_k)
         self.metrics.predicted.labels(m.classes[ranked[0][0]]).inc()
+        self.metrics.answers.labels(model.name, model.version).inc()
         return pb.PredictResponse(
             predictions=[pb.Prediction(label=m.classes[i], index=i, probability=p) for i, p in ranked],
             probabilities=probs.tolist(),
-            model_name=m.name,
-            model_version=m.version,
+            model_name=model.name,
+            model_version=model.version,
             tta_views=prepared.names,
         )
 
     def _batch_result(
         self,
-        model: LoadedModel,
+        model: ServedModel,
         request: pb.PredictRequest,
         outcome: Exception | tuple[Prepared, np.ndarray | Exception],
     ) -> pb.PredictBatchResult:

@@ -85,7 +85,7 @@ class TestCheckpoint:
     def test_a_damaged_checkpoint_says_what_to_do(self, folder):
         folder.path.mkdir()
         folder.checkpoint_file.write_bytes(b"not a checkpoint")
-        with pytest.raises(ValueError, match="cannot read the checkpoint .*delete it to start the run afresh") as e:
+        with pytest.raises(ValueError, match=r"cannot read the checkpoint .*delete it to start the run afresh") as e:
             folder.read_checkpoint(RunConfig(out=folder.path))
         assert "weights_only" not in str(e.value)  # torch's advice to unpickle anything is not passed on
 

@@ -95,6 +95,7 @@ def cmd_export(args) -> int:
     export_run(
         args.run,
         args.out,
+        repository=args.repository,
         name=args.name,
         version=args.version,
         snapshots=args.snapshots,
@@ -209,12 +210,21 @@ def parser() -> argparse.ArgumentParser:
         "real images, and the bundle's TTA accuracy through ONNX Runtime equal to the trainer's.",
     )
     p.add_argument("--run", type=Path, required=True, help="run folder written by `trainer run` (config.json, models/)")
-    p.add_argument(
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
         "--out",
         type=Path,
         help="bundle folder to write (default: RUN/bundle); an existing one is replaced only once the new one is verified",
     )
-    p.add_argument("--name", help="model name recorded in the bundle (default: the run's --name)")
+    where.add_argument(
+        "--repository",
+        type=Path,
+        help="model repository to add the bundle to as REPOSITORY/NAME/N, N one more than the largest version there, "
+        "moved in only once verified (default: off, see --out)",
+    )
+    p.add_argument(
+        "--name", help="model name recorded in the bundle and its repository folder (default: the run's --name)"
+    )
     p.add_argument("--version", help="model version recorded in the bundle (default: the export time, YYYYmmdd-HHMMSS)")
     p.add_argument(
         "--snapshots",

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from serving.bundle import BundleError, read_manifest
+from serving.repository import publish, staging_dir
 from trainer.assemble import first_size, make_data
 from trainer.config import RunConfig
 from trainer.data import DataError, ImageClassifierData, list_images
@@ -92,6 +93,7 @@ def export_run(
     run: Path,
     out: Path | None = None,
     *,
+    repository: Path | None = None,
     name: str | None = None,
     version: str | None = None,
     snapshots: bool = False,
@@ -100,7 +102,16 @@ def export_run(
     calibration_images: int = 64,
     log: Log = print,
 ) -> Path:
-    """Export a finished run as a bundle (RUN/bundle unless `out`), with the recipe that trained it."""
+    """Export a finished run as a bundle (RUN/bundle unless `out`), with the recipe that trained it.
+
+    With `repository`, the bundle becomes the next version of `<repository>/<name>/` instead: it is
+    written and verified in a hidden folder, then renamed into place in one step, so a server
+    watching the repository never sees half of it."""
+    if out is not None and repository is not None:
+        raise ExportError(
+            "--out and --repository both name where the bundle goes: give --out for one bundle folder, "
+            "or --repository for the next version in a model repository"
+        )
     folder = RunFolder(run)
     learn = folder.learner(_stderr)
     cfg = folder.read_config()
@@ -113,11 +124,12 @@ def export_run(
         lr = cfg.lr
     # A snapshot ensemble is another model than the final weights: export measures its metrics.
     metrics = {} if members else evaluate(learn, log, held_out=not cfg.full)[0]
-    out = Path(out) if out else folder.bundle_dir
+    name = name or cfg.name
+    out = staging_dir(repository, name) if repository is not None else Path(out) if out else folder.bundle_dir
     manifest = export(
         learn,
         out,
-        name=name or cfg.name,
+        name=name,
         version=version,
         metrics=metrics,
         recipe=bundle_recipe(cfg, len(learn.history), lr),
@@ -128,6 +140,8 @@ def export_run(
         calibration_images=calibration_images,
         log=log,
     )
+    if repository is not None:
+        out = publish(out)
     log(f"bundle: {out} (sha256 {manifest.model.sha256[:12]}..., TTA accuracy {manifest.metrics['accuracy_tta']:.4f})")
     return out
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*serving/gen/classifier/v1/classifier.proto\x12\rclassifier.v1\"H\n\x0ePredictRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x10\n\x03tta\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x06\n\x04_tta\"?\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\x96\x01\n\x0fPredictResponse\x12.\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x19.classifier.v1.Prediction\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x11\n\ttta_views\x18\x05 \x03(\t\"F\n\x13PredictBatchRequest\x12/\n\x08requests\x18\x01 \x03(\x0b\x32\x1d.classifier.v1.PredictRequest\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"m\n\x12PredictBatchResult\x12%\n\x06status\x18\x01 \x01(\x0b\x32\x15.classifier.v1.Status\x12\x30\n\x08response\x18\x02 \x01(\x0b\x32\x1e.classifier.v1.PredictResponse\"J\n\x14PredictBatchResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.classifier.v1.PredictBatchResult\"\x12\n\x10ModelInfoRequest\"\x93\x03\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x04 \x03(\t\x12\x12\n\ninput_size\x18\x05 \x01(\r\x12\x11\n\ttta_views\x18\x06 \x03(\t\x12>\n\x07metrics\x18\x07 \x03(\x0b\x32-.classifier.v1.ModelInfoResponse.MetricsEntry\x12\x14\n\x0cmodel_sha256\x18\x08 \x01(\t\x12\x16\n\x0eschema_version\x18\t \x01(\r\x12\x11\n\tprecision\x18\n \x01(\t\x12\x11\n\tproviders\x18\x0b \x03(\t\x12\x13\n\x0btta_default\x18\x0c \x01(\x08\x12\x12\n\ntta_reason\x18\r \x01(\t\x12\x18\n\x10metrics_held_out\x18\x0e \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xff\x01\n\nClassifier\x12H\n\x07Predict\x12\x1d.classifier.v1.PredictRequest\x1a\x1e.classifier.v1.PredictResponse\x12W\n\x0cPredictBatch\x12\".classifier.v1.PredictBatchRequest\x1a#.classifier.v1.PredictBatchResponse\x12N\n\tModelInfo\x12\x1f.classifier.v1.ModelInfoRequest\x1a .classifier.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*serving/gen/classifier/v1/classifier.proto\x12\rclassifier.v1\"h\n\x0ePredictRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x10\n\x03tta\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x04\x42\x06\n\x04_tta\"?\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\x96\x01\n\x0fPredictResponse\x12.\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x19.classifier.v1.Prediction\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x11\n\ttta_views\x18\x05 \x03(\t\"f\n\x13PredictBatchRequest\x12/\n\x08requests\x18\x01 \x03(\x0b\x32\x1d.classifier.v1.PredictRequest\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"m\n\x12PredictBatchResult\x12%\n\x06status\x18\x01 \x01(\x0b\x32\x15.classifier.v1.Status\x12\x30\n\x08response\x18\x02 \x01(\x0b\x32\x1e.classifier.v1.PredictResponse\"J\n\x14PredictBatchResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.classifier.v1.PredictBatchResult\"2\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\x93\x03\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x04 \x03(\t\x12\x12\n\ninput_size\x18\x05 \x01(\r\x12\x11\n\ttta_views\x18\x06 \x03(\t\x12>\n\x07metrics\x18\x07 \x03(\x0b\x32-.classifier.v1.ModelInfoResponse.MetricsEntry\x12\x14\n\x0cmodel_sha256\x18\x08 \x01(\t\x12\x16\n\x0eschema_version\x18\t \x01(\r\x12\x11\n\tprecision\x18\n \x01(\t\x12\x11\n\tproviders\x18\x0b \x03(\t\x12\x13\n\x0btta_default\x18\x0c \x01(\x08\x12\x12\n\ntta_reason\x18\r \x01(\t\x12\x18\n\x10metrics_held_out\x18\x0e \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xff\x01\n\nClassifier\x12H\n\x07Predict\x12\x1d.classifier.v1.PredictRequest\x1a\x1e.classifier.v1.PredictResponse\x12W\n\x0cPredictBatch\x12\".classifier.v1.PredictBatchRequest\x1a#.classifier.v1.PredictBatchResponse\x12N\n\tModelInfo\x12\x1f.classifier.v1.ModelInfoRequest\x1a .classifier.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,25 +34,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFORESPONSE_METRICSENTRY']._loaded_options = None
   _globals['_MODELINFORESPONSE_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_PREDICTREQUEST']._serialized_start=61
-  _globals['_PREDICTREQUEST']._serialized_end=133
-  _globals['_PREDICTION']._serialized_start=135
-  _globals['_PREDICTION']._serialized_end=198
-  _globals['_PREDICTRESPONSE']._serialized_start=201
-  _globals['_PREDICTRESPONSE']._serialized_end=351
-  _globals['_PREDICTBATCHREQUEST']._serialized_start=353
-  _globals['_PREDICTBATCHREQUEST']._serialized_end=423
-  _globals['_STATUS']._serialized_start=425
-  _globals['_STATUS']._serialized_end=464
-  _globals['_PREDICTBATCHRESULT']._serialized_start=466
-  _globals['_PREDICTBATCHRESULT']._serialized_end=575
-  _globals['_PREDICTBATCHRESPONSE']._serialized_start=577
-  _globals['_PREDICTBATCHRESPONSE']._serialized_end=651
-  _globals['_MODELINFOREQUEST']._serialized_start=653
-  _globals['_MODELINFOREQUEST']._serialized_end=671
-  _globals['_MODELINFORESPONSE']._serialized_start=674
-  _globals['_MODELINFORESPONSE']._serialized_end=1077
-  _globals['_MODELINFORESPONSE_METRICSENTRY']._serialized_start=1031
-  _globals['_MODELINFORESPONSE_METRICSENTRY']._serialized_end=1077
-  _globals['_CLASSIFIER']._serialized_start=1080
-  _globals['_CLASSIFIER']._serialized_end=1335
+  _globals['_PREDICTREQUEST']._serialized_end=165
+  _globals['_PREDICTION']._serialized_start=167
+  _globals['_PREDICTION']._serialized_end=230
+  _globals['_PREDICTRESPONSE']._serialized_start=233
+  _globals['_PREDICTRESPONSE']._serialized_end=383
+  _globals['_PREDICTBATCHREQUEST']._serialized_start=385
+  _globals['_PREDICTBATCHREQUEST']._serialized_end=487
+  _globals['_STATUS']._serialized_start=489
+  _globals['_STATUS']._serialized_end=528
+  _globals['_PREDICTBATCHRESULT']._serialized_start=530
+  _globals['_PREDICTBATCHRESULT']._serialized_end=639
+  _globals['_PREDICTBATCHRESPONSE']._serialized_start=641
+  _globals['_PREDICTBATCHRESPONSE']._serialized_end=715
+  _globals['_MODELINFOREQUEST']._serialized_start=717
+  _globals['_MODELINFOREQUEST']._serialized_end=767
+  _globals['_MODELINFORESPONSE']._serialized_start=770
+  _globals['_MODELINFORESPONSE']._serialized_end=1173
+  _globals['_MODELINFORESPONSE_METRICSENTRY']._serialized_start=1127
+  _globals['_MODELINFORESPONSE_METRICSENTRY']._serialized_end=1173
+  _globals['_CLASSIFIER']._serialized_start=1176
+  _globals['_CLASSIFIER']._serialized_end=1431
 # @@protoc_insertion_point(module_scope)

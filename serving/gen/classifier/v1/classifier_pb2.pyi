@@ -7,14 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PredictRequest(_message.Message):
-    __slots__ = ("image", "top_k", "tta")
+    __slots__ = ("image", "top_k", "tta", "model", "version")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TTA_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     top_k: int
     tta: bool
-    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., tta: _Optional[bool] = ...) -> None: ...
+    model: str
+    version: int
+    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., tta: _Optional[bool] = ..., model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("label", "index", "probability")
@@ -41,10 +45,14 @@ class PredictResponse(_message.Message):
     def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., probabilities: _Optional[_Iterable[float]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., tta_views: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PredictBatchRequest(_message.Message):
-    __slots__ = ("requests",)
+    __slots__ = ("requests", "model", "version")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedCompositeFieldContainer[PredictRequest]
-    def __init__(self, requests: _Optional[_Iterable[_Union[PredictRequest, _Mapping]]] = ...) -> None: ...
+    model: str
+    version: int
+    def __init__(self, requests: _Optional[_Iterable[_Union[PredictRequest, _Mapping]]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Status(_message.Message):
     __slots__ = ("code", "message")
@@ -69,8 +77,12 @@ class PredictBatchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[PredictBatchResult, _Mapping]]] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
     __slots__ = ("model_name", "model_version", "architecture", "classes", "input_size", "tta_views", "metrics", "model_sha256", "schema_version", "precision", "providers", "tta_default", "tta_reason", "metrics_held_out")
