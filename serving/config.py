@@ -41,6 +41,11 @@ class ServerConfig(BaseModel):
         description="with --model-repository: versions served, as MODEL=latest or MODEL=N, comma-separated; "
         "models not named serve their latest",
     )
+    default_model: str = Field(
+        "",
+        description="with --model-repository serving several models: the one a call that names none gets; "
+        "empty: such a call must name one (with a single model, it is that one)",
+    )
     poll_s: float = Field(
         5.0, ge=0, description="with --model-repository: seconds between scans for new versions; 0 = only on SIGHUP"
     )

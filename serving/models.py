@@ -173,12 +173,13 @@ class Registry:
             )
         what = ", ".join(f"{m.name} version {m.version}" for m in self._served.values())
         if not name:
-            if len(self._served) > 1:
+            if len(self._served) > 1 and not self.config.default_model:
                 raise CallFailed(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"this server serves several models ({what}): name one in the request's `model` field",
+                    f"this server serves several models ({what}): name one in the request's `model` field "
+                    "(or start it with --default-model)",
                 )
-            name = next(iter(self._served))
+            name = self.config.default_model if len(self._served) > 1 else next(iter(self._served))
         model = self._served.get(name)
         if model is None:
             raise CallFailed(grpc.StatusCode.NOT_FOUND, f"no model {name!r} is served; served: {what}")

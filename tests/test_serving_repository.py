@@ -176,13 +176,13 @@ def source(root: Path, model: str, number: int) -> VersionDir:
 
 
 class TestRegistry:
-    def registry(self, tmp_path, manifest, fail: set[int] = frozenset()) -> Registry:  # type: ignore[assignment]
+    def registry(self, tmp_path, manifest, fail: set[int] = frozenset(), default_model: str = "") -> Registry:  # type: ignore[assignment]
         def load(v: VersionDir) -> ServedModel:
             if v.version in fail:
                 raise ValueError(f"cannot load {v.version}")
             return fake_model(manifest, v.model, v.version)
 
-        cfg = ServerConfig(model_repository=tmp_path, port=0, metrics_port=None)
+        cfg = ServerConfig(model_repository=tmp_path, port=0, metrics_port=None, default_model=default_model)
         return Registry(cfg, Metrics(), load=load)
 
     def test_unknown_model_or_version_is_not_found_naming_what_is_served(self, tmp_path, manifest):
@@ -212,6 +212,15 @@ class TestRegistry:
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
         with reg.acquire("dogs") as m:
             assert m.name == "dogs"
+        reg.close()
+
+    def test_the_default_model_answers_calls_that_name_none(self, tmp_path, manifest):
+        reg = self.registry(tmp_path, manifest, default_model="dogs")
+        reg.sync({m: source(tmp_path, m, 1) for m in ("cats", "dogs")}, {("cats", 1), ("dogs", 1)})
+        with reg.acquire() as m:
+            assert m.name == "dogs"
+        with reg.acquire("cats") as m:
+            assert m.name == "cats"
         reg.close()
 
     def test_the_old_version_closes_only_after_its_last_call(self, tmp_path, manifest):
