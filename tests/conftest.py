@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -75,6 +78,70 @@ def write_colour_dataset(root: Path, per_class: dict[str, int], size=(40, 30), s
 def colours(tmp_path) -> Path:
     """8 training and 4 validation images per class (red, blue), writable."""
     return write_colour_dataset(tmp_path / "colours", {"train": 8, "valid": 4})
+
+
+@pytest.fixture(scope="session")
+def colour_data(tmp_path_factory) -> Path:
+    """8 training and 4 validation images per class (red, blue), shared by the session: read it,
+    never write into it (copy it with `fresh_copy` first)."""
+    return write_colour_dataset(tmp_path_factory.mktemp("shared") / "colours", {"train": 8, "valid": 4})
+
+
+# Every stage of the recipe at 32 px in a few seconds an epoch: lr_find, the head (1 epoch), the head
+# with augmentation (1), lr_find unfrozen, then all layers for 2 SGDR cycles (1 + 2 epochs).
+TRAINER_RUN_FLAGS = (
+    *("--size", "32", "--bs", "4", "--num-workers", "0", "--name", "colours"),
+    *("--head-epochs", "1", "--aug-cycles", "1", "--unfreeze-cycles", "2"),
+)
+
+
+@dataclass(frozen=True)
+class TrainerRun:
+    """A finished `trainer run`: its folder, and the dataset and flags it was given."""
+
+    path: Path
+    data: Path
+    flags: tuple[str, ...]
+
+
+@pytest.fixture(scope="session")
+def trainer_run(tmp_path_factory, colour_data) -> TrainerRun:
+    """The one end-to-end training run of the default suite: `trainer run` through its console
+    script, as a user runs it; the CLI, end-to-end and resume tests read its folder and serve its
+    bundle. Read only: a test that changes a run copies it first.
+
+    A relative --out, as the README writes it (report.html once lost its plots with one), and umask
+    022, as on most systems: what the trainer writes must then be readable by other users."""
+    trainer = shutil.which("trainer")
+    if trainer is None:
+        pytest.skip("console script `trainer` not installed (pip install -e .)")
+    parent = tmp_path_factory.mktemp("trainer_run")
+    proc = subprocess.run(
+        [trainer, "run", "--data", str(colour_data), "--out", "run", *TRAINER_RUN_FLAGS],
+        cwd=parent,
+        preexec_fn=lambda: os.umask(0o022),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return TrainerRun(path=parent / "run", data=colour_data, flags=TRAINER_RUN_FLAGS)
+
+
+def epochs_as_trained(run: Path) -> list[dict]:
+    """A run's history.csv, one dict per epoch, less each epoch's wall time: what two runs that
+    trained the same way share exactly."""
+    from trainer.run_folder import RunFolder
+
+    return [{k: v for k, v in vars(s).items() if k != "seconds"} for s in RunFolder(run).read_history()]
+
+
+def differing_tensors(a: dict, b: dict) -> list[str]:
+    """The names of the tensors in which two state dicts (or weight files loaded) differ, missing ones included."""
+    import torch
+
+    return sorted({*a, *b} - {k for k in a.keys() & b.keys() if torch.equal(a[k], b[k])})
 
 
 @pytest.fixture(scope="session")

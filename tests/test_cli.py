@@ -1,4 +1,5 @@
-"""The README's path through the real entry points: `trainer demo`, `serving serve`, `serving predict`."""
+"""The README's path through the real entry points: `trainer demo` (slow), `serving serve` and
+`serving predict` on the session's `trainer run`, and their user errors."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import subprocess
 import sys
 
 import pytest
+
+from serving.bundle import read_manifest
 
 TRAINER, SERVING = shutil.which("trainer"), shutil.which("serving")
 pytestmark = pytest.mark.skipif(not (TRAINER and SERVING), reason="console scripts not installed (pip install -e .)")
@@ -24,22 +27,30 @@ def demo(tmp_path_factory):
     return out, proc.stdout
 
 
+# Slow: a second training run (about 35 s on 2 idle cores, minutes on busy ones); the default suite
+# trains once, in the session's `trainer_run`, which test_serve_predict_and_sigterm below serves.
+@pytest.mark.slow
 def test_demo_trains_serves_and_reports_accuracy(demo):
     out, stdout = demo
     assert (out / "bundle" / "model.onnx").is_file() and (out / "bundle" / "manifest.json").is_file()
     assert (out / "digits" / "train" / "7").is_dir() and (out / "digits" / "valid" / "7").is_dir()
-    assert re.search(r"^\[  0, [\d.]+, [\d.]+, [\d.]+\]$", stdout, re.M), "no per-epoch table"
-    found = re.search(r"accuracy on (\d+) validation images: served ([\d.]+), trainer TTA ([\d.]+)", stdout)
+    assert re.search(r"^\s+0\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+s\s", stdout, re.M), "no per-epoch table"
+    found = re.search(
+        r"accuracy on (\d+) validation images: served ([\d.]+) \((with|without) TTA, the bundle's default\); "
+        r"trainer with TTA ([\d.]+), without TTA ([\d.]+)",
+        stdout,
+    )
     assert found, stdout
-    n, served, trainer_tta = int(found[1]), float(found[2]), float(found[3])
-    assert n == 359 and served == trainer_tta
+    n, served, tta = int(found[1]), float(found[2]), found[3] == "with"
+    assert n == 359 and served == float(found[4] if tta else found[5])
     assert served > 0.8, "ImageNet features + a new head should read handwritten digits"
 
 
-def test_serve_predict_and_sigterm(demo):
-    out, _ = demo
+def test_serve_predict_and_sigterm(trainer_run):
+    bundle = trainer_run.path / "bundle"
+    views = len(read_manifest(bundle).tta.views)
     server = subprocess.Popen(
-        [SERVING, "serve", "--bundle", str(out / "bundle"), "--port", "0", "--metrics-port", "0"],
+        [SERVING, "serve", "--bundle", str(bundle), "--port", "0", "--metrics-port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -48,16 +59,17 @@ def test_serve_predict_and_sigterm(demo):
         line = server.stdout.readline()
         port = re.search(r"serving on [\d.]+:(\d+)", line)
         assert port, line + server.stderr.read()
-        image = next((out / "digits" / "valid" / "3").iterdir())
+        image = next((trainer_run.data / "valid" / "red").iterdir())
         proc = subprocess.run(
-            [SERVING, "predict", str(image), "--target", f"127.0.0.1:{port[1]}", "--top-k", "2"],
+            [SERVING, "predict", str(image), "--target", f"127.0.0.1:{port[1]}", "--top-k", "2", "--tta"],
             capture_output=True,
             text=True,
             timeout=60,
             check=False,
         )
         assert proc.returncode == 0, proc.stderr
-        assert re.search(rf"{re.escape(str(image))}: \d [\d.]+, \d [\d.]+  \[5 views\]", proc.stdout), proc.stdout
+        label = r"(blue|red) [\d.]+"
+        assert re.search(rf"{re.escape(str(image))}: {label}, {label}  \[{views} views\]", proc.stdout), proc.stdout
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
     finally:

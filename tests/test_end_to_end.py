@@ -1,4 +1,7 @@
-"""Images -> train -> export -> real gRPC server on loopback -> Predict, equal to the trainer's TTA."""
+"""A `trainer run`'s bundle on a real gRPC server on loopback: Predict equals the trainer's TTA.
+
+The run is the session's `trainer_run` (tests/conftest.py): images -> train -> export happen once
+for the whole suite, and this module serves what they made."""
 
 from __future__ import annotations
 
@@ -6,32 +9,24 @@ import grpc
 import numpy as np
 import pytest
 
+from serving.bundle import read_manifest
 from serving.client import Client
 from serving.config import ServerConfig
 from serving.server import Server
-from trainer.augment import tfms_from_model, transforms_side_on
-from trainer.data import ImageClassifierData
-from trainer.export import export
-from trainer.learner import ConvLearner
+from trainer.run_folder import RunFolder
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_hymenoptera, tmp_path_factory):
-    tfms = tfms_from_model("efficientnet_lite0", 64, aug_tfms=transforms_side_on, max_zoom=1.1)
-    data = ImageClassifierData.from_paths(tiny_hymenoptera, tfms, bs=8, num_workers=0, seed=0)
-    learn = ConvLearner.pretrained("efficientnet_lite0", data, precompute=True, log=lambda _: None)
-    learn.fit(1e-2, 2)
-    learn.precompute = False
-    learn.fit(1e-3, 1)
-    bundle = tmp_path_factory.mktemp("export") / "bundle"
-    manifest = export(learn, bundle, name="hymenoptera", version="test-1", metrics={"accuracy": 0.5})
-    return learn, bundle, manifest
+def trained(trainer_run):
+    """(the run's learner with its final weights, its folder, its bundle's manifest)"""
+    folder = RunFolder(trainer_run.path)
+    return folder.learner(log=lambda _: None), folder, read_manifest(folder.bundle_dir)
 
 
 @pytest.fixture(scope="module")
 def server(trained):
-    _, bundle, _ = trained
-    srv = Server(ServerConfig(bundle=bundle, port=0, device="cpu", metrics_port=None))
+    _, folder, _ = trained
+    srv = Server(ServerConfig(bundle=folder.bundle_dir, port=0, device="cpu", metrics_port=None))
     yield srv
     srv.stop(0)
 
@@ -46,7 +41,7 @@ def test_served_probabilities_equal_the_trainers_tta(trained, client):
     learn, _, manifest = trained
     expected, _ = learn.TTA()
     for i, f in enumerate(learn.data.val_files):
-        reply = client.predict_file(f)
+        reply = client.predict_file(f, tta=True)
         assert list(reply.tta_views) == [v.name for v in manifest.tta.views]
         np.testing.assert_allclose(reply.probabilities, expected[i], atol=1e-4, rtol=0)
         assert reply.predictions[0].index == int(np.argmax(expected[i]))
@@ -57,7 +52,7 @@ def test_predict_batch_equals_the_trainers_tta_in_order(trained, client):
     learn, _, manifest = trained
     expected, _ = learn.TTA()
     files = list(learn.data.val_files)
-    reply = client.predict_batch([f.read_bytes() for f in files])
+    reply = client.predict_batch([f.read_bytes() for f in files], tta=True)
     assert len(reply.results) == len(files)
     for i, result in enumerate(reply.results):
         assert result.status.code == 0, result.status.message
@@ -74,14 +69,16 @@ def test_tta_off_runs_only_the_centre_view(trained, client):
 
 
 def test_model_info(trained, client):
-    learn, _, manifest = trained
+    learn, folder, manifest = trained
     info = client.model_info()
-    assert info.model_name == "hymenoptera" and info.model_version == "test-1"
-    assert list(info.classes) == learn.data.classes == ["ants", "bees"]
-    assert info.input_size == 64 and info.model_sha256 == manifest.model.sha256
+    assert info.model_name == "colours" and info.model_version == manifest.version
+    assert list(info.classes) == learn.data.classes == ["blue", "red"]
+    assert info.input_size == 32 and info.model_sha256 == manifest.model.sha256
     assert dict(info.metrics) == manifest.metrics
-    assert info.metrics["accuracy"] == 0.5  # as given to export
-    assert info.metrics["accuracy_tta"] == pytest.approx(float(np.mean(learn.TTA()[0].argmax(1) == learn.TTA()[1])))
+    measured, _ = folder.read_metrics()
+    assert dict(info.metrics) == measured  # what the run measured, as it gave it to export
+    tta, y = learn.TTA()
+    assert info.metrics["accuracy_tta"] == pytest.approx(float(np.mean(tta.argmax(1) == y)))
 
 
 def test_bad_image_is_invalid_argument_and_server_keeps_serving(trained, client):

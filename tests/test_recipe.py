@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.recipe import RunConfig, run, stages
+from trainer.config import RunConfig
+from trainer.recipe import run, stages
 
 
 class TestPlan:
@@ -47,9 +48,9 @@ def test_whole_recipe_on_hymenoptera_beats_the_references(hymenoptera, tmp_path,
 
 
 def test_full_adds_the_validation_images_to_training(colours):
+    from trainer.assemble import train_on_validation_too
     from trainer.augment import tfms_from_model
     from trainer.data import ImageClassifierData
-    from trainer.recipe import train_on_validation_too
 
     data = ImageClassifierData.from_paths(colours, tfms_from_model("efficientnet_lite0", 32))
     full = train_on_validation_too(data)

@@ -1,38 +1,26 @@
-"""`trainer` through its real entry point: a whole run, --resume after a kill, and user errors."""
+"""`trainer` through its real entry point: a whole run, --resume after a kill, and user errors.
+
+The whole run is the session's `trainer_run` (tests/conftest.py), shared with the end-to-end and
+serving CLI tests; tests here read it and copy it before they change it."""
 
 from __future__ import annotations
 
 import csv
-import os
+import json
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_colour_dataset
+from conftest import TRAINER_RUN_FLAGS, differing_tensors, epochs_as_trained, write_colour_dataset
 from PIL import Image
 
 TRAINER = shutil.which("trainer")
 pytestmark = pytest.mark.skipif(not TRAINER, reason="console script not installed (pip install -e .)")
 
-FAST = [
-    "--size",
-    "32",
-    "--bs",
-    "4",
-    "--head-epochs",
-    "1",
-    "--aug-cycles",
-    "1",
-    "--unfreeze-cycles",
-    "2",
-    "--num-workers",
-    "0",
-]
 RUN_FILES = [
     "config.json",
     "history.csv",
@@ -58,23 +46,25 @@ def trainer(*args, timeout=600, **kw) -> subprocess.CompletedProcess:
 
 
 def epochs(run: Path) -> int:
-    with open(run / "history.csv") as f:
-        return len(list(csv.reader(f))) - 1
+    return len(epochs_as_trained(run))
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_colour_dataset(tmp_path_factory.mktemp("cli") / "colours", {"train": 8, "valid": 4})
+def metrics_of(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def full_run(data, tmp_path_factory) -> Path:
-    parent = tmp_path_factory.mktemp("run")
-    # A relative --out, as the README writes it (report.html once lost its plots with one), and
-    # umask 022, as on most systems: what the trainer writes must then be readable by other users.
-    proc = trainer("run", "--data", data, "--out", "run", *FAST, cwd=parent, preexec_fn=lambda: os.umask(0o022))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return parent / "run"
+def manifest_of(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+@pytest.fixture
+def data(colour_data) -> Path:
+    return colour_data
+
+
+@pytest.fixture
+def full_run(trainer_run) -> Path:
+    return trainer_run.path
 
 
 def test_run_writes_every_file(full_run):
@@ -102,30 +92,74 @@ def test_run_files_are_readable_by_other_users(full_run):
     assert not wrong, wrong
 
 
-def test_resume_after_a_kill_finishes_with_the_same_epochs(data, full_run, tmp_path):
+# `trainer run` with one change, made from outside: once `after` epochs are trained and checkpointed
+# it prints PAUSED and waits on its stdin, which the test never closes. The test kills it there, at
+# a point it knows, instead of at whatever point a fast machine had reached (or after it finished).
+PAUSED = "test gate: paused after epoch"
+PAUSING_TRAINER = f"""
+import sys
+
+from trainer.cli import main
+from trainer.learner import ConvLearner
+
+after = int(sys.argv[1])
+fit = ConvLearner.fit
+
+
+def fit_then_pause(self, *args, on_epoch_end, **kwargs):
+    def end(epochs):
+        on_epoch_end(epochs)  # the recipe's checkpoint
+        if len(self.history) == after:
+            print("{PAUSED}", after, flush=True)
+            sys.stdin.read()
+
+    return fit(self, *args, on_epoch_end=end, **kwargs)
+
+
+ConvLearner.fit = fit_then_pause
+sys.exit(main(sys.argv[2:]))
+"""
+# The first of the unfrozen stage's 3 epochs: mid-stage, after lr_find_unfrozen chose its lr and
+# the first SGDR snapshot was saved, with 2 epochs and all of evaluation and export still to come.
+KILL_AFTER = 3
+
+
+def test_resume_after_a_kill_ends_as_the_uninterrupted_run(trainer_run, tmp_path):
+    """SIGKILL after epoch KILL_AFTER, then `trainer run --resume`: the same epochs, weights and
+    metrics as the session's uninterrupted run with the same flags (the recipe resumes exactly)."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [TRAINER, "run", "--data", str(data), "--out", str(out), *FAST],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        # Kill once training has checkpointed at least one epoch: the process is then inside another.
-        while not ((out / "history.csv").is_file() and epochs(out) >= 2):
-            assert proc.poll() is None, "the run ended before it could be interrupted"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    argv = [sys.executable, "-c", PAUSING_TRAINER, str(KILL_AFTER), "run", "--data", str(trainer_run.data)]
+    with (
+        open(tmp_path / "stderr.txt", "w") as stderr,
+        subprocess.Popen(
+            [*argv, "--out", str(out), *trainer_run.flags],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        ) as proc,
+    ):
+        try:
+            # The child waits at the gate once it says so; its output ends instead if it fails first.
+            if not any(line.startswith(PAUSED) for line in proc.stdout):
+                pytest.fail(
+                    f"the run failed before epoch {KILL_AFTER}: {(tmp_path / 'stderr.txt').read_text()[-3000:]}"
+                )
+            assert epochs(out) == KILL_AFTER
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert not (out / "bundle").exists()
+
     done = trainer("run", "--out", out, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed" in done.stdout
-    assert epochs(out) == epochs(full_run)
+    assert "resumed: stage" in done.stdout, done.stdout
+    assert epochs_as_trained(out) == epochs_as_trained(trainer_run.path)
+    weights = [torch.load(run / "models" / "final.pt", weights_only=True) for run in (out, trainer_run.path)]
+    assert not differing_tensors(*weights)
+    assert metrics_of(out) == pytest.approx(metrics_of(trainer_run.path), abs=1e-6)
     assert (out / "bundle" / "model.onnx").is_file()
 
 
@@ -135,7 +169,7 @@ def test_resume_after_a_kill_finishes_with_the_same_epochs(data, full_run, tmp_p
 def test_user_errors_are_one_line(what, tmp_path, data):
     root = tmp_path / "d"
     (root / "train").mkdir(parents=True)
-    args = ["run", "--data", root, "--out", tmp_path / "out", *FAST]
+    args = ["run", "--data", root, "--out", tmp_path / "out", *TRAINER_RUN_FLAGS]
     expected = {
         "missing folder": "no such folder",
         "no classes": "no class folders",
@@ -163,16 +197,11 @@ def test_user_errors_are_one_line(what, tmp_path, data):
 
 
 def test_full_trains_on_train_and_valid(data, tmp_path):
-    import json
-
     out = tmp_path / "full"
-    proc = trainer(
-        "run", "--data", data, "--out", out, *FAST[:-4], "--unfreeze-cycles", "0", "--num-workers", "0", "--full"
-    )
+    proc = trainer("run", "--data", data, "--out", out, *TRAINER_RUN_FLAGS, "--unfreeze-cycles", "0", "--full")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "data: 24 train, 8 valid images" in proc.stdout  # 16 + 8 training images
-    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
-    assert manifest["recipe"]["full"] is True
+    assert "data: 24 train, 8 valid" in proc.stdout  # 16 + 8 training images
+    assert manifest_of(out / "bundle")["recipe"]["full"] is True
 
 
 class TestStepCommands:
@@ -199,7 +228,8 @@ class TestStepCommands:
         rows = list(csv.reader((run / "submission.csv").open()))
         assert rows[0] == ["id", "label"] and len(rows) == 1 + 4
 
-    def test_lr_find_sizes_and_resize_on_a_dataset(self, data, tmp_path):
+    def test_lr_find_sizes_and_resize_on_a_dataset(self, data, fresh_copy, tmp_path):
+        data = fresh_copy(data)  # `trainer resize` writes its cache into the dataset folder
         out = tmp_path / "lr"
         found = trainer("lr-find", "--data", data, "--out", out, "--size", "32", "--bs", "4", "--num-workers", "0")
         assert found.returncode == 0, found.stderr[-2000:]
@@ -211,12 +241,6 @@ class TestStepCommands:
         assert resized.returncode == 0, resized.stderr
         cached = list((data / "tmp" / "20").rglob("*.png"))
         assert cached and all(min(Image.open(p).size) == 20 for p in cached)
-
-
-def manifest_of(bundle: Path) -> dict:
-    import json
-
-    return json.loads((bundle / "manifest.json").read_text())
 
 
 class TestExport:
@@ -270,10 +294,10 @@ def test_fit_and_tta_say_that_bundle_and_report_describe_the_previous_model(full
     fit = trainer("fit", "--run", run, "--lr", "0.01", "--cycles", "1")
     assert fit.returncode == 0, fit.stderr[-2000:]
     last = fit.stdout.strip().splitlines()[-1]
-    assert "bundle/ and report.html" in last and "before `trainer fit`" in last and refresh in last
+    assert "bundle/" in last and "report.html" in last and "before `trainer fit`" in last and refresh in last
     tta = trainer("tta", "--run", run)
     assert tta.returncode == 0, tta.stderr[-2000:]
-    assert "bundle/ and report.html" in tta.stdout and refresh in tta.stdout
+    assert "bundle/" in tta.stdout and "report.html" in tta.stdout and refresh in tta.stdout
     assert trainer("export", "--run", run).returncode == 0
     assert refresh not in trainer("tta", "--run", run).stdout, "the re-exported bundle is current"
 

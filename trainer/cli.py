@@ -59,7 +59,8 @@ def add_model_args(parser: argparse.ArgumentParser, model: type[BaseModel], only
             flag,
             dest=name,
             default=None,
-            choices=choices,
+            # The choices are shown, not enforced by argparse: RunConfig refuses another value in one
+            # line naming the choices, where argparse would print its whole usage text first.
             metavar="{" + ",".join(map(str, choices)) + "}" if choices else name.upper(),
             help=f"{field.description} (default: {shown})",
         )

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from trainer import training_state
-from trainer.assemble import make_data, train_on_validation_too  # noqa: F401 (tests import it from here)
+from trainer.assemble import make_data
 from trainer.config import RunConfig
 from trainer.evaluate import evaluate
 from trainer.learner import ConvLearner
