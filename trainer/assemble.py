@@ -55,13 +55,3 @@ def train_on_validation_too(data: ImageClassifierData) -> ImageClassifierData:
     """--full: the final model also learns from the validation images, whose scores are then not
     held out (the run folder, report and bundle say so)."""
     return dataclasses.replace(data, trn_files=data.trn_files + data.val_files, trn_y=data.trn_y + data.val_y)
-
-
-def first_size(cfg: RunConfig) -> int:
-    """The input size training starts at: the first of --sizes (progressive resizing), else --size."""
-    return (cfg.sizes or [cfg.size])[0]
-
-
-def final_size(cfg: RunConfig) -> int:
-    """The input size of the trained model, and so of its bundle."""
-    return (cfg.sizes or [cfg.size])[-1]

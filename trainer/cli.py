@@ -66,17 +66,21 @@ def add_model_args(parser: argparse.ArgumentParser, model: type[BaseModel], only
         )
 
 
+def given(args: argparse.Namespace) -> dict:
+    """The RunConfig fields the flags set (a flag not given is None and keeps the field's default)."""
+    return {k: v for k, v in vars(args).items() if k in RunConfig.model_fields and v is not None}
+
+
 def config(args: argparse.Namespace) -> RunConfig:
     """The RunConfig the flags give: fields not given keep their defaults."""
-    values = {k: v for k, v in vars(args).items() if k in RunConfig.model_fields and v is not None}
-    return RunConfig.model_validate(values)
+    return RunConfig.model_validate(given(args))
 
 
 def cmd_run(args) -> int:
     from trainer.recipe import run
     from trainer.run_folder import RunFolder
 
-    values = {k: v for k, v in vars(args).items() if k in RunConfig.model_fields and v is not None}
+    values = given(args)
     if args.epochs is not None:
         values.setdefault("head_epochs", args.epochs)
         values.setdefault("aug_cycles", args.epochs)

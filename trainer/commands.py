@@ -11,7 +11,7 @@ from pathlib import Path
 
 from serving.bundle import BundleError, read_manifest
 from serving.repository import publish, staging_dir
-from trainer.assemble import first_size, make_data
+from trainer.assemble import make_data
 from trainer.config import RunConfig
 from trainer.data import DataError, ImageClassifierData, list_images
 from trainer.evaluate import evaluate
@@ -33,7 +33,7 @@ def dataset(cfg: RunConfig) -> ImageClassifierData:
     """The configured dataset at the first training size, validation images kept apart (for
     statistics and caches, --full must not count them twice)."""
     cfg = cfg.model_copy(update={"full": False})
-    return make_data(cfg, first_size(cfg), cfg.out)
+    return make_data(cfg, cfg.train_sizes[0], cfg.out)
 
 
 def lr_find(cfg: RunConfig, log: Log = print) -> float:
@@ -41,7 +41,7 @@ def lr_find(cfg: RunConfig, log: Log = print) -> float:
     and lr_find.png (then `trainer fit --run` trains from there)."""
     folder = RunFolder(cfg.out)
     folder.write_config(cfg)
-    learn = folder.new_learner(cfg, first_size(cfg), precompute=True, log=log)
+    learn = folder.new_learner(cfg, cfg.train_sizes[0], precompute=True, log=log)
     lr = find_lr(learn, folder.figure("lr_find.png"), log, num_it=max(100, learn.steps_per_epoch()))
     log(f"lr: {lr:.2e}")
     return lr

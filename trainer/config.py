@@ -101,9 +101,15 @@ class RunConfig(BaseModel):
             raise ValueError(f"sizes must be between 16 and 1024 pixels, got {sizes}")
         return sizes
 
+    @property
+    def train_sizes(self) -> list[int]:
+        """The input sizes training goes through in turn: --sizes (progressive resizing), else --size.
+        The first is where training starts; the last is the trained model's, and its bundle's."""
+        return list(self.sizes or [self.size])
+
     @model_validator(mode="after")
     def _resize_not_below_size(self) -> RunConfig:
-        largest = max(self.sizes or [self.size])
+        largest = max(self.train_sizes)
         if self.resize is not None and self.resize < largest:
             raise ValueError(
                 f"resize {self.resize} px is smaller than the training size {largest} px; the copies would be "

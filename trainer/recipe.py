@@ -43,7 +43,7 @@ class Stage:
 
 def stages(cfg: RunConfig) -> list[Stage]:
     """The lesson's 8 steps at the first size, then all layers again at each larger size."""
-    sizes = cfg.sizes or [cfg.size]
+    sizes = cfg.train_sizes
     first = sizes[0]
     plan = [] if cfg.lr else [Stage("lr_find", first, "lr_find", precompute=True)]  # steps 1-2
     if cfg.head_epochs:

@@ -188,7 +188,7 @@ class RunFolder:
         """The run's learner at its final size with its final weights, history and snapshots, so that
         further epochs extend them. Without final weights: an error (require_final), or a fresh
         pretrained learner (`trainer lr-find` made the folder; `trainer fit` trains it)."""
-        from trainer.assemble import final_size, make_data
+        from trainer.assemble import make_data
         from trainer.learner import ConvLearner
         from trainer.model import build_net
 
@@ -199,8 +199,8 @@ class RunFolder:
                     f"{self.final_weights}: missing; the run did not finish (finish it with `trainer run --resume "
                     f"--out {shlex.quote(str(self.path))}`)"
                 )
-            return self.new_learner(cfg, final_size(cfg), precompute=False, log=log)
-        data = make_data(cfg, final_size(cfg), self.path)
+            return self.new_learner(cfg, cfg.train_sizes[-1], precompute=False, log=log)
+        data = make_data(cfg, cfg.train_sizes[-1], self.path)
         learn = ConvLearner(data, build_net(cfg.arch, data.c, pretrained=False), models_dir=self.models_dir, log=log)
         learn.load(FINAL)
         learn.bn_freeze(cfg.bn_freeze)  # as the run trained: unfrozen BatchNorm layers keep their statistics
