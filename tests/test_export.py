@@ -190,10 +190,12 @@ class TestTTADefault:
             "; these scores are not held out: the model also trained on the validation images (--full)"
         )
 
-    def test_without_metrics_the_export_keeps_tta_on_and_says_so(self, bundle):
+    def test_without_metrics_the_export_measures_both_views_and_decides_on_them(self, bundle):
         out, manifest = bundle
-        assert manifest.tta.default and manifest.metrics_held_out
-        assert manifest.tta.reason == "no validation accuracy to compare TTA with the plain view, so TTA on"
+        m = manifest.metrics
+        assert {"accuracy", "log_loss", "accuracy_tta", "log_loss_tta", "temperature"} <= m.keys()
+        assert (manifest.tta.default, manifest.tta.reason) == choose_tta_default(m)
+        assert f"log loss {m['log_loss']:.4f} without TTA" in manifest.tta.reason and manifest.metrics_held_out
         assert read_manifest(out).tta == manifest.tta
 
     def test_tta_worse_than_the_plain_view_turns_it_off_and_says_why(self, learn, tmp_path):
@@ -227,7 +229,9 @@ class TestSnapshotEnsemble:
         for name in learn.snapshots:
             learn.load(name)
             with torch.no_grad():
-                members.append(learn.inference_net().cpu()(torch.from_numpy(views)).numpy())
+                # At the graph's temperature, fitted to the ensemble's own TTA on validation.
+                net = learn.inference_net(manifest.metrics["temperature"]).cpu()
+                members.append(net(torch.from_numpy(views)).numpy())
         learn.load("snap_cyc_1")
         got = ModelSession(tmp_path / "ens", device="cpu").run(views)
         np.testing.assert_allclose(got, np.mean(members, axis=0), atol=1e-5)
@@ -282,7 +286,9 @@ class TestSnapshotsAfterProgressiveResizing:
             resized, tmp_path / "ens", snapshots=["large_cyc_0"], metrics={"accuracy": 2.0, "accuracy_tta": 2.0}
         )  # the final weights', not the ensemble's
         assert manifest.ensemble == ["large_cyc_0"]
-        assert set(manifest.metrics) == {"accuracy", "log_loss", "accuracy_tta", "log_loss_tta"}
+        assert {"accuracy", "log_loss", "accuracy_tta", "log_loss_tta", "temperature", "ece_tta"} <= set(
+            manifest.metrics
+        )
         assert 0 <= manifest.metrics["accuracy"] <= 1 and 0 <= manifest.metrics["accuracy_tta"] <= 1
 
 

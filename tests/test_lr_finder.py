@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from trainer.learner import ConvLearner
-from trainer.lr_finder import LRFinderResult, SmoothedLoss, lr_find, suggest_lr
+from trainer.lr_finder import LRFinderResult, SmoothedLoss, longest_descent, lr_find, suggest_lr
 
 N_IN, N_FEATURES, N_TRAIN, N_VALID, BS = 8, 16, 64, 16, 8
 
@@ -256,7 +256,30 @@ class TestSuggestLR:
     def test_min_div10_on_a_parabola(self):
         s = suggest_lr(GRID, (np.log10(GRID) + 2) ** 2 + 1)
         assert abs(math.log10(s.lr_min_div10) - (-3)) <= STEP
-        assert s.lr == s.lr_min_div10
+
+    def test_valley_is_the_middle_of_the_descent_and_the_pick(self):
+        # Falls from the first point read (GRID[10], 1e-5.5) to the minimum at 1e-2: the middle in log(lr) is 1e-3.75.
+        s = suggest_lr(GRID, (np.log10(GRID) + 2) ** 2 + 1)
+        assert abs(math.log10(s.lr_valley) - (-3.75)) <= STEP
+        assert s.lr == s.lr_valley
+
+    def test_valley_reads_past_noise_and_a_spurious_dip_that_misleads_the_minimum(self):
+        # What an unfrozen sweep of a trained model looks like: a long noisy plateau, one low
+        # outlier in it, then the real descent from 1e-3 to 1e-1 and the divergence.
+        rng = np.random.default_rng(0)
+        log_lr = np.log10(GRID)
+        losses = np.where(log_lr < -3, 2 + rng.normal(0, 0.02, len(GRID)), 2 - 0.75 * (log_lr + 3))
+        losses[log_lr > -1] = 0.5 + 5 * (log_lr[log_lr > -1] + 1)
+        losses[np.argmin(np.abs(log_lr + 5))] = 0.3
+        s = suggest_lr(GRID, losses)
+        assert s.lr_min_div10 < 1e-5  # the lesson's rule is fooled by the outlier
+        # The valley is not: the plateau's noise lets its descent start early, but it ends at the real
+        # minimum, so its middle lies two decades above the outlier's pick and below the divergence.
+        assert 1e-4 <= s.lr_valley <= 1e-1
+
+    def test_longest_descent(self):
+        assert longest_descent([3, 1, 2, 1.5, 1.2, 0.1, 5]) == (0, 5)  # 3 > 2 > 1.5 > 1.2 > 0.1
+        assert longest_descent([1.0]) == (0, 0)
 
     @pytest.mark.parametrize("steepest", [1e-4, 1e-3, 3e-2])
     def test_steepest_descent(self, steepest):

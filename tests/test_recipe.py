@@ -47,6 +47,44 @@ def test_whole_recipe_on_hymenoptera_beats_the_references(hymenoptera, tmp_path,
     assert (Path(cfg.out) / "bundle" / "model.onnx").is_file()
 
 
+def test_a_last_epoch_worse_than_an_earlier_one_is_not_what_the_run_keeps(colours, tmp_path, monkeypatch):
+    """An overshooting last cycle, made certain: once all layers train, every step ends by negating
+    the head's last layer, so the unfrozen epochs validate far worse than the head's. The run must
+    end on the best epoch's weights (models/best.pt), say so, and score them."""
+    import torch
+
+    from trainer.learner import ConvLearner
+    from trainer.run_folder import RunFolder
+
+    real_step = ConvLearner.train_step
+
+    def overshooting_step(self, *args):
+        loss = real_step(self, *args)
+        if self.frozen_groups == 0:
+            with torch.no_grad():
+                last = self.net.head[-1]
+                last.weight.neg_()
+                last.bias.neg_()
+        return loss
+
+    monkeypatch.setattr(ConvLearner, "train_step", overshooting_step)
+    cfg = RunConfig(
+        data=colours, out=tmp_path / "run", size=32, bs=4, num_workers=0, lr=1e-2, head_epochs=2, aug_cycles=1,
+        unfreeze_cycles=1,
+    )  # fmt: skip
+    logs: list[str] = []
+    learn, metrics = run(cfg, log=logs.append)
+    history = learn.history
+    best = max(history, key=lambda h: (h.accuracy, -h.val_loss))
+    assert history[-1].accuracy < best.accuracy, "the injected overshoot should make the last epoch worse"
+    assert any(line.startswith(f"keeping epoch {best.epoch} ") for line in logs), logs
+    folder = RunFolder(cfg.out)
+    final = torch.load(folder.final_weights, weights_only=True)
+    kept = torch.load(folder.models_dir / "best.pt", weights_only=True)
+    assert all(torch.equal(final[k], kept[k]) for k in final)
+    assert metrics["accuracy"] == best.accuracy  # the served model is the best epoch's, as validated then
+
+
 def test_full_adds_the_validation_images_to_training(colours):
     from trainer.assemble import train_on_validation_too
     from trainer.augment import tfms_from_model

@@ -36,8 +36,11 @@ def shifted_bundle(src: Path, dst: Path, shift: float) -> Path:
     the manifest's sha256 to match: a real, valid new version that can be told apart by its answers."""
     shutil.copytree(src, dst)
     model = onnx.load(str(dst / MODEL_NAME))
-    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
-    gemm = next(n for n in model.graph.node if softmax.input[0] in n.output)
+    # Back from the softmax to the last layer, past the division by the calibration temperature.
+    node = next(n for n in model.graph.node if n.op_type == "Softmax")
+    while node.op_type != "Gemm":
+        node = next(n for n in model.graph.node if node.input[0] in n.output)
+    gemm = node
     bias = next(i for i in model.graph.initializer if i.name == gemm.input[2])
     moved = numpy_helper.to_array(bias).copy()
     moved[0] += shift

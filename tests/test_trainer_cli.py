@@ -32,6 +32,7 @@ RUN_FILES = [
     "most_incorrect.png",
     "most_uncertain.png",
     "most_correct.png",
+    "calibration.png",
     "metrics.json",
     "report.html",
     "bundle/model.onnx",
@@ -77,6 +78,18 @@ def test_run_writes_every_file(full_run):
     html = (full_run / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(list(full_run.glob("*.png"))) >= 8
     assert 'class="missing"' not in html
+
+
+def test_run_calibrates_its_probabilities_and_says_so_everywhere(full_run):
+    metrics, manifest = metrics_of(full_run), manifest_of(full_run / "bundle")
+    t = metrics["temperature"]
+    assert 0.05 <= t <= 20 and manifest["metrics"] == {k: v for k, v in metrics.items() if k != "held_out"}
+    # T = 1 is among the temperatures tried, so the fitted one never raises the log loss it minimises.
+    assert metrics["log_loss_tta"] <= metrics["log_loss_tta_uncalibrated"]
+    for key in ("ece", "ece_tta", "ece_uncalibrated", "ece_tta_uncalibrated"):
+        assert 0 <= metrics[key] <= 1, key
+    html = (full_run / "report.html").read_text()
+    assert f"temperature {t:.3f} fitted on validation after TTA" in html and "reliability diagram" in html
 
 
 def test_run_files_are_readable_by_other_users(full_run):

@@ -67,7 +67,14 @@ def fit(
     if unfreeze:
         learn.unfreeze()
     lrs = lr_spread(lr, lr_ratio, len(learn.layer_groups())) if unfreeze else lr
-    learn.fit(lrs, cycles, cycle_len=cycle_len, cycle_mult=cycle_mult, stage=f"trainer fit: {learn.describe_stage()}")
+    learn.fit(
+        lrs,
+        cycles,
+        cycle_len=cycle_len,
+        cycle_mult=cycle_mult,
+        wds=folder.read_config().wd,  # as the run trained (its label smoothing, too: folder.learner sets it)
+        stage=f"trainer fit: {learn.describe_stage()}",
+    )
     learn.precompute = False
     folder.save_final(learn)
     note = folder.outdated_note("trainer fit", metrics_too=True)
@@ -80,7 +87,7 @@ def tta(run: Path, log: Log = print) -> dict[str, float]:
     """The run's validation scores with and without TTA, written to metrics.json."""
     folder = RunFolder(run)
     held_out = not folder.read_config().full
-    metrics, _, _ = evaluate(folder.learner(log, require_final=False), log, held_out=held_out)
+    metrics, *_ = evaluate(folder.learner(log, require_final=False), log, held_out=held_out)
     folder.write_metrics(metrics, held_out=held_out)
     log(f"metrics: {folder.metrics_file}")
     note = folder.outdated_note("trainer tta")

@@ -68,7 +68,21 @@ class RunConfig(BaseModel):
     lr_ratio: float = Field(
         10.0, ge=1.0, description="each earlier layer group trains this many times slower (3 for satellite/medical)"
     )
-    head_epochs: int = Field(2, ge=0, description="step 3: epochs of the head on precomputed activations")
+    wd: float = Field(1e-4, ge=0.0, description="weight decay of every layer group (SGD's L2 penalty; 0 turns it off)")
+    label_smoothing: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="training targets give this much probability to the other classes: it tempers a small or "
+        "noisily labelled set's pull towards certainty (0 for plain cross-entropy)",
+    )
+    head_epochs: int | None = Field(
+        None,
+        ge=0,
+        description="step 3: epochs of the head on precomputed activations; none: enough for "
+        "200 mini-batches, at least 2 (an epoch on cached activations takes a fraction of a second, and "
+        "two epochs of a few hundred images leave the head far from trained)",
+    )
     aug_cycles: int = Field(3, ge=0, description="step 4: cycles (cycle_len=1) of the head with augmentation")
     unfreeze_cycles: int = Field(
         3, ge=0, description="step 8: cycles of all layers, cycle_len=1, cycle_mult=2 (3 -> 7 epochs)"

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from trainer.metrics import accuracy, log_loss
+from trainer.calibrate import calibrated_metrics, calibration_line
 
 if TYPE_CHECKING:  # annotations only
     from trainer.learner import ConvLearner
@@ -15,22 +15,25 @@ if TYPE_CHECKING:  # annotations only
 
 def evaluate(
     learn: ConvLearner, log: Callable[[str], None], *, held_out: bool = True
-) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Validation metrics with and without TTA; also the TTA probabilities and the labels.
+) -> tuple[dict[str, float], np.ndarray, np.ndarray, np.ndarray]:
+    """Validation metrics with and without TTA, before and after calibration (see trainer.calibrate,
+    whose fitted temperature the learner then keeps); also the TTA probabilities, calibrated and
+    before, and the labels. The plain scores are those of TTA's first view, the centre view the server answers a
+    call without TTA with.
 
     held_out=False (a --full run trained on these images) only changes what the log line says:
     the numbers are then scores on training images, not an estimate of accuracy on new ones."""
-    plain = learn.predict("valid")
-    tta, y = learn.TTA()
-    metrics = {
-        "accuracy": accuracy(plain, y),
-        "log_loss": log_loss(plain, y),
-        "accuracy_tta": accuracy(tta, y),
-        "log_loss_tta": log_loss(tta, y),
-    }
+    per_view = learn.view_probs("valid", temperature=1.0)
+    y = np.asarray(learn.labels("valid"))
+    metrics, tta = calibrated_metrics(per_view, y)
+    learn.temperature = metrics["temperature"]
     what = "validation" if held_out else "validation (NOT held out: --full trained on these images)"
-    log(f"{what}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    return metrics, tta, y
+    log(
+        f"{what}: "
+        + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "log_loss", "accuracy_tta", "log_loss_tta"))
+    )
+    log(f"calibration: {calibration_line(metrics)}")
+    return metrics, tta, per_view.mean(axis=1), y
 
 
 def snapshot_ensemble(

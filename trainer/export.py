@@ -31,7 +31,8 @@ from serving.evaluate import predict_files
 from serving.files import make_temp_dir, sha256_file
 from serving.preprocess import load_views
 from serving.session import ModelSession
-from trainer.metrics import accuracy, log_loss
+from trainer.calibrate import calibrated_metrics
+from trainer.metrics import accuracy
 from trainer.model import EnsembleNet, InferenceNet, get_arch
 from trainer.tta import predict_views
 
@@ -112,6 +113,9 @@ def export(
     held_out: False when the model also trained on the validation images (`trainer run --full`), so
     that `metrics` are not held-out scores; recorded as the manifest's metrics_held_out.
     The manifest's tta.default (TTA for calls that do not say) follows choose_tta_default.
+    Calibration: the graph divides its logits by metrics' temperature (trainer.evaluate fits it);
+    without one, a temperature is fitted here on the validation TTA (trainer.calibrate) and, for
+    the current weights, kept by the learner too, so that its TTA gives what the bundle serves.
     fp16 / int8: also write model.fp16.onnx (for GPUs) / model.int8.onnx (for CPUs, calibrated on
     training images), each with its validation accuracy change against the fp32 graph.
 
@@ -128,8 +132,12 @@ def export(
     metrics = dict(metrics or {})
     if snapshots:  # the given metrics are the current weights'; _measure_tta measures the ensemble's
         metrics = {k: v for k, v in metrics.items() if k not in ENSEMBLE_METRICS}
-    # Before the graph is written: the TTA default these metrics decide is part of its contract.
+    # Before the graph is written: its temperature, and the TTA default these metrics decide, are
+    # part of its contract.
     _measure_tta(net, learn, metrics)
+    net.temperature.fill_(metrics["temperature"])
+    if not snapshots:  # the learner's TTA then gives the probabilities the bundle serves
+        learn.temperature = metrics["temperature"]
     default, reason = choose_tta_default(metrics, held_out=held_out)
     log(f"export: TTA {'on' if default else 'off'} for calls that do not say: {reason}")
     created = now()
@@ -202,7 +210,7 @@ def _check_snapshot_sizes(learn, snapshots: Sequence[str]) -> None:
         )
 
 
-def _export_net(learn, snapshots: Sequence[str]) -> torch.nn.Module:
+def _export_net(learn, snapshots: Sequence[str]) -> InferenceNet | EnsembleNet:
     """The module to trace, on the CPU in float32: the current weights, or an ensemble of snapshots."""
     if not snapshots:
         return InferenceNet(copy.deepcopy(learn.net).cpu().float()).eval()
@@ -257,21 +265,21 @@ def _pair(without: float, with_tta: float) -> str:
     return f"{without:.{d}f} without TTA, {with_tta:.{d}f}"
 
 
-def _measure_tta(net: torch.nn.Module, learn, metrics: dict[str, float]) -> None:
-    """Fill metrics' accuracy_tta / log_loss_tta with PyTorch's TTA on the validation set where
-    absent (and, for an ensemble, whose metrics nobody else measured, accuracy / log_loss of its
-    plain view too)."""
-    if "accuracy_tta" in metrics and not isinstance(net, EnsembleNet):
+def _measure_tta(net: InferenceNet | EnsembleNet, learn, metrics: dict[str, float]) -> None:
+    """Fill metrics with calibrated scores with and without TTA and the temperature (see
+    trainer.calibrate.calibrated_metrics) unless trainer.evaluate measured them already for these
+    weights (scores the caller gave stand); an ensemble, whose metrics nobody else measured, is
+    measured here in full."""
+    if "temperature" in metrics and "accuracy_tta" in metrics and not isinstance(net, EnsembleNet):
         return
     data, tfms = learn.data, learn.data.tfms
-    y = np.asarray(data.val_y)
+    net.temperature.fill_(1.0)
     per_view = predict_views(net, data.val_files, tfms.prep, list(tfms.tta_views))
-    torch_probs = per_view.mean(axis=1)
-    metrics["accuracy_tta"] = accuracy(torch_probs, y)
-    metrics["log_loss_tta"] = log_loss(torch_probs, y)
+    measured, _ = calibrated_metrics(per_view, np.asarray(data.val_y))
     if isinstance(net, EnsembleNet):
-        metrics["accuracy"] = accuracy(per_view[:, 0], y)
-        metrics["log_loss"] = log_loss(per_view[:, 0], y)
+        metrics.update(measured)
+    else:  # the caller's scores of these weights stand; the measured ones fill the gaps
+        metrics.update({k: v for k, v in measured.items() if k not in metrics})
 
 
 def _verify_tta(session: ModelSession, learn, metrics: dict[str, float], log) -> np.ndarray:

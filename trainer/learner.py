@@ -69,6 +69,10 @@ class ConvLearner:
         self.history: list[EpochStats] = []
         self.lr_history: list[list[float]] = []  # the lr of every layer group at every training step
         self.snapshots: list[str] = []  # names saved by fit(cycle_save_name=...), in order
+        # Divides the logits of inference_net (and so of TTA and the export): trainer.evaluate fits it
+        # on validation (see trainer.calibrate); 1.0 until then.
+        self.temperature = 1.0
+        self.label_smoothing = 0.0  # of the training loss's targets (F.cross_entropy's label_smoothing)
         self._features: dict[str, torch.Tensor] = {}
         self._features_weights: str | None = None  # digest of the backbone they were computed with
         self._last_pass = (-1, 0)  # (epoch, repeat) of the last training pass: see batches
@@ -260,7 +264,7 @@ class ConvLearner:
         """One optimizer step on a mini-batch at the optimizer's current lrs; returns the loss.
         The only training step: fit and lr_find both call it."""
         with self.autocast():
-            loss = F.cross_entropy(forward(xb), yb)
+            loss = F.cross_entropy(forward(xb), yb, label_smoothing=self.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(self.opt)
@@ -359,12 +363,13 @@ class ConvLearner:
 
     @torch.no_grad()
     def predict(self, name: str = "valid") -> np.ndarray:
-        """Probabilities of a dataset's plain centre views (no TTA), (n, classes)."""
+        """Probabilities of a dataset's plain centre views (no TTA), (n, classes), at the learner's
+        temperature."""
         self.net.eval()
         out = []
         for xb, _, forward in self.batches(name, train=False):
             with self.autocast():
-                out.append(torch.softmax(forward(xb).float(), dim=1).cpu())
+                out.append(torch.softmax(forward(xb).float() / self.temperature, dim=1).cpu())
         return torch.cat(out).numpy() if out else np.empty((0, self.data.c), np.float32)
 
     def validate(self) -> tuple[float, float]:
@@ -376,18 +381,22 @@ class ConvLearner:
         """Test-time augmentation: (mean probability over the bundle's views (n, classes), labels).
 
         Uses the exported graph's own wrapper and `serving.preprocess`, the code the server runs."""
+        return self.view_probs(name, views=views).mean(axis=1), np.asarray(self.labels(name))
+
+    def view_probs(self, name: str = "valid", *, views=None, temperature: float | None = None) -> np.ndarray:
+        """Every TTA view's probabilities, (n, views, classes), view 0 the plain centre view; at the
+        learner's temperature unless another is given (1.0: uncalibrated)."""
         views = list(views or self.data.tfms.tta_views)
-        per_view = predict_views(
-            self.inference_net(), self._files(name), self.data.tfms.prep, views, device=self.device
-        )
-        return per_view.mean(axis=1), np.asarray(self.labels(name))
+        net = self.inference_net(temperature)
+        return predict_views(net, self._files(name), self.data.tfms.prep, views, device=self.device)
 
     def predict_files(self, name: str = "valid") -> np.ndarray:
         """Probabilities of the plain centre views read from the files (no precomputed activations)."""
         return self.TTA(name, views=self.data.tfms.tta_views[:1])[0]
 
-    def inference_net(self) -> InferenceNet:
-        return InferenceNet(self.net).eval()
+    def inference_net(self, temperature: float | None = None) -> InferenceNet:
+        t = self.temperature if temperature is None else temperature
+        return InferenceNet(self.net, t).to(self.device).eval()
 
     # --- save / load: state dicts of tensors only, so loading never unpickles arbitrary objects.
 

@@ -53,14 +53,34 @@ MIN_POINTS = 5  # fewer than this left after skipping: no curve to read
 
 @dataclass(frozen=True)
 class Suggestion:
-    """What suggest_lr reads from a curve; `lr` is the one the lesson would pick."""
+    """What suggest_lr reads from a curve; `lr` is the one the recipe picks (the valley's)."""
 
     lr_min_div10: float  # the lesson's rule: the lr at the loss minimum, one order of magnitude lower
     lr_steep: float  # where the loss falls fastest per decade of lr
+    lr_valley: float  # the middle of the longest stretch over which the loss keeps falling
 
     @property
     def lr(self) -> float:
-        return self.lr_min_div10
+        """The valley's lr (fastai v2's default rule): the minimum/10 rule lands on a noisy
+        curve's lowest dip, which after unfreezing can sit two decades below where the loss falls,
+        and the steepest point follows a single steep step of the noise."""
+        return self.lr_valley
+
+
+def longest_descent(losses: Sequence[float] | np.ndarray) -> tuple[int, int]:
+    """(first, last) index of the longest strictly decreasing subsequence of `losses`: the stretch
+    of the sweep over which the loss, read past its noise, keeps falling. O(n**2); a sweep has a
+    few hundred points."""
+    y = np.asarray(losses, dtype=np.float64)
+    n = len(y)
+    length, start = np.ones(n, dtype=int), np.arange(n)
+    for i in range(1, n):
+        earlier = np.flatnonzero((y[:i] > y[i]) & (length[:i] + 1 > length[i]))
+        if len(earlier):
+            j = earlier[np.argmax(length[earlier])]
+            length[i], start[i] = length[j] + 1, start[j]
+    end = int(np.argmax(length))  # the first of the longest, where the descent is reached soonest
+    return int(start[end]), end
 
 
 def _window(n: int, n_skip: int, n_skip_end: int) -> slice:
@@ -88,7 +108,13 @@ def suggest_lr(
     x, y = x[w], y[w]
     # np.gradient handles uneven spacing, so a sweep cut short or resampled still reads right.
     slope = np.gradient(y, np.log10(x))
-    return Suggestion(lr_min_div10=float(x[np.nanargmin(y)] / 10), lr_steep=float(x[np.nanargmin(slope)]))
+    first, last = longest_descent(y)
+    return Suggestion(
+        lr_min_div10=float(x[np.nanargmin(y)] / 10),
+        lr_steep=float(x[np.nanargmin(slope)]),
+        # Halfway along the descent in log(lr): past its flat start, short of the minimum.
+        lr_valley=float(math.sqrt(x[first] * x[last])),
+    )
 
 
 @dataclass
@@ -138,7 +164,10 @@ class LRFinderResult:
         w, s = _window(len(self.lrs), n_skip, n_skip_end), self.suggestion()
         fig, ax = _figure()
         ax.plot(self.lrs[w], self.losses[w])
-        ax.axvline(s.lr, color="tab:red", linestyle="--", label=f"suggested lr {s.lr:.1e} (minimum / 10)")
+        first, last = longest_descent(np.asarray(self.losses)[w])
+        ax.axvspan(self.lrs[w][first], self.lrs[w][last], color="tab:red", alpha=0.08, label="longest descent")
+        ax.axvline(s.lr, color="tab:red", linestyle="--", label=f"suggested lr {s.lr:.1e} (its middle)")
+        ax.axvline(s.lr_min_div10, color="tab:grey", linestyle="-.", label=f"minimum / 10: {s.lr_min_div10:.1e}")
         ax.axvline(s.lr_steep, color="tab:green", linestyle=":", label=f"steepest descent {s.lr_steep:.1e}")
         ax.set(xscale="log", xlabel="learning rate (last layer group)", ylabel="smoothed training loss")
         ax.legend()

@@ -268,28 +268,36 @@ class ClassifierNet(nn.Module):
 
 
 class InferenceNet(nn.Module):
-    """The exported graph: uint8 NHWC RGB in, softmax probabilities out."""
+    """The exported graph: uint8 NHWC RGB in, softmax probabilities out. The logits are divided by
+    `temperature` first (trainer.calibrate fits it on validation; 1.0 leaves them as they are)."""
 
-    def __init__(self, net: ClassifierNet):
+    temperature: torch.Tensor
+
+    def __init__(self, net: ClassifierNet, temperature: float = 1.0):
         super().__init__()
         self.net = net
+        self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(x.permute(0, 3, 1, 2).float()), dim=1)
+        return torch.softmax(self.net(x.permute(0, 3, 1, 2).float()) / self.temperature, dim=1)
 
 
 class EnsembleNet(nn.Module):
-    """A snapshot ensemble as one graph: uint8 NHWC in, the mean of the members' probabilities out."""
+    """A snapshot ensemble as one graph: uint8 NHWC in, the mean of the members' probabilities out,
+    each member's logits divided by `temperature` first."""
 
-    def __init__(self, nets: list[ClassifierNet]):
+    temperature: torch.Tensor
+
+    def __init__(self, nets: list[ClassifierNet], temperature: float = 1.0):
         super().__init__()
         if not nets:
             raise ValueError("an ensemble needs at least one member")
         self.nets = nn.ModuleList(nets)
+        self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2).float()
-        return torch.stack([torch.softmax(net(x), dim=1) for net in self.nets]).mean(dim=0)
+        return torch.stack([torch.softmax(net(x) / self.temperature, dim=1) for net in self.nets]).mean(dim=0)
 
 
 def build_net(

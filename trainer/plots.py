@@ -290,3 +290,34 @@ def image_grid_figure(files: Sequence[Path | str], titles: Sequence[str], *, col
             )
         ax.set_title(str(title), fontsize=8)
     return fig
+
+
+# --- calibration ---------------------------------------------------------------------------------
+
+
+def plot_reliability(curves: Mapping[str, np.ndarray], y: np.ndarray, path: Path | str) -> Path:
+    """`reliability_figure` written as a PNG at `path`; returns the path."""
+    return _save_png(reliability_figure(curves, y), path)
+
+
+def reliability_figure(curves: Mapping[str, np.ndarray], y: np.ndarray) -> Figure:
+    """A reliability diagram: for each named set of probabilities (n, classes) on labels y, the
+    accuracy in each confidence bin against the bin's mean confidence, with the diagonal a perfectly
+    calibrated model would follow; each label ends with its expected calibration error. Raises
+    ValueError when there are no curves or no labels."""
+    from trainer.calibrate import expected_calibration_error, reliability
+
+    if not curves or not len(y):
+        raise ValueError("plot_reliability: needs at least one set of probabilities and some labels")
+    fig = _figure(5, 5)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfect calibration")
+    for name, probs in curves.items():
+        conf, acc, count = reliability(probs, y)
+        shown = count > 0
+        ece = expected_calibration_error(probs, y)
+        ax.plot(conf[shown], acc[shown], marker="o", label=f"{name}: ECE {ece:.3f}")
+    ax.set(xlabel="confidence (top class probability)", ylabel="accuracy", xlim=(0, 1.02), ylim=(0, 1.02))
+    ax.set_title("reliability on validation (with TTA)")
+    ax.legend(loc="upper left")
+    return fig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from trainer.run_folder import RunFolder
 from trainer.schedule import lr_spread
 
 Log = Callable[[str], None]
+BEST = "best"  # models/best.pt: the weights of the best validated epoch at the final size
 
 
 @dataclass
@@ -46,8 +48,8 @@ def stages(cfg: RunConfig) -> list[Stage]:
     sizes = cfg.train_sizes
     first = sizes[0]
     plan = [] if cfg.lr else [Stage("lr_find", first, "lr_find", precompute=True)]  # steps 1-2
-    if cfg.head_epochs:
-        plan.append(Stage("head", first, "fit", cfg.head_epochs, precompute=True))  # step 3
+    if cfg.head_epochs != 0:  # None: as many as head_epochs() finds for the data
+        plan.append(Stage("head", first, "fit", cfg.head_epochs or 0, precompute=True))  # step 3
     if cfg.aug_cycles:
         plan.append(Stage("head_aug", first, "fit", cfg.aug_cycles))  # step 4
     if cfg.unfreeze_cycles:
@@ -95,12 +97,29 @@ def run(cfg: RunConfig, log: Log = print, *, resume: bool = False) -> tuple[Conv
         else:  # interrupted while evaluating or exporting
             log(f"resumed: training is complete ({len(learn.history)} epochs); evaluating and exporting")
 
+    best: dict[str, Any] | None = state.get("best") if state else None
+    final_size = cfg.train_sizes[-1]
+
+    def keep_if_best() -> None:
+        """The last epoch's weights become models/best.pt when they validate better than every
+        earlier epoch at the final size: higher accuracy, or as accurate with a lower loss."""
+        nonlocal best
+        last = learn.history[-1]
+        if learn.data.tfms.sz != final_size or not math.isfinite(last.val_loss):
+            return
+        if best is None or (last.accuracy, -last.val_loss) > (best["accuracy"], -best["val_loss"]):
+            learn.save(BEST)
+            best = {"epoch": last.epoch, "accuracy": last.accuracy, "val_loss": last.val_loss}
+
     def checkpoint(stage: int, epochs: int, *, finished: bool = False) -> None:
         """finished: every output is written, so resuming has nothing left to do."""
+        if epochs and not finished:
+            keep_if_best()
         folder.write_checkpoint(
             {
                 "stage": stage,
                 "epochs": epochs,
+                "best": best,
                 "lr": lr,
                 "config": cfg.model_dump(mode="json"),
                 "learner": training_state.capture(learn),
@@ -136,21 +155,32 @@ def run(cfg: RunConfig, log: Log = print, *, resume: bool = False) -> tuple[Conv
         else:
             assert lr is not None, "the plan starts with lr_find when no lr is given"
             lrs = [lr * r for r in ratios]
-            log(f"{stage.label}: {stage.cycles} cycle(s), lrs {', '.join(f'{x:.2e}' for x in lrs)}")
+            cycles = stage.cycles or head_epochs(learn)
+            log(f"{stage.label}: {cycles} cycle(s), lrs {', '.join(f'{x:.2e}' for x in lrs)}")
             learn.fit(
                 lrs,
-                stage.cycles,
+                cycles,
                 cycle_len=1,
                 cycle_mult=stage.cycle_mult,
                 cycle_save_name=f"snapshot_{stage.size}" if stage.unfrozen else None,
                 start_epoch=done_epochs if i == done_stage else 0,
                 on_epoch_end=functools.partial(checkpoint, i),
+                wds=cfg.wd,
                 stage=stage.label,
             )
         checkpoint(i + 1, 0)
     learn.precompute = False
+    last = learn.history[-1] if learn.history else None
+    if best is not None and last is not None and best["epoch"] != last.epoch:
+        # Never end worse than the best model validated on the way: SGDR's last cycle can overshoot.
+        log(
+            f"keeping epoch {best['epoch']} (accuracy {best['accuracy']:.4f}, val loss {best['val_loss']:.4f}), "
+            f"which validated better than the last, epoch {last.epoch} (accuracy {last.accuracy:.4f}, "
+            f"val loss {last.val_loss:.4f})"
+        )
+        learn.load(BEST)
     folder.save_final(learn)
-    metrics, probs, y = evaluate(learn, log, held_out=not cfg.full)
+    metrics, probs, uncalibrated, y = evaluate(learn, log, held_out=not cfg.full)
     export(
         learn,
         folder.bundle_dir,
@@ -161,11 +191,22 @@ def run(cfg: RunConfig, log: Log = print, *, resume: bool = False) -> tuple[Conv
         log=log,
     )
     folder.write_metrics(metrics, held_out=not cfg.full)
-    folder.write_figures(learn, probs, y)
+    folder.write_figures(learn, probs, y, uncalibrated=uncalibrated)
     folder.write_report(cfg, learn, metrics, probs, y)
     checkpoint(len(plan), 0, finished=True)
     log(f"bundle: {folder.bundle_dir}; report: {folder.report_file}")
     return learn, metrics
+
+
+HEAD_STEPS = 200  # mini-batches the head trains on precomputed activations unless --head-epochs says
+
+
+def head_epochs(learn: ConvLearner) -> int:
+    """Epochs of the head on precomputed activations when --head-epochs is not given: enough for
+    HEAD_STEPS mini-batches, at least 2 (the lesson's). On catbreeds (796 images, 13 batches an
+    epoch, lr 2e-3 from lr_find) the lesson's 2 epochs left the head at 55% validation accuracy;
+    15 reached 71-73%, the linear probe's level, in under two seconds."""
+    return max(2, math.ceil(HEAD_STEPS / learn.steps_per_epoch()))
 
 
 def bundle_recipe(cfg: RunConfig, epochs: int, lr: float | None) -> dict[str, Any]:
@@ -177,7 +218,7 @@ def bundle_recipe(cfg: RunConfig, epochs: int, lr: float | None) -> dict[str, An
 
 
 def find_lr(learn: ConvLearner, png: Path, log: Log, *, num_it: int, start_lr: float | list[float] = 1e-5) -> float:
-    """Run lr_find, save its plot, and return the lesson's pick (one decade below the minimum)."""
+    """Run lr_find, save its plot, and return its suggestion (trainer.lr_finder.Suggestion.lr)."""
     sched = learn.lr_find(start_lr=start_lr, num_it=num_it)
     try:
         suggestion = sched.suggestion()
@@ -185,5 +226,8 @@ def find_lr(learn: ConvLearner, png: Path, log: Log, *, num_it: int, start_lr: f
     except ValueError as e:  # too few batches for a curve (a tiny dataset): fall back, say so
         log(f"lr_find: {e}; using lr 1e-2")
         return 1e-2
-    log(f"lr_find: suggests lr {suggestion.lr:.2e} (steepest descent at {suggestion.lr_steep:.2e}); plot {png}")
+    log(
+        f"lr_find: suggests lr {suggestion.lr:.2e}, the middle of the loss's longest descent (the minimum/10 "
+        f"rule reads {suggestion.lr_min_div10:.2e}, the steepest point {suggestion.lr_steep:.2e}); plot {png}"
+    )
     return suggestion.lr

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from serving.files import write_atomic
+from trainer.calibrate import calibration_line
 
 REPORT_NAME = "report.html"
 # The order of the epoch table's columns; only those some row has are shown, any others after them.
@@ -155,6 +156,11 @@ def write_report(
             "seen and overstate how it will do on new images.</p>"
         )
     parts.append(_table(("metric", "value"), list(metrics.items())) if metrics else "<p>(no metrics)</p>")
+    if "temperature" in metrics:
+        parts.append(
+            f"<p>Calibration: {_esc(calibration_line(metrics))}. The bundle's graph divides its logits by this "
+            "temperature, so the probabilities it serves are the calibrated ones (calibration.png shows both).</p>"
+        )
     if most_confused is not None:
         parts.append("<h2>Most confused pairs (actual, predicted, count)</h2>")
         if most_confused:

@@ -45,6 +45,7 @@ FIGURES = {
     "most_incorrect.png": "most confidently wrong validation images",
     "most_uncertain.png": "most uncertain validation images",
     "most_correct.png": "most confidently right validation images",
+    "calibration.png": "reliability diagram: confidence against accuracy (with TTA), before and after the temperature",
 }
 HELD_OUT = "held_out"  # metrics.json's key saying whether the scores are on images the model never trained on
 
@@ -182,6 +183,7 @@ class RunFolder:
             cfg.arch, data, precompute=precompute, weights=cfg.weights, models_dir=self.models_dir, log=log
         )
         learn.bn_freeze(cfg.bn_freeze)
+        learn.label_smoothing = cfg.label_smoothing
         return learn
 
     def learner(self, log: Callable[[str], None] = print, *, require_final: bool = True) -> ConvLearner:
@@ -204,9 +206,20 @@ class RunFolder:
         learn = ConvLearner(data, build_net(cfg.arch, data.c, pretrained=False), models_dir=self.models_dir, log=log)
         learn.load(FINAL)
         learn.bn_freeze(cfg.bn_freeze)  # as the run trained: unfrozen BatchNorm layers keep their statistics
+        learn.label_smoothing = cfg.label_smoothing
         learn.history = self.read_history()
         learn.snapshots = self.snapshots()
+        learn.temperature = self.temperature()
         return learn
+
+    def temperature(self) -> float:
+        """The calibration temperature of the final weights (see trainer.calibrate): metrics.json's,
+        unless the weights were trained further since it was written (1.0: not calibrated)."""
+        if not (self.metrics_file.is_file() and self.final_weights.is_file()):
+            return 1.0
+        if self.metrics_file.stat().st_mtime < self.final_weights.stat().st_mtime:
+            return 1.0
+        return float(self.read_metrics()[0].get("temperature", 1.0))
 
     def save_final(self, learn: ConvLearner) -> None:
         learn.save(FINAL)
@@ -214,8 +227,17 @@ class RunFolder:
 
     # --- figures and report
 
-    def write_figures(self, learn: ConvLearner, probs: np.ndarray, y: np.ndarray, k: int = 8) -> None:
-        """The run's pictures: schedule, losses, confusion matrix and the lesson's image grids."""
+    def write_figures(
+        self,
+        learn: ConvLearner,
+        probs: np.ndarray,
+        y: np.ndarray,
+        k: int = 8,
+        *,
+        uncalibrated: np.ndarray | None = None,
+    ) -> None:
+        """The run's pictures: schedule, losses, confusion matrix and the lesson's image grids; with
+        `uncalibrated` (probs before the temperature), the reliability diagram of both."""
         from trainer import plots
         from trainer.metrics import confusion_matrix
 
@@ -226,6 +248,12 @@ class RunFolder:
         plots.plot_confusion_matrix(
             confusion_matrix(probs, y, len(classes)), classes, self.figure("confusion_matrix.png")
         )
+        if uncalibrated is not None and len(y):
+            plots.plot_reliability(
+                {"before (T = 1)": uncalibrated, f"after (T = {learn.temperature:.2f})": probs},
+                y,
+                self.figure("calibration.png"),
+            )
         for name, idx in [
             ("most_incorrect", plots.most_incorrect(probs, y, k)),
             ("most_uncertain", plots.most_uncertain(probs, k)),
