@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 
 from trainer.calibrate import (
+    before_calibration,
     calibrated_metrics,
     calibration_line,
     expected_calibration_error,
     fit_temperature,
     reliability,
     scale,
+    scores,
 )
 from trainer.metrics import log_loss
 
@@ -97,8 +99,9 @@ class TestECE:
 class TestCalibratedMetrics:
     def test_scores_before_and_after_with_the_fitted_temperature(self):
         per_view, y = sample(4000, 2.0, views=4, seed=1)
-        metrics, probs = calibrated_metrics(per_view, y)
+        metrics, probs = calibrated_metrics(per_view, y, tta=True)
         t = metrics["temperature"]
+        assert t == fit_temperature(per_view, y) and metrics["temperature_for_tta"] == 1.0
         np.testing.assert_allclose(probs, scale(per_view, t).mean(axis=1))
         assert metrics["log_loss_tta"] == pytest.approx(log_loss(probs, y))
         assert metrics["log_loss_tta_uncalibrated"] == pytest.approx(log_loss(per_view.mean(axis=1), y))
@@ -109,4 +112,23 @@ class TestCalibratedMetrics:
         assert metrics["accuracy"] == pytest.approx((per_view[:, 0].argmax(1) == y).mean())
         assert "accuracy_uncalibrated" not in metrics
         line = calibration_line(metrics)
-        assert f"{t:.3f}" in line and f"{metrics['ece_tta']:.4f}" in line
+        assert f"{t:.3f}" in line and f"{metrics['ece_tta']:.4f}" in line and "after TTA" in line
+
+    def test_without_tta_the_temperature_is_fitted_to_the_centre_view_that_is_served(self):
+        per_view, y = sample(4000, 2.0, views=4, seed=2)
+        per_view[:, 1:] = per_view[:, 1:] ** 0.3  # other views far less confident: they must not pull T
+        per_view[:, 1:] /= per_view[:, 1:].sum(axis=-1, keepdims=True)
+        metrics, _ = calibrated_metrics(per_view, y, tta=False)
+        assert metrics["temperature"] == fit_temperature(per_view[:, :1], y) != fit_temperature(per_view, y)
+        assert metrics["temperature_for_tta"] == 0.0
+        assert metrics["log_loss"] < metrics["log_loss_uncalibrated"]
+        assert "centre view" in calibration_line(metrics) and f"{metrics['ece']:.4f}" in calibration_line(metrics)
+
+    def test_before_calibration_reads_the_uncalibrated_scores_where_recorded(self):
+        per_view, y = sample(500, 2.0, views=2)
+        metrics, _ = calibrated_metrics(per_view, y, tta=True)
+        before = before_calibration(metrics)
+        assert before == {k: v for k, v in scores(per_view, y).items() if not k.startswith("ece")}
+        assert before_calibration({"accuracy": 1.0, "log_loss": 0.0}) == pytest.approx(
+            {"accuracy": 1.0, "log_loss": 0.0, "accuracy_tta": math.nan, "log_loss_tta": math.nan}, nan_ok=True
+        )

@@ -20,6 +20,7 @@ from serving.preprocess import load_views
 from serving.session import ModelSession
 from trainer import export as export_module
 from trainer.augment import tfms_from_model, transforms_side_on
+from trainer.calibrate import before_calibration
 from trainer.data import ImageClassifierData
 from trainer.export import ExportError, check_parity, choose_tta_default, export, quantize_int8
 from trainer.learner import ConvLearner
@@ -194,8 +195,10 @@ class TestTTADefault:
         out, manifest = bundle
         m = manifest.metrics
         assert {"accuracy", "log_loss", "accuracy_tta", "log_loss_tta", "temperature"} <= m.keys()
-        assert (manifest.tta.default, manifest.tta.reason) == choose_tta_default(m)
-        assert f"log loss {m['log_loss']:.4f} without TTA" in manifest.tta.reason and manifest.metrics_held_out
+        # Decided on the scores before calibration: the temperature is then fitted to the choice.
+        assert (manifest.tta.default, manifest.tta.reason) == choose_tta_default(before_calibration(m))
+        assert f"log loss {m['log_loss_uncalibrated']:.4f} without TTA" in manifest.tta.reason
+        assert manifest.metrics_held_out and m["temperature_for_tta"] == float(manifest.tta.default)
         assert read_manifest(out).tta == manifest.tta
 
     def test_tta_worse_than_the_plain_view_turns_it_off_and_says_why(self, learn, tmp_path):

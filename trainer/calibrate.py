@@ -98,36 +98,53 @@ def fit_temperature(per_view: np.ndarray, y: np.ndarray) -> float:
     return float(math.exp(t) if _tta_nll(per_view, y, math.exp(t)) <= losses[best] else math.exp(grid[best]))
 
 
-def calibrated_metrics(per_view: np.ndarray, y: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
-    """Validation scores of views' probabilities (n, views, classes; view 0 the plain centre view)
-    before and after a temperature fitted on the TTA average: returns (metrics, the calibrated TTA
-    probabilities).
+def scores(per_view: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """accuracy, log_loss and ece of the plain centre view (view 0 of per_view, (n, views, classes))
+    and the same of the views' mean (*_tta)."""
+    views, y = np.asarray(per_view), np.asarray(y)
+    plain, tta = views[:, 0], views.mean(axis=1)
+    return {
+        "accuracy": accuracy(plain, y),
+        "log_loss": log_loss(plain, y),
+        "ece": expected_calibration_error(plain, y),
+        "accuracy_tta": accuracy(tta, y),
+        "log_loss_tta": log_loss(tta, y),
+        "ece_tta": expected_calibration_error(tta, y),
+    }
 
-    accuracy / log_loss / ece (plain view) and their *_tta (mean of the views) describe the
-    calibrated model, which is what the bundle serves; *_uncalibrated keep the scores before."""
+
+def calibrated_metrics(per_view: np.ndarray, y: np.ndarray, *, tta: bool) -> tuple[dict[str, float], np.ndarray]:
+    """Validation scores of views' probabilities (n, views, classes; view 0 the plain centre view)
+    before and after a temperature fitted for what the bundle serves by default: the TTA average
+    when `tta`, else the centre view alone. Returns (metrics, the calibrated TTA probabilities).
+
+    accuracy / log_loss / ece and their *_tta describe the calibrated model; *_uncalibrated keep
+    the scores before (the plain accuracy, which T cannot change, only once); temperature_for_tta
+    is 1.0 when T was fitted to the TTA average, 0.0 when to the centre view."""
     y = np.asarray(y)
-    temperature = fit_temperature(per_view, y)
-    metrics: dict[str, float] = {}
+    temperature = fit_temperature(per_view if tta else np.asarray(per_view)[:, :1], y)
     calibrated = scale(per_view, temperature)
-    for tag, views in (("_uncalibrated", np.asarray(per_view)), ("", calibrated)):
-        plain, tta = views[:, 0], views.mean(axis=1)
-        metrics[f"accuracy{tag}"] = accuracy(plain, y)
-        metrics[f"log_loss{tag}"] = log_loss(plain, y)
-        metrics[f"ece{tag}"] = expected_calibration_error(plain, y)
-        metrics[f"accuracy_tta{tag}"] = accuracy(tta, y)
-        metrics[f"log_loss_tta{tag}"] = log_loss(tta, y)
-        metrics[f"ece_tta{tag}"] = expected_calibration_error(tta, y)
-    metrics["temperature"] = temperature
-    # Accuracy of one view cannot change with T; only the TTA average's can (a little). Keep one
-    # plain accuracy: the uncalibrated key would only repeat it.
-    del metrics["accuracy_uncalibrated"]
+    before = {f"{k}_uncalibrated": v for k, v in scores(per_view, y).items() if k != "accuracy"}
+    metrics = {**before, **scores(calibrated, y), "temperature": temperature, "temperature_for_tta": float(tta)}
     return metrics, calibrated.mean(axis=1)
 
 
+def before_calibration(metrics: Mapping[str, float]) -> dict[str, float]:
+    """accuracy, log_loss, accuracy_tta and log_loss_tta as they were before the temperature (the
+    *_uncalibrated values where metrics has them): what decides whether TTA is the default, which
+    in turn decides what the temperature is fitted to."""
+    keys = ("accuracy", "log_loss", "accuracy_tta", "log_loss_tta")
+    return {k: metrics.get(f"{k}_uncalibrated", metrics.get(k, math.nan)) for k in keys}
+
+
 def calibration_line(metrics: Mapping[str, float]) -> str:
-    """The temperature and what it did to the TTA probabilities, in one line (log and report)."""
+    """The temperature and what it did to the probabilities it was fitted to, in one line (log and
+    report)."""
+    tta = bool(metrics.get("temperature_for_tta", 1.0))
+    k = "_tta" if tta else ""
     return (
-        f"temperature {metrics['temperature']:.3f} fitted on validation after TTA: expected calibration error "
-        f"{metrics['ece_tta_uncalibrated']:.4f} -> {metrics['ece_tta']:.4f}, log loss "
-        f"{metrics['log_loss_tta_uncalibrated']:.4f} -> {metrics['log_loss_tta']:.4f}"
+        f"temperature {metrics['temperature']:.3f} fitted on validation "
+        f"{'after TTA' if tta else 'to the centre view (TTA is off by default)'}: expected calibration error "
+        f"{metrics[f'ece{k}_uncalibrated']:.4f} -> {metrics[f'ece{k}']:.4f}, log loss "
+        f"{metrics[f'log_loss{k}_uncalibrated']:.4f} -> {metrics[f'log_loss{k}']:.4f}"
     )

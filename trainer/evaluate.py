@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from trainer.calibrate import calibrated_metrics, calibration_line
+from trainer.calibrate import calibrated_metrics, calibration_line, scores
+from trainer.export import choose_tta_default
 
 if TYPE_CHECKING:  # annotations only
     from trainer.learner import ConvLearner
@@ -25,7 +26,9 @@ def evaluate(
     the numbers are then scores on training images, not an estimate of accuracy on new ones."""
     per_view = learn.view_probs("valid", temperature=1.0)
     y = np.asarray(learn.labels("valid"))
-    metrics, tta = calibrated_metrics(per_view, y)
+    # The temperature is fitted to what the bundle will serve by default (see choose_tta_default).
+    tta_default, _ = choose_tta_default(scores(per_view, y), held_out=held_out)
+    metrics, tta = calibrated_metrics(per_view, y, tta=tta_default)
     learn.temperature = metrics["temperature"]
     what = "validation" if held_out else "validation (NOT held out: --full trained on these images)"
     log(

@@ -31,7 +31,7 @@ from serving.evaluate import predict_files
 from serving.files import make_temp_dir, sha256_file
 from serving.preprocess import load_views
 from serving.session import ModelSession
-from trainer.calibrate import calibrated_metrics
+from trainer.calibrate import before_calibration, calibrated_metrics, scores
 from trainer.metrics import accuracy
 from trainer.model import EnsembleNet, InferenceNet, get_arch
 from trainer.tta import predict_views
@@ -134,11 +134,11 @@ def export(
         metrics = {k: v for k, v in metrics.items() if k not in ENSEMBLE_METRICS}
     # Before the graph is written: its temperature, and the TTA default these metrics decide, are
     # part of its contract.
-    _measure_tta(net, learn, metrics)
+    _measure_tta(net, learn, metrics, held_out=held_out)
     net.temperature.fill_(metrics["temperature"])
     if not snapshots:  # the learner's TTA then gives the probabilities the bundle serves
         learn.temperature = metrics["temperature"]
-    default, reason = choose_tta_default(metrics, held_out=held_out)
+    default, reason = choose_tta_default(before_calibration(metrics), held_out=held_out)
     log(f"export: TTA {'on' if default else 'off'} for calls that do not say: {reason}")
     created = now()
     tmp = make_temp_dir(out_dir.parent, prefix=f".{out_dir.name}.tmp-")
@@ -265,21 +265,23 @@ def _pair(without: float, with_tta: float) -> str:
     return f"{without:.{d}f} without TTA, {with_tta:.{d}f}"
 
 
-def _measure_tta(net: InferenceNet | EnsembleNet, learn, metrics: dict[str, float]) -> None:
+def _measure_tta(net: InferenceNet | EnsembleNet, learn, metrics: dict[str, float], *, held_out: bool) -> None:
     """Fill metrics with calibrated scores with and without TTA and the temperature (see
     trainer.calibrate.calibrated_metrics) unless trainer.evaluate measured them already for these
     weights (scores the caller gave stand); an ensemble, whose metrics nobody else measured, is
-    measured here in full."""
+    measured here in full. The temperature is fitted to what the bundle will serve by default."""
     if "temperature" in metrics and "accuracy_tta" in metrics and not isinstance(net, EnsembleNet):
         return
     data, tfms = learn.data, learn.data.tfms
+    y = np.asarray(data.val_y)
     net.temperature.fill_(1.0)
     per_view = predict_views(net, data.val_files, tfms.prep, list(tfms.tta_views))
-    measured, _ = calibrated_metrics(per_view, np.asarray(data.val_y))
-    if isinstance(net, EnsembleNet):
-        metrics.update(measured)
-    else:  # the caller's scores of these weights stand; the measured ones fill the gaps
-        metrics.update({k: v for k, v in measured.items() if k not in metrics})
+    given = {} if isinstance(net, EnsembleNet) else dict(metrics)
+    tta, _ = choose_tta_default({**scores(per_view, y), **given}, held_out=held_out)
+    measured, _ = calibrated_metrics(per_view, y, tta=tta)
+    for k in given:  # a score the caller gave is the one before calibration too
+        measured.pop(f"{k}_uncalibrated", None)
+    metrics.update({k: v for k, v in measured.items() if k not in given})
 
 
 def _verify_tta(session: ModelSession, learn, metrics: dict[str, float], log) -> np.ndarray:
