@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TRAINER_RUN_FLAGS, differing_tensors, epochs_as_trained, write_colour_dataset
@@ -316,6 +317,24 @@ def test_fit_and_tta_say_that_bundle_and_report_describe_the_previous_model(full
     assert "bundle/" in tta.stdout and "report.html" in tta.stdout and refresh in tta.stdout
     assert trainer("export", "--run", run).returncode == 0
     assert refresh not in trainer("tta", "--run", run).stdout, "the re-exported bundle is current"
+
+
+def test_fit_trains_and_validates_without_the_old_temperature(full_run, tmp_path):
+    """The run's temperature belongs to the weights `trainer fit` changes: the new epochs' validation
+    loss is that of the plain softmax, as the run's own epochs' were."""
+    from trainer import commands
+    from trainer.metrics import log_loss
+    from trainer.run_folder import RunFolder
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    assert RunFolder(run).temperature() != 1.0
+    learn = commands.fit(
+        run, 0.01, cycles=1, cycle_len=1, cycle_mult=1, unfreeze=False, lr_ratio=10, precompute=True, log=lambda _: None
+    )
+    assert learn.temperature == 1.0 and RunFolder(run).temperature() == 1.0  # metrics.json is now older
+    learn.precompute = True
+    assert learn.history[-1].val_loss == pytest.approx(log_loss(learn.predict("valid"), np.asarray(learn.data.val_y)))
 
 
 def test_help_answers_without_loading_torch():

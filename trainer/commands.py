@@ -63,6 +63,9 @@ def fit(
     history are replaced by the result, and what now describes an older model is said."""
     folder = RunFolder(run)
     learn = folder.learner(log, require_final=False)
+    # The run's temperature was fitted to the weights about to change: train and validate without it
+    # (the epochs' losses stay comparable with the run's); `trainer tta` or `export` fit a new one.
+    learn.temperature = 1.0
     learn.precompute = precompute
     if unfreeze:
         learn.unfreeze()

@@ -114,8 +114,9 @@ def export(
     that `metrics` are not held-out scores; recorded as the manifest's metrics_held_out.
     The manifest's tta.default (TTA for calls that do not say) follows choose_tta_default.
     Calibration: the graph divides its logits by metrics' temperature (trainer.evaluate fits it);
-    without one, a temperature is fitted here on the validation TTA (trainer.calibrate) and, for
-    the current weights, kept by the learner too, so that its TTA gives what the bundle serves.
+    without one, a temperature is fitted here on the validation images, to what the bundle serves by
+    default (trainer.calibrate), and, for the current weights, kept by the learner too, so that its
+    TTA gives what the bundle serves.
     fp16 / int8: also write model.fp16.onnx (for GPUs) / model.int8.onnx (for CPUs, calibrated on
     training images), each with its validation accuracy change against the fp32 graph.
 
