@@ -26,19 +26,13 @@ T_RANGE = (0.05, 20.0)  # temperatures searched; a fit at either end says the mo
 
 def expected_calibration_error(probs: np.ndarray, y: np.ndarray, n_bins: int = N_BINS) -> float:
     """Top-label ECE: the gap between confidence and accuracy, averaged over equal-width confidence
-    bins weighted by how many predictions fall in each. 0 is perfect; NaN for no predictions."""
-    probs, y = np.asarray(probs, dtype=np.float64), np.asarray(y)
+    bins (see reliability) weighted by how many predictions fall in each. 0 is perfect; NaN for no
+    predictions."""
     if len(y) == 0:
         return math.nan
-    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == y
-    # Bin i holds confidences in (i/n, (i+1)/n]; a confidence of exactly 0 joins the first bin.
-    bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        inside = bins == b
-        if inside.any():
-            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
-    return float(ece)
+    conf, acc, count = reliability(probs, y, n_bins)
+    shown = count > 0
+    return float(np.sum(count[shown] / count.sum() * np.abs(acc[shown] - conf[shown])))
 
 
 def reliability(probs: np.ndarray, y: np.ndarray, n_bins: int = N_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -46,6 +40,7 @@ def reliability(probs: np.ndarray, y: np.ndarray, n_bins: int = N_BINS) -> tuple
     of a reliability diagram."""
     probs, y = np.asarray(probs, dtype=np.float64), np.asarray(y)
     confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == y
+    # Bin i holds confidences in (i/n, (i+1)/n]; a confidence of exactly 0 joins the first bin.
     bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
     conf, acc, count = np.full(n_bins, np.nan), np.full(n_bins, np.nan), np.zeros(n_bins, int)
     for b in range(n_bins):
