@@ -6,7 +6,9 @@ its result or the exception that failed it, so that one bad request never fails 
 
 A batch closes when it holds `max_batch_views` rows (a request's size is `len(request)`, its number
 of TTA views) or when its oldest request has waited `max_delay_us` microseconds, whichever comes
-first, as in Triton's `max_queue_delay_microseconds`. The queue is bounded: `submit` refuses work
+first, as in Triton's `max_queue_delay_microseconds`; but it waits only while more work is on its
+way (callers inside `arriving()`, decoding their images), so a lone call runs at once instead of
+paying the delay for company that cannot come. The queue is bounded: `submit` refuses work
 at once when it is full (QueueFull) instead of letting latency grow without limit.
 """
 
@@ -16,8 +18,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +41,15 @@ class ShuttingDown(Exception):
 
 # execute(requests) -> one result or exception per request, same length and order.
 Execute = Callable[[list[Any]], Sequence[Any]]
+
+
+class Arrival:
+    """A caller on its way to `submit`, counted from `Batcher.arriving()` until it submits or gives up."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
 
 
 @dataclass(frozen=True)
@@ -72,22 +84,30 @@ class Batcher:
         max_delay_us: int,
         max_queue: int,
         on_batch: Callable[[BatchStats], None] | None = None,
+        instances: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ):
-        if max_batch_views < 1 or max_queue < 1 or max_delay_us < 0:
-            raise ValueError("max_batch_views and max_queue must be at least 1, max_delay_us at least 0")
+        if max_batch_views < 1 or max_queue < 1 or max_delay_us < 0 or instances < 1:
+            raise ValueError("max_batch_views, max_queue and instances must be at least 1, max_delay_us at least 0")
         self._execute = execute
         self.max_batch_views = max_batch_views
         self.max_delay_s = max_delay_us / 1e6
         self.max_queue = max_queue
         self._on_batch = on_batch
+        self._arriving = 0  # callers inside arriving() that have not submitted yet
         self.clock = clock
         self._queue: deque[_Pending] = deque()
         self._queued_views = 0
         self._closed = False
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
-        self._thread.start()
+        # `instances` threads each take a batch and run it, so that up to that many runs go at once, as
+        # Triton's instance_group count: one run's idle moments (its operators' serial parts) are another's
+        # working time.
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"batcher-{i}", daemon=True) for i in range(instances)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
@@ -101,10 +121,33 @@ class Batcher:
         with self._cond:
             return self._closed
 
-    def submit(self, requests: Sequence[Any], *, deadline: float | None = None) -> list[Future]:
-        """Queue requests (all or none); `deadline` is on `clock`. Raises QueueFull or ShuttingDown."""
+    @contextmanager
+    def arriving(self) -> Iterator[Arrival]:
+        """Announce work on its way: while the block runs and until `submit(..., arrival=)` takes the
+        Arrival it yields, a partial batch waits (up to the delay) for it. Work not announced this way is
+        still taken; only a batch with nothing on its way runs without waiting."""
+        arrival = Arrival()
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield arrival
+        finally:
+            with self._cond:
+                if not arrival.done:  # the caller gave up before submitting: nothing more to wait for
+                    arrival.done = True
+                    self._arriving -= 1
+                    self._cond.notify()
+
+    def submit(
+        self, requests: Sequence[Any], *, deadline: float | None = None, arrival: Arrival | None = None
+    ) -> list[Future]:
+        """Queue requests (all or none); `deadline` is on `clock`. Raises QueueFull or ShuttingDown.
+        `arrival`: the one `arriving()` gave this caller, now here (even when the requests are refused)."""
         now = self.clock()
         with self._cond:
+            if arrival is not None and not arrival.done:
+                arrival.done = True
+                self._arriving -= 1
             if self._closed:
                 raise ShuttingDown("the server is shutting down; retry on another replica")
             if len(self._queue) + len(requests) > self.max_queue:
@@ -119,11 +162,13 @@ class Batcher:
         return [p.future for p in pending]
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop taking work, let the batch being run finish, fail whatever is still queued."""
+        """Stop taking work, let the batches being run finish, fail whatever is still queued."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if end is None else max(0.0, end - time.monotonic()))
         with self._cond:
             left, self._queue = list(self._queue), deque()
             self._queued_views = 0
@@ -137,17 +182,22 @@ class Batcher:
 
     def _next_batch(self) -> list[_Pending] | None:
         with self._cond:
-            while not self._queue and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return None
-            # Wait for the batch to fill, but never keep the oldest request longer than max_delay.
-            flush_at = self._queue[0].enqueued + self.max_delay_s
-            while not self._closed and self._queued_views < self.max_batch_views:
-                remaining = flush_at - self.clock()
-                if remaining <= 0:
+            while True:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return None
+                # Wait for the batch to fill, but never keep the oldest request longer than max_delay, and
+                # not at all when no more work is on its way. Another instance may take the queue meanwhile.
+                while not self._closed and self._queue and self._queued_views < self.max_batch_views:
+                    remaining = self._queue[0].enqueued + self.max_delay_s - self.clock()
+                    if remaining <= 0 or self._arriving == 0:
+                        break
+                    self._cond.wait(remaining)
+                if self._closed:
+                    return None
+                if self._queue:
                     break
-                self._cond.wait(remaining)
             batch: list[_Pending] = []
             views = 0
             # A request larger than a whole batch still runs, alone.
@@ -156,6 +206,8 @@ class Batcher:
                 batch.append(p)
                 views += p.size
             self._queued_views -= views
+            if self._queue:  # work left over: wake another instance for it
+                self._cond.notify()
             return batch
 
     def _run(self, batch: list[_Pending]) -> None:

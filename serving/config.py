@@ -74,6 +74,10 @@ class ServerConfig(BaseModel):
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads within an operator; 0 = its default")
     inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads across operators; 0 = its default")
+    spinning: bool = Field(
+        False,
+        description="let ONNX Runtime's threads busy-wait for the next run; off leaves the cores to image decoding",
+    )
     # Dynamic batching (serving/batcher.py); the unit of a batch is a TTA view, one row of the graph's input.
     max_batch_views: int = Field(
         64, ge=1, description="largest ONNX Runtime batch, in views (an image with TTA is several)"
@@ -82,6 +86,13 @@ class ServerConfig(BaseModel):
         2000,
         ge=0,
         description="longest wait for more requests to fill a batch, microseconds; 0 runs what is queued at once",
+    )
+    model_instances: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="model runs at once, each on its own thread, sharing the weights and ONNX Runtime's threads: "
+        "one run's serial moments are another's working time (bench/serving.py); 1 runs one batch at a time",
     )
     max_queue: int = Field(
         256, ge=1, description="images waiting for the model; when full, calls fail fast with RESOURCE_EXHAUSTED"

@@ -40,10 +40,10 @@ WEIGHT_FACTOR = 2.5  # resident bytes per byte of model file
 ACTIVATION_BYTES = 300  # arena bytes per input pixel (size x size) per view of the warm-up batch
 
 
-def memory_estimate(model_bytes: int, input_size: int, batch_views: int) -> int:
+def memory_estimate(model_bytes: int, input_size: int, batch_views: int, instances: int = 1) -> int:
     """Estimated resident bytes of one loaded version whose model file has `model_bytes`, whose
-    graph takes `input_size` px images, warmed with `batch_views` views."""
-    return int(WEIGHT_FACTOR * model_bytes + ACTIVATION_BYTES * input_size**2 * batch_views)
+    graph takes `input_size` px images, in batches of `batch_views` views run `instances` at once."""
+    return int(WEIGHT_FACTOR * model_bytes + ACTIVATION_BYTES * input_size**2 * batch_views * instances)
 
 
 @dataclass(eq=False)
@@ -81,6 +81,7 @@ def open_model(
             precision=config.precision,
             intra_op_threads=config.intra_op_threads,
             inter_op_threads=config.inter_op_threads,
+            spinning=config.spinning,
         )
     m = session.manifest
     # A full batch, so that the first real ones pay no allocation or kernel-selection cost.
@@ -91,8 +92,11 @@ def open_model(
         max_delay_us=config.max_delay_us,
         max_queue=config.max_queue,
         on_batch=metrics.observe_batch,
+        instances=config.model_instances,
     )
-    cost = memory_estimate(session.model_path.stat().st_size, m.preprocessing.input_size, config.max_batch_views)
+    cost = memory_estimate(
+        session.model_path.stat().st_size, m.preprocessing.input_size, config.max_batch_views, config.model_instances
+    )
     version = m.version if number is None else str(number)
     return ServedModel(name or m.name, version, number, session, batcher, cost)
 
@@ -243,7 +247,9 @@ class Registry:
             size = (source.path / model_file(manifest, self.config.precision)[0]).stat().st_size
         except (BundleError, OSError):
             return None  # the load itself names what is wrong
-        cost = memory_estimate(size, manifest.preprocessing.input_size, self.config.max_batch_views)
+        cost = memory_estimate(
+            size, manifest.preprocessing.input_size, self.config.max_batch_views, self.config.model_instances
+        )
         with self._lock:
             held = sum(m.cost_bytes for m in self._loaded)
         if held + cost > budget:

@@ -16,7 +16,7 @@ import numpy as np
 
 from serving import decoder_log
 from serving.admission import Admission, CallFailed, CallGuard, PixelBudget
-from serving.batcher import DeadlineExpired, QueueFull, ShuttingDown
+from serving.batcher import Arrival, DeadlineExpired, QueueFull, ShuttingDown
 from serving.config import ServerConfig
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
@@ -104,11 +104,15 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         try:
-            with self.admission.admitted(), self.models.acquire(request.model, request.version) as model:
+            with (
+                self.admission.admitted(),
+                self.models.acquire(request.model, request.version) as model,
+                model.batcher.arriving() as arrival,
+            ):
                 prepared = self._prepare(model, request, self._guard(context), "Predict")
                 if isinstance(prepared, Exception):
                     raise prepared
-                [result] = self._run(model, [prepared], context)
+                [result] = self._run(model, [prepared], context, arrival)
                 if isinstance(result, Exception):
                     raise result
                 return self._respond(model, request, prepared, result)
@@ -117,7 +121,11 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     def PredictBatch(self, request: pb.PredictBatchRequest, context: grpc.ServicerContext) -> pb.PredictBatchResponse:
         try:
-            with self.admission.admitted(), self.models.acquire(request.model, request.version) as model:
+            with (
+                self.admission.admitted(),
+                self.models.acquire(request.model, request.version) as model,
+                model.batcher.arriving() as arrival,
+            ):
                 if len(request.requests) > self.config.max_batch_images:
                     raise CallFailed(
                         grpc.StatusCode.INVALID_ARGUMENT,
@@ -130,7 +138,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                     guard.check()  # no more decoding once the caller's deadline passed or it hung up
                     prepared.append(self._prepare(model, item, guard, f"PredictBatch image {i}"))
                 # Only the images that were prepared run; their results come back in that order.
-                ran = iter(self._run(model, [p for p in prepared if isinstance(p, Prepared)], context))
+                ran = iter(self._run(model, [p for p in prepared if isinstance(p, Prepared)], context, arrival))
                 outcomes = [p if isinstance(p, Exception) else (p, next(ran)) for p in prepared]
                 return pb.PredictBatchResponse(
                     results=[
@@ -218,10 +226,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self.metrics.decoder_warnings.labels(source).inc()
 
     def _run(
-        self, model: ServedModel, prepared: list[Prepared], context: grpc.ServicerContext
+        self, model: ServedModel, prepared: list[Prepared], context: grpc.ServicerContext, arrival: Arrival
     ) -> list[np.ndarray | Exception]:
         deadline = deadline_of(context)
-        futures = model.batcher.submit([p.views for p in prepared], deadline=deadline)
+        futures = model.batcher.submit([p.views for p in prepared], deadline=deadline, arrival=arrival)
         # A caller that hangs up or times out frees its place: queued views it left are not run.
         context.add_callback(lambda: [f.cancel() for f in futures])
         return wait_all(futures, deadline)

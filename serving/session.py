@@ -51,6 +51,7 @@ class ModelSession:
         precision: Precision = "fp32",
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
+        spinning: bool = False,
     ):
         self.bundle_dir = Path(bundle_dir)
         self.precision = precision
@@ -61,6 +62,11 @@ class ModelSession:
         options.intra_op_num_threads = intra_op_threads  # 0: ONNX Runtime's default (all cores)
         options.inter_op_num_threads = inter_op_threads
         options.log_severity_level = 3  # errors only
+        # Spinning keeps ONNX Runtime's pool threads busy-waiting for the next run after each one ends; in a
+        # server that decodes images between runs they steal the cores the decoding needs (bench/serving.py
+        # --threads measures it), so they sleep unless asked.
+        for pool in ("intra_op", "inter_op"):
+            options.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spinning else "0")
         providers = choose_providers(device)
         if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
             # CUDA and cuDNN from PyPI (onnxruntime-gpu[cuda,cudnn], the serving image's CUDA=1) live in

@@ -76,14 +76,52 @@ class TestBatching:
         assert [f.result(10) for f in futures] == [4.0, 4.0]
         assert step.batches == [[2, 2]] and time.monotonic() - start < 10
 
-    def test_a_partial_batch_waits_for_more_up_to_the_delay(self, step, closing):
+    def test_a_partial_batch_waits_for_a_caller_on_its_way(self, step, closing):
+        b = make(step, max_batch_views=100, max_delay_us=60_000_000)
+        closing(b)
+        with b.arriving() as arrival:
+            [first] = b.submit([views(3)])
+            time.sleep(0.2)
+            assert step.batches == [] and not first.done()  # waiting for the caller still decoding
+            [second] = b.submit([views(2)], arrival=arrival)
+            assert first.result(10) == 6.0 and second.result(10) == 4.0
+        assert step.batches == [[3, 2]]
+
+    def test_the_wait_for_a_caller_on_its_way_ends_at_the_delay(self, step, closing):
         b = make(step, max_batch_views=100, max_delay_us=50_000)
         closing(b)
-        start = time.monotonic()
-        [f] = b.submit([views(3)])
-        assert f.result(10) == 6.0
-        assert time.monotonic() - start >= 0.05
+        with b.arriving():
+            start = time.monotonic()
+            [f] = b.submit([views(3)])
+            assert f.result(10) == 6.0
+            assert time.monotonic() - start >= 0.05
         assert step.batches == [[3]]
+
+    def test_a_lone_request_runs_without_waiting_for_the_delay(self, step, closing):
+        # Nothing is on its way: waiting the delay would only add latency.
+        b = make(step, max_batch_views=100, max_delay_us=60_000_000)
+        closing(b)
+        [f] = b.submit([views(3)])
+        assert f.result(10) == 6.0 and step.batches == [[3]]
+
+    def test_a_caller_that_gives_up_on_its_way_ends_the_wait(self, step, closing):
+        b = make(step, max_batch_views=100, max_delay_us=60_000_000)
+        closing(b)
+        with b.arriving():
+            [f] = b.submit([views(3)])
+            time.sleep(0.1)
+            assert not f.done()
+        # The caller left without submitting (its image was bad): the batch runs now, not in a minute.
+        assert f.result(10) == 6.0 and step.batches == [[3]]
+
+    def test_a_refused_submit_counts_as_arrived(self, step, closing):
+        b = make(step, max_batch_views=100, max_delay_us=60_000_000, max_queue=1)
+        closing(b)
+        with b.arriving() as arrival:
+            [f] = b.submit([views(3)])
+            with pytest.raises(QueueFull):
+                b.submit([views(1), views(1)], arrival=arrival)
+            assert f.result(10) == 6.0  # nothing else is on its way
 
     def test_a_request_larger_than_a_batch_runs_alone(self, step, closing):
         b = make(step, max_batch_views=4)
@@ -195,6 +233,47 @@ class TestClose:
             queued.result(10)
         with pytest.raises(ShuttingDown, match="shutting down"):
             b.submit([views(1)])
+
+
+class Overlap:
+    """A batch step that counts how many of its calls run at the same moment; each takes 50 ms."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.active = 0
+        self.most = 0
+
+    def __call__(self, requests):
+        with self.lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+        time.sleep(0.05)
+        with self.lock:
+            self.active -= 1
+        return [float(r.sum()) for r in requests]
+
+
+class TestInstances:
+    @pytest.mark.parametrize("instances", [1, 2, 3])
+    def test_up_to_instances_batches_run_at_once(self, instances, closing):
+        step = Overlap()
+        b = make(step, max_batch_views=1, max_queue=32, instances=instances)
+        closing(b)
+        futures = b.submit([views(1, float(i)) for i in range(12)])
+        assert [f.result(10) for f in futures] == [2.0 * i for i in range(12)]
+        assert step.most == instances
+
+    def test_close_lets_every_running_batch_finish(self, step):
+        b = make(step, max_batch_views=1, instances=2)
+        step.hold()
+        running = b.submit([views(1), views(1)])
+        wait_until(lambda: len(step.batches) == 2)  # both instances are inside the step
+        closer = threading.Thread(target=b.close, kwargs={"timeout": 10})
+        closer.start()
+        wait_until(lambda: b.closed)
+        step.release.set()
+        closer.join(10)
+        assert not closer.is_alive() and [f.result(10) for f in running] == [2.0, 2.0]
 
 
 def wait_until(condition, timeout: float = 10.0) -> None:

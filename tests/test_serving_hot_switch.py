@@ -257,9 +257,9 @@ def test_a_version_over_the_memory_budget_loads_once_memory_is_freed(tmp_path, t
     repo = tmp_path / "repo"
     shutil.copytree(tiny_bundle, repo / MODEL / "1")
     one = memory_estimate(
-        (tiny_bundle / MODEL_NAME).stat().st_size, read_manifest(tiny_bundle).preprocessing.input_size, 8
+        (tiny_bundle / MODEL_NAME).stat().st_size, read_manifest(tiny_bundle).preprocessing.input_size, 8, 2
     )
-    cfg = repository_config(repo, poll_s=0, max_batch_views=8, max_model_bytes=one * 3 // 2)
+    cfg = repository_config(repo, poll_s=0, max_batch_views=8, model_instances=2, max_model_bytes=one * 3 // 2)
     with Server(cfg) as srv:
         assert srv.watcher is not None and served_number(srv) == 1
         put_version(tiny_bundle, repo, 2)

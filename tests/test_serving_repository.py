@@ -259,12 +259,14 @@ class TestMemoryBudget:
     def test_estimate_grows_with_the_file_and_the_warm_up_batch(self):
         assert memory_estimate(2_000_000, 32, 64) > memory_estimate(1_000_000, 32, 64)
         assert memory_estimate(1_000_000, 64, 64) > memory_estimate(1_000_000, 32, 64)
+        # Runs at once each hold their own activations.
+        assert memory_estimate(1_000_000, 32, 64, 2) > memory_estimate(1_000_000, 32, 64, 1)
 
     def test_a_load_over_the_budget_is_refused_and_the_old_keeps_serving(self, tmp_path, tiny_bundle, caplog):
         for n in (1, 2):
             shutil.copytree(tiny_bundle, tmp_path / "colours" / str(n))
         one = memory_estimate(
-            (tiny_bundle / "model.onnx").stat().st_size, read_manifest(tiny_bundle).preprocessing.input_size, 8
+            (tiny_bundle / "model.onnx").stat().st_size, read_manifest(tiny_bundle).preprocessing.input_size, 8, 2
         )
         # Room for one version and a half: a switch, which holds two at once, does not fit.
         cfg = ServerConfig(
@@ -272,6 +274,7 @@ class TestMemoryBudget:
             port=0,
             device="cpu",
             max_batch_views=8,
+            model_instances=2,
             metrics_port=None,
             max_model_bytes=one * 3 // 2,
         )

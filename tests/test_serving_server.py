@@ -301,6 +301,8 @@ def gated(session):
 
 
 def gated_server(bundle, gated, **kw):
+    # One model run at a time: holding the gate holds the whole model, and what comes next queues.
+    kw = {"model_instances": 1, **kw}
     return Server(config(bundle, max_delay_us=0, metrics_port=0, **kw), session=gated)
 
 

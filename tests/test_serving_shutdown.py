@@ -78,7 +78,10 @@ def session(tiny_bundle):
 def gated_server(tiny_bundle, session):
     """A started server whose model the test holds busy; stopped (gate open) at the end whatever happened."""
     gated = GatedSession(session)
-    config = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, max_delay_us=0, grace_s=GRACE_S)
+    # One model run at a time: holding the gate holds the whole model, and later calls queue behind it.
+    config = ServerConfig(
+        bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, max_delay_us=0, grace_s=GRACE_S, model_instances=1
+    )
     srv = Server(config, session=gated)
     try:
         yield srv, gated
