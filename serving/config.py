@@ -80,7 +80,11 @@ class ServerConfig(BaseModel):
     )
     # Dynamic batching (serving/batcher.py); the unit of a batch is a TTA view, one row of the graph's input.
     max_batch_views: int = Field(
-        64, ge=1, description="largest ONNX Runtime batch, in views (an image with TTA is several)"
+        0,
+        ge=0,
+        description="largest ONNX Runtime batch, in views (an image with TTA is several); 0 = auto: 64 on CUDA, "
+        "one image's views on CPUs, where bigger batches cost as much per view and hold every caller until the "
+        "slowest (bench/serving.py)",
     )
     max_delay_us: int = Field(
         2000,
@@ -220,6 +224,18 @@ class ServerConfig(BaseModel):
                 "(the message carries the image and its envelope)"
             )
         return self
+
+
+def batch_views(config: ServerConfig, views_per_image: int, cuda: bool) -> int:
+    """The largest batch, in views, for a model whose calls bring `views_per_image` views (max_batch_views,
+    or its auto value when 0)."""
+    if config.max_batch_views:
+        return config.max_batch_views
+    return AUTO_CUDA_BATCH_VIEWS if cuda else views_per_image
+
+
+# max_batch_views=0 on CUDA: a GPU runs 64 views in about the time of a few, so gathering calls pays.
+AUTO_CUDA_BATCH_VIEWS = 64
 
 
 def describe(name: str) -> str:

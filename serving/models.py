@@ -22,11 +22,11 @@ import grpc
 from serving.admission import CallFailed
 from serving.batcher import Batcher
 from serving.bundle import BundleError, model_file, read_manifest
-from serving.config import ServerConfig
+from serving.config import ServerConfig, batch_views
 from serving.metrics import Metrics
 from serving.predict import run_batch
 from serving.repository import VersionDir
-from serving.session import ModelSession
+from serving.session import ModelSession, choose_providers
 
 log = logging.getLogger("serving")
 
@@ -84,21 +84,30 @@ def open_model(
             spinning=config.spinning,
         )
     m = session.manifest
+    max_views = batch_views(config, len(m.tta.views), "CUDAExecutionProvider" in session.providers)
     # A full batch, so that the first real ones pay no allocation or kernel-selection cost.
-    session.warm_up(batch=max(1, config.max_batch_views // len(m.tta.views)))
+    session.warm_up(batch=max(1, max_views // len(m.tta.views)))
     batcher = Batcher(
         partial(run_batch, session),
-        max_batch_views=config.max_batch_views,
+        max_batch_views=max_views,
         max_delay_us=config.max_delay_us,
         max_queue=config.max_queue,
         on_batch=metrics.observe_batch,
         instances=config.model_instances,
     )
     cost = memory_estimate(
-        session.model_path.stat().st_size, m.preprocessing.input_size, config.max_batch_views, config.model_instances
+        session.model_path.stat().st_size, m.preprocessing.input_size, max_views, config.model_instances
     )
     version = m.version if number is None else str(number)
     return ServedModel(name or m.name, version, number, session, batcher, cost)
+
+
+def _cuda(device: str) -> bool:
+    """Whether a version loaded for `device` will run on CUDA (a load for an unusable device fails anyway)."""
+    try:
+        return "CUDAExecutionProvider" in choose_providers(device)
+    except BundleError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -248,7 +257,10 @@ class Registry:
         except (BundleError, OSError):
             return None  # the load itself names what is wrong
         cost = memory_estimate(
-            size, manifest.preprocessing.input_size, self.config.max_batch_views, self.config.model_instances
+            size,
+            manifest.preprocessing.input_size,
+            batch_views(self.config, len(manifest.tta.views), _cuda(self.config.device)),
+            self.config.model_instances,
         )
         with self._lock:
             held = sum(m.cost_bytes for m in self._loaded)

@@ -5,14 +5,20 @@ from __future__ import annotations
 import pytest
 
 from serving.cli import main
-from serving.config import ConfigError, ServerConfig, load_config
+from serving.config import ConfigError, ServerConfig, batch_views, load_config
 
 
 class TestSources:
     def test_defaults(self):
         c = load_config({"bundle": "b"}, environ={})
         assert c.port == 50051 and c.precision == "fp32" and c.metrics_port == 9464 and c.tls_cert is None
-        assert c.max_batch_views == 64 and c.max_delay_us == 2000 and c.max_queue == 256
+        assert c.max_batch_views == 0 and c.max_delay_us == 2000 and c.max_queue == 256
+        assert c.model_instances == 2 and c.spinning is False
+
+    @pytest.mark.parametrize("setting, cuda, expected", [(0, False, 4), (0, True, 64), (16, False, 16), (16, True, 16)])
+    def test_auto_batch_size_is_one_image_on_cpus_and_64_views_on_cuda(self, setting, cuda, expected):
+        c = load_config({"bundle": "b", "max_batch_views": setting}, environ={})
+        assert batch_views(c, 4, cuda) == expected
 
     def test_environment_overrides_defaults_and_flags_override_the_environment(self):
         env = {"SERVING_BUNDLE": "b", "SERVING_MAX_QUEUE": "128", "SERVING_PRECISION": "int8", "SERVING_PORT": "1"}
