@@ -215,3 +215,22 @@ def test_submission_csv_for_a_test_folder(colours, tmp_path):
     assert rows[0] == ["id", "blue", "red"] and len(rows) == 4
     assert {r[0] for r in rows[1:]} == {f.stem for f in test_dir.iterdir()}
     assert all(abs(float(r[1]) + float(r[2]) - 1) < 1e-5 for r in rows[1:])
+
+
+class TestPrecomputeKeepsNoLoader:
+    """Precompute reads each set once: its loaders' workers must not persist, idle, through the rest
+    of the run (two of a default run's seven processes did; bench/training.py's memory section)."""
+
+    def test_a_one_pass_loader_is_new_and_its_workers_do_not_persist(self, colours):
+        tfms = tfms_from_model("efficientnet_lite0", 32)
+        data = ImageClassifierData.from_paths(colours, tfms, bs=4, num_workers=1, seed=0)
+        first, second = data.loader("train", once=True), data.loader("train", once=True)
+        assert first is not second
+        assert not first.persistent_workers
+        assert data.loader("valid").persistent_workers  # validation's, read every epoch, persist
+        assert data.loader("valid") is data.loader("valid")
+
+    def test_precompute_leaves_no_loader_behind(self, colours):
+        learn = make_learner(colours, precompute=True)
+        assert learn._features["train"].shape[0] == len(learn.data.trn_files)
+        assert learn.data._loaders == {}

@@ -313,26 +313,37 @@ class ImageClassifierData:
         }[name]
         return ImageDataset(files, labels, self.tfms.train if augment else self.tfms.eval, augment=augment)
 
-    def loader(self, name: str, *, augment: bool = False, shuffle: bool = False) -> DataLoader:
-        """A loader of uint8 CHW batches; the same object on every call with the same arguments.
+    def loader(self, name: str, *, augment: bool = False, shuffle: bool = False, once: bool = False) -> DataLoader:
+        """A loader of uint8 CHW batches; the same object on every call with the same arguments
+        (unless once=True).
 
         With augment or shuffle its sampler is an EpochSampler: call `loader.sampler.set_epoch(n)`
-        before each epoch (ConvLearner.batches does), or every pass repeats epoch 0."""
+        before each epoch (ConvLearner.batches does), or every pass repeats epoch 0.
+
+        once=True: a new loader for one pass (precompute reads each set once), whose workers exit
+        when the pass ends. A kept loader's workers persist until the data is dropped: kept, the
+        plain training set's sat idle through every later stage of a run, two processes of the
+        seven a default run had (bench/training.py's memory section)."""
+        if once:
+            return self._new_loader(name, augment, shuffle, persistent=False)
         key = (name, augment, shuffle, self.bs)
         if key not in self._loaders:
-            generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
-            dataset = self.dataset(name, augment=augment)
-            self._loaders[key] = DataLoader(
-                dataset,
-                batch_size=self.bs,
-                sampler=EpochSampler(len(dataset), seed=self.seed, shuffle=shuffle) if augment or shuffle else None,
-                num_workers=self.num_workers,
-                pin_memory=torch.cuda.is_available(),
-                persistent_workers=self.num_workers > 0,
-                generator=generator,
-                worker_init_fn=_seed_worker,
-            )
+            self._loaders[key] = self._new_loader(name, augment, shuffle, persistent=self.num_workers > 0)
         return self._loaders[key]
+
+    def _new_loader(self, name: str, augment: bool, shuffle: bool, *, persistent: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        dataset = self.dataset(name, augment=augment)
+        return DataLoader(
+            dataset,
+            batch_size=self.bs,
+            sampler=EpochSampler(len(dataset), seed=self.seed, shuffle=shuffle) if augment or shuffle else None,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=persistent,
+            generator=generator,
+            worker_init_fn=_seed_worker,
+        )
 
 
 def _find_csv(path: Path, csv_fname: Path) -> Path:

@@ -210,7 +210,7 @@ class ConvLearner:
         """Pooled backbone activations of a dataset's plain centre views, on the CPU, float32."""
         self.net.eval()
         out = []
-        loader = self.data.loader(name)
+        loader = self.data.loader(name, once=True)
         for xb, _ in tqdm(loader, desc=f"precompute {name}", unit="batch", leave=False):
             with self.autocast():
                 out.append(self.net.features(self._to_device(xb)).float().cpu())
