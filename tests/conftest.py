@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,17 @@ def hymenoptera_or_skip() -> Path:
 @pytest.fixture(scope="session")
 def hymenoptera() -> Path:
     return hymenoptera_or_skip()
+
+
+def bench_module(name: str):
+    """bench/<name>.py loaded as the module bench_<name>: bench/ holds scripts, not on the path
+    tests run with (and bench/serving.py's name would hide the serving package if it were)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
 
 
 def subset(src: Path, dst: Path, per_class: dict[str, int], *, val_from: str = "val", val_to: str = "valid") -> Path:

@@ -3,26 +3,11 @@ written; what it measures (latency, throughput) is the benchmark's business, not
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-from conftest import write_colour_dataset
+from conftest import bench_module, write_colour_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "bench" / "serving.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _bench()
+bench = bench_module("serving")
 
 
 def test_serving_bench_measures_the_server_against_the_in_process_limit(tmp_path, tiny_bundle, capsys):

@@ -3,28 +3,13 @@ memory poller against a process of known size (its figures are in bench/README.m
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import bench_module, hymenoptera_or_skip
 
-from tests.conftest import hymenoptera_or_skip
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _training():
-    spec = importlib.util.spec_from_file_location("bench_training", ROOT / "bench" / "training.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
-training = _training()
+training = bench_module("training")
 
 
 def test_quick_sections_print_a_table_then_the_ratios(tmp_path, capsys, monkeypatch):

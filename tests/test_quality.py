@@ -3,25 +3,12 @@ in the same test (bench/quality.py does the measuring; bench/README.md has its l
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import bench_module
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _quality():
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _quality()
+quality = bench_module("quality")
 
 
 def _measure(name: str, tmp_path: Path):
