@@ -20,13 +20,14 @@ from pathlib import Path
 import grpc
 
 from serving.admission import CallFailed
-from serving.batcher import Batcher
+from serving.batcher import Batcher, BatchStats
 from serving.bundle import BundleError, model_file, read_manifest
 from serving.config import ServerConfig, batch_views
 from serving.metrics import Metrics
 from serving.predict import run_batch
 from serving.repository import VersionDir
 from serving.session import ModelSession, choose_providers
+from serving.statistics import ModelStats
 
 log = logging.getLogger("serving")
 
@@ -58,6 +59,7 @@ class ServedModel:
     batcher: Batcher
     cost_bytes: int
     source: VersionDir | None = None
+    stats: ModelStats = field(default_factory=ModelStats)  # ModelStatistics' totals, both protocols
     in_flight: int = 0
     retired: bool = False
     closed: bool = field(default=False)
@@ -87,19 +89,25 @@ def open_model(
     max_views = batch_views(config, len(m.tta.views), "CUDAExecutionProvider" in session.providers)
     # A full batch, so that the first real ones pay no allocation or kernel-selection cost.
     session.warm_up(batch=max(1, max_views // len(m.tta.views)))
+    stats = ModelStats()
+
+    def on_batch(batch: BatchStats) -> None:
+        metrics.observe_batch(batch)
+        stats.observe_batch(batch)
+
     batcher = Batcher(
         partial(run_batch, session),
         max_batch_views=max_views,
         max_delay_us=config.max_delay_us,
         max_queue=config.max_queue,
-        on_batch=metrics.observe_batch,
+        on_batch=on_batch,
         instances=config.model_instances,
     )
     cost = memory_estimate(
         session.model_path.stat().st_size, m.preprocessing.input_size, max_views, config.model_instances
     )
     version = m.version if number is None else str(number)
-    return ServedModel(name or m.name, version, number, session, batcher, cost)
+    return ServedModel(name or m.name, version, number, session, batcher, cost, stats=stats)
 
 
 def _cuda(device: str) -> bool:
