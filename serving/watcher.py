@@ -1,5 +1,6 @@
 """Keeps a Registry in step with a model repository: a scan every `poll_s` seconds and on request
-(SIGHUP), each followed by a sync of what the version policies want.
+(SIGHUP, or RepositoryModelLoad, which waits for it), each followed by a sync of what the version
+policies want.
 
 A refused version is remembered with its files' fingerprint: it is not tried (or logged) again on
 every poll, only once its files change, as they do when a half-copied bundle is completed.
@@ -23,11 +24,13 @@ class Watcher:
         self.scanner = Scanner(root)
         self.policies = policies
         self.poll_s = poll_s
-        self.refused: set[VersionDir] = set()
-        self._over_budget: dict[VersionDir, int] = {}  # refused for memory -> registry.unloads then
+        self.refused: dict[VersionDir, str] = {}  # refused -> why
+        self._over_budget: dict[VersionDir, tuple[int, str]] = {}  # refused for memory -> (registry.unloads then, why)
         self._missing_pins: set[tuple[str, int]] = set()  # warned about once
         self.polls = 0  # scans completed, for tests and logs
         self._wake = threading.Event()
+        self._scans = threading.Condition()  # guards the two counts below
+        self._began = self._ended = 0  # scans of the polling thread begun and ended
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -41,22 +44,44 @@ class Watcher:
         present = {(model, n) for model, versions in scan.items() for n in versions}
         # Fingerprints of versions gone from disk need not be remembered; a version refused for the memory
         # budget is tried again once a version was unloaded since.
-        self._over_budget = {v: n for v, n in self._over_budget.items() if n == self.registry.unloads}
-        self.refused = {v for v in self.refused if scan.get(v.model, {}).get(v.version) == v}
+        self._over_budget = {v: nw for v, nw in self._over_budget.items() if nw[0] == self.registry.unloads}
+        self.refused = {v: why for v, why in self.refused.items() if scan.get(v.model, {}).get(v.version) == v}
         missing = {(m, pin) for m, pin in self.policies.items() if pin is not None and pin not in scan.get(m, {})}
         for model, pin in sorted(missing - self._missing_pins):
             log.warning("%s is pinned to version %d, which is not in the repository; what is served stays", model, pin)
         self._missing_pins = missing
-        for refusal in self.registry.sync(wanted(scan, self.policies, self.refused | set(self._over_budget)), present):
-            if refusal.budget:
-                self._over_budget[refusal.source] = self.registry.unloads
-            else:
-                self.refused.add(refusal.source)
+        # A refused version can leave an older one wanted (the newest broken, the one before it fine): sync
+        # again at once rather than at the next poll, which may be an hour away. Each round refuses at
+        # least one more version, so this ends.
+        refusals = self.registry.sync(wanted(scan, self.policies, {*self.refused, *self._over_budget}), present)
+        while refusals:
+            for refusal in refusals:
+                if refusal.budget:
+                    self._over_budget[refusal.source] = (self.registry.unloads, refusal.reason)
+                else:
+                    self.refused[refusal.source] = refusal.reason
+            refusals = self.registry.sync(wanted(scan, self.policies, {*self.refused, *self._over_budget}), present)
         self.polls += 1
 
     def reload(self) -> None:
         """Ask for a scan now (what SIGHUP does); returns at once, safe in a signal handler."""
         self._wake.set()
+
+    def scan_now(self, timeout: float | None = None) -> bool:
+        """Ask for a scan and wait until one begun after this call has ended, so that what was on disk
+        when it was called is loaded or refused. False when `timeout` (seconds) passed first or the
+        watcher stopped."""
+        with self._scans:
+            target = self._began + 1
+            self._wake.set()
+            return self._scans.wait_for(lambda: self._ended >= target or self._stop.is_set(), timeout) and (
+                self._ended >= target
+            )
+
+    def refusals(self, model: str) -> dict[int, str]:
+        """Why each refused version of `model` still on disk was refused, by version number."""
+        why = {v.version: reason for v, reason in self.refused.items() if v.model == model}
+        return why | {v.version: reason for v, (_, reason) in self._over_budget.items() if v.model == model}
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="repository", daemon=True)
@@ -65,6 +90,8 @@ class Watcher:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        with self._scans:
+            self._scans.notify_all()
         if self._thread is not None:
             self._thread.join()
 
@@ -75,7 +102,13 @@ class Watcher:
             self._wake.clear()
             if self._stop.is_set():
                 return
+            with self._scans:
+                self._began += 1
             try:
                 self.poll()
             except Exception:  # a bug here must not stop the polling for good
                 log.exception("polling the model repository failed")
+            finally:
+                with self._scans:
+                    self._ended += 1
+                    self._scans.notify_all()

@@ -18,6 +18,7 @@ from serving.config import ConfigError, ServerConfig, load_config
 from serving.metrics import Metrics
 from serving.models import Registry, ServedModel, memory_estimate, open_model
 from serving.repository import RepositoryError, Scanner, VersionDir, parse_policies, publish, staging_dir, wanted
+from serving.watcher import Watcher
 
 
 def version(root: Path, model: str, number: int | str, files: dict[str, bytes] | None = None) -> Path:
@@ -175,18 +176,21 @@ def source(root: Path, model: str, number: int) -> VersionDir:
     return VersionDir(model, number, root / model / str(number), ())
 
 
+def fake_registry(tmp_path, manifest, fail: set[int] = frozenset(), default_model: str = "") -> Registry:  # type: ignore[assignment]
+    """A registry that loads fake models, failing for the version numbers in `fail`."""
+
+    def load(v: VersionDir) -> ServedModel:
+        if v.version in fail:
+            raise ValueError(f"cannot load {v.version}")
+        return fake_model(manifest, v.model, v.version)
+
+    cfg = ServerConfig(model_repository=tmp_path, port=0, metrics_port=None, default_model=default_model)
+    return Registry(cfg, Metrics(), load=load)
+
+
 class TestRegistry:
-    def registry(self, tmp_path, manifest, fail: set[int] = frozenset(), default_model: str = "") -> Registry:  # type: ignore[assignment]
-        def load(v: VersionDir) -> ServedModel:
-            if v.version in fail:
-                raise ValueError(f"cannot load {v.version}")
-            return fake_model(manifest, v.model, v.version)
-
-        cfg = ServerConfig(model_repository=tmp_path, port=0, metrics_port=None, default_model=default_model)
-        return Registry(cfg, Metrics(), load=load)
-
     def test_unknown_model_or_version_is_not_found_naming_what_is_served(self, tmp_path, manifest):
-        reg = self.registry(tmp_path, manifest)
+        reg = fake_registry(tmp_path, manifest)
         reg.sync({"cats": source(tmp_path, "cats", 2)}, {("cats", 2)})
         with reg.acquire("", 0) as m:
             assert (m.name, m.version) == ("cats", "2")
@@ -200,12 +204,12 @@ class TestRegistry:
         reg.close()
 
     def test_nothing_loaded_is_unavailable(self, tmp_path, manifest):
-        with pytest.raises(CallFailed) as err, self.registry(tmp_path, manifest).acquire():
+        with pytest.raises(CallFailed) as err, fake_registry(tmp_path, manifest).acquire():
             pass
         assert err.value.code == grpc.StatusCode.UNAVAILABLE
 
     def test_several_models_need_a_name(self, tmp_path, manifest):
-        reg = self.registry(tmp_path, manifest)
+        reg = fake_registry(tmp_path, manifest)
         reg.sync({m: source(tmp_path, m, 1) for m in ("cats", "dogs")}, {("cats", 1), ("dogs", 1)})
         with pytest.raises(CallFailed) as err, reg.acquire():
             pass
@@ -215,7 +219,7 @@ class TestRegistry:
         reg.close()
 
     def test_the_default_model_answers_calls_that_name_none(self, tmp_path, manifest):
-        reg = self.registry(tmp_path, manifest, default_model="dogs")
+        reg = fake_registry(tmp_path, manifest, default_model="dogs")
         reg.sync({m: source(tmp_path, m, 1) for m in ("cats", "dogs")}, {("cats", 1), ("dogs", 1)})
         with reg.acquire() as m:
             assert m.name == "dogs"
@@ -224,7 +228,7 @@ class TestRegistry:
         reg.close()
 
     def test_the_old_version_closes_only_after_its_last_call(self, tmp_path, manifest):
-        reg = self.registry(tmp_path, manifest)
+        reg = fake_registry(tmp_path, manifest)
         reg.sync({"cats": source(tmp_path, "cats", 1)}, {("cats", 1)})
         with reg.acquire() as old:
             reg.sync({"cats": source(tmp_path, "cats", 2)}, {("cats", 1), ("cats", 2)})
@@ -237,7 +241,7 @@ class TestRegistry:
         reg.close()
 
     def test_a_failed_load_is_refused_and_the_old_keeps_serving(self, tmp_path, manifest):
-        reg = self.registry(tmp_path, manifest, fail={2})
+        reg = fake_registry(tmp_path, manifest, fail={2})
         reg.sync({"cats": source(tmp_path, "cats", 1)}, {("cats", 1)})
         refused = reg.sync({"cats": source(tmp_path, "cats", 2)}, {("cats", 1), ("cats", 2)})
         assert [(r.source.version, r.reason, r.budget) for r in refused] == [(2, "ValueError: cannot load 2", False)]
@@ -247,12 +251,43 @@ class TestRegistry:
         reg.close()
 
     def test_a_removed_version_is_unloaded(self, tmp_path, manifest):
-        reg = self.registry(tmp_path, manifest)
+        reg = fake_registry(tmp_path, manifest)
         reg.sync({"cats": source(tmp_path, "cats", 1), "dogs": source(tmp_path, "dogs", 1)}, {("cats", 1), ("dogs", 1)})
         dogs = reg.served()["dogs"]
         reg.sync({"cats": source(tmp_path, "cats", 1)}, {("cats", 1)})
         assert set(reg.served()) == {"cats"} and dogs.batcher.closed
         reg.close()
+
+
+class TestWatcher:
+    def test_a_broken_newest_version_at_start_leaves_the_one_before_served_at_once(self, tmp_path, manifest):
+        for n in (1, 2, 3):
+            version(tmp_path, "cats", n)
+        reg = fake_registry(tmp_path, manifest, fail={2, 3})
+        watcher = Watcher(reg, tmp_path, {}, poll_s=3600)
+        watcher.poll()  # one poll, as at start: no waiting for the next one, an hour away
+        assert reg.served()["cats"].number == 1
+        assert watcher.refusals("cats") == {2: "ValueError: cannot load 2", 3: "ValueError: cannot load 3"}
+        reg.close()
+
+    def test_scan_now_returns_once_a_scan_begun_after_it_has_synced(self, tmp_path, manifest):
+        version(tmp_path, "cats", 1)
+        reg = fake_registry(tmp_path, manifest)
+        watcher = Watcher(reg, tmp_path, {}, poll_s=3600)
+        watcher.start()
+        try:
+            for n in (2, 3):
+                version(tmp_path, "cats", n)
+                assert watcher.scan_now(timeout=60)
+                assert reg.served()["cats"].number == n
+        finally:
+            watcher.stop()
+            reg.close()
+
+    def test_scan_now_gives_up_once_stopped(self, tmp_path, manifest):
+        watcher = Watcher(fake_registry(tmp_path, manifest), tmp_path, {}, poll_s=3600)
+        watcher.stop()  # never started: no scan will come
+        assert watcher.scan_now(timeout=60) is False
 
 
 class TestMemoryBudget:
