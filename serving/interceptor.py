@@ -1,4 +1,5 @@
-"""The server's edge: every call to the classifier counted by method and the status its caller got.
+"""The server's edge: every call to the classifier and to the Open Inference Protocol counted by
+method and the status its caller got.
 
 gRPC answers some calls before any handler of ours runs. Counting only in the handlers would hide
 exactly the calls operators need to see under overload, so this interceptor also counts:
@@ -9,14 +10,17 @@ exactly the calls operators need to see under overload, so this interceptor also
 - calls that end before their handler runs: a request over the message-size limit, or a caller
   that went away while its call waited for a handler thread (`classifier_calls_not_run_total`);
 - requests that are not valid protobuf: gRPC would answer INTERNAL and log a traceback; they are
-  answered INVALID_ARGUMENT here instead.
+  answered INVALID_ARGUMENT here instead (on a stream, the handler gets them as Malformed).
+
+A stream (ModelStreamInfer) counts as one call, with the status it ended with; the requests it
+carries are counted in each model's ModelStatistics.
 """
 
 from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -38,7 +42,8 @@ class _Call:
 
 
 class EdgeInterceptor(grpc.ServerInterceptor):
-    """Counts, times and tracks in flight every unary call to `service` (e.g. classifier.v1.Classifier).
+    """Counts, times and tracks in flight every call to `services` (e.g. classifier.v1.Classifier);
+    the method label is the bare method name, which no two of our services share.
 
     active_calls: gRPC's own count of calls in progress, which it compares with `max_concurrent_calls`
     (None when unknown: then its refusals cannot be counted)."""
@@ -46,35 +51,41 @@ class EdgeInterceptor(grpc.ServerInterceptor):
     def __init__(
         self,
         metrics: Metrics,
-        service: str,
+        services: Sequence[str],
         *,
         max_concurrent_calls: int | None,
         active_calls: Callable[[], int | None],
     ):
         self.metrics = metrics
-        self.prefix = f"/{service}/"
+        self.prefixes = tuple(f"/{service}/" for service in services)
         self.max_concurrent_calls = max_concurrent_calls
         self.active_calls = active_calls
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if not method.startswith(self.prefix):
+        prefix = next((p for p in self.prefixes if method.startswith(p)), None)
+        if prefix is None:
             return handler
-        name = method[len(self.prefix) :]
+        name = method[len(prefix) :]
         if handler is None:
             self.metrics.requests.labels(name, grpc.StatusCode.UNIMPLEMENTED.name).inc()
             return handler
-        if handler.unary_unary is None:
+        if handler.unary_unary is None and handler.stream_stream is None:
             return handler
         if self._refused_by_grpc():
             self.metrics.requests.labels(name, grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
             return handler  # gRPC answers it; none of our code needs to run
         call = _Call()
-        behaviour = self._measured(name, handler.unary_unary, call)
+        if handler.stream_stream is not None:
+            behaviour = self._measured_stream(name, handler.stream_stream, call)
+            wrap = grpc.stream_stream_rpc_method_handler
+        else:
+            behaviour = self._measured(name, handler.unary_unary, call)
+            wrap = grpc.unary_unary_rpc_method_handler
         # The handler function is dropped without having run when the call ended first.
         weakref.finalize(behaviour, self._ended, name, call)
-        return grpc.unary_unary_rpc_method_handler(
+        return wrap(
             behaviour,
             request_deserializer=_lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
@@ -90,13 +101,19 @@ class EdgeInterceptor(grpc.ServerInterceptor):
         if not call.ran:
             self.metrics.not_run.labels(name).inc()
 
-    def _measured(self, name: str, behaviour, call: _Call):
-        m = self.metrics
+    def _began(self, call: _Call) -> float:
+        call.ran = True
+        self.metrics.in_flight.inc()
+        return time.perf_counter()
 
+    def _finished(self, name: str, code: grpc.StatusCode, start: float) -> None:
+        self.metrics.requests.labels(name, code.name).inc()
+        self.metrics.latency.labels(name).observe(time.perf_counter() - start)
+        self.metrics.in_flight.dec()
+
+    def _measured(self, name: str, behaviour, call: _Call):
         def measured(request, context):
-            call.ran = True
-            start = time.perf_counter()
-            m.in_flight.inc()
+            start = self._began(call)
             code = grpc.StatusCode.UNKNOWN  # anything that escapes the handler is a bug: gRPC reports UNKNOWN
             try:
                 if isinstance(request, Malformed):
@@ -109,9 +126,25 @@ class EdgeInterceptor(grpc.ServerInterceptor):
                 code = _seen_by_caller(context, default=code)  # context.abort sets the code before raising
                 raise
             finally:
-                m.requests.labels(name, code.name).inc()
-                m.latency.labels(name).observe(time.perf_counter() - start)
-                m.in_flight.dec()
+                self._finished(name, code, start)
+
+        return measured
+
+    def _measured_stream(self, name: str, behaviour, call: _Call):
+        def measured(requests, context):
+            start = self._began(call)
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                yield from behaviour(requests, context)
+                code = _seen_by_caller(context)
+            except GeneratorExit:  # the caller went away mid-stream
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = _seen_by_caller(context, default=code)
+                raise
+            finally:
+                self._finished(name, code, start)
 
         return measured
 

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from serving.bundle import Manifest
-from serving.preprocess import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, Admit, ImageError, load_views
+from serving.preprocess import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, Admit, ImageError, load_views, make_views
 from serving.session import ModelSession
 
 
@@ -54,6 +55,15 @@ def prepare(
     limits = {} if admit is None else {"admit": admit}
     views_array = load_views(data, manifest.preprocessing, views, max_pixels=max_pixels, formats=formats, **limits)
     return Prepared(views_array, [v.name for v in views])
+
+
+def prepare_pixels(manifest: Manifest, pixels: np.ndarray, *, tta: bool | None = None) -> Prepared:
+    """The views of an image sent as uint8 RGB pixels (height, width, 3) instead of a file: made as
+    from a decoded image, so that the same picture gets the same views either way."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ImageError(f"pixels must be uint8 (height, width, 3), got {pixels.dtype} {pixels.shape}")
+    views = manifest.tta.views_for(tta)
+    return Prepared(make_views(Image.fromarray(pixels), manifest.preprocessing, views), [v.name for v in views])
 
 
 def run_batch(session: ModelSession, batch: list[np.ndarray]) -> list[np.ndarray]:

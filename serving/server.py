@@ -1,5 +1,5 @@
-"""Build, start and stop the gRPC server for a bundle or a model repository: classifier, health,
-reflection, metrics, TLS.
+"""Build, start and stop the gRPC server for a bundle or a model repository: classifier, the Open
+Inference Protocol, health, reflection, metrics, TLS.
 
 Life of a server: it listens first and reports NOT_SERVING on the standard grpc.health.v1 service
 while the model loads and warms up; SERVING once it can answer; NOT_SERVING again from the moment
@@ -25,9 +25,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving.batcher import Batcher
+from serving.calls import Calls
 from serving.config import ServerConfig
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from serving.gen.inference import grpc_service_pb2 as oip_pb
+from serving.gen.inference import grpc_service_pb2_grpc as oip_grpc
+from serving.inference_protocol import InferenceServicer
 from serving.interceptor import EdgeInterceptor
 from serving.metrics import Metrics
 from serving.models import Registry, ServedModel, open_model
@@ -41,6 +45,7 @@ log = logging.getLogger("serving")
 SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # classifier.v1.Classifier
 # Health is reported for the whole server ("") and for the classifier by name, as the protocol suggests.
 HEALTH_NAMES = ("", SERVICE)
+OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPCInferenceService
 
 
 class Server:
@@ -60,13 +65,22 @@ class Server:
         self.metrics.watch_queue(self.models.queue_depth)
         self.watcher: Watcher | None = None
         self._health_names: set[str] = set()
-        self.servicer = ClassifierServicer(config, self.metrics, self.models)
+        self._draining = False
+        self.calls = Calls(config, self.metrics, self.models)
+        self.servicer = ClassifierServicer(config, self.metrics, self.models, self.calls)
+        self.inference = InferenceServicer(
+            config,
+            self.models,
+            self.calls,
+            ready=lambda: not self._draining and bool(self.models.served()),
+            watcher=lambda: self.watcher,
+        )
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
             interceptors=[
                 EdgeInterceptor(
                     self.metrics,
-                    SERVICE,
+                    (SERVICE, OIP_SERVICE),
                     max_concurrent_calls=config.max_concurrent_calls,
                     active_calls=lambda: _grpc_active_calls(self.grpc_server),
                 )
@@ -80,7 +94,10 @@ class Server:
             maximum_concurrent_rpcs=config.max_concurrent_calls,
         )
         pb_grpc.add_ClassifierServicer_to_server(self.servicer, self.grpc_server)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        # Not the Open Inference Protocol: its descriptors live in a pool of their own (scripts/gen_protos.py),
+        # and its clients know it without reflection, as Triton, which offers none, expects.
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
         self.metrics_port: int | None = None
         self._stopped = False
@@ -156,7 +173,8 @@ class Server:
         return model.batcher if model else None
 
     def drain(self) -> None:
-        """Report NOT_SERVING from now on, for good; calls are still answered until `stop`."""
+        """Report NOT_SERVING (and ServerReady false) from now on, for good; calls are still answered until `stop`."""
+        self._draining = True
         self.health.enter_graceful_shutdown()
 
     def stop(self, grace: float | None = None) -> None:
@@ -169,7 +187,7 @@ class Server:
         self.drain()
         grace = self.config.grace_s if grace is None else grace
         end = time.monotonic() + grace
-        if not self.servicer.admission.close(grace):
+        if not self.calls.admission.close(grace):
             log.warning("calls still in progress after the %.1fs grace period are cancelled", grace)
         # What is left are health watchers and reflection streams; calls past the grace are cancelled.
         self.grpc_server.stop(max(0.0, end - time.monotonic())).wait()

@@ -1,0 +1,170 @@
+"""What every classifying call does, whichever protocol it came by: admission, decoding within the
+call's limits, queueing with the batcher, and waiting no longer than its deadline; and the gRPC
+status each failure is reported with.
+
+classifier.v1 (serving.servicer) and the Open Inference Protocol (serving.inference_protocol) both
+go through one `Calls`, so that they share the shutdown gate, the decode budget and the batcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import CancelledError, Future
+from typing import NoReturn
+
+import grpc
+import numpy as np
+
+from serving import decoder_log
+from serving.admission import Admission, CallFailed, CallGuard, PixelBudget
+from serving.batcher import Arrival, DeadlineExpired, QueueFull, ShuttingDown
+from serving.config import ServerConfig
+from serving.metrics import Metrics
+from serving.models import Registry, ServedModel
+from serving.predict import Prepared, prepare
+from serving.preprocess import ImageError
+
+log = logging.getLogger("serving")
+
+# gRPC reports "no deadline" as a time remaining of about 292 years; anything past a day is none.
+_NO_DEADLINE_S = 86_400.0
+
+
+class ItemFailed(Exception):
+    """One image of a call failed for a reason of the server's, not of the image: its own status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status a failure is reported with, and its message for people."""
+    if isinstance(error, (CallFailed, ItemFailed)):
+        return error.code, str(error)
+    if isinstance(error, ImageError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    if isinstance(error, DeadlineExpired):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exceeded before the model ran: {error}"
+    if isinstance(error, ShuttingDown):
+        return grpc.StatusCode.UNAVAILABLE, str(error)
+    return grpc.StatusCode.INTERNAL, f"the model failed on this input: {type(error).__name__}: {error}"
+
+
+def abort(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
+    """End the call with `error`'s status. grpc's context.abort always raises, but grpc ships no type
+    information that says so; this function does, for the type checker and the reader."""
+    context.abort(*status_for(error))
+    raise AssertionError("grpc.ServicerContext.abort returned instead of raising")
+
+
+def deadline_of(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline on time.monotonic()'s clock, or None when the caller set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > _NO_DEADLINE_S else time.monotonic() + remaining
+
+
+def wait_all(futures: list[Future], deadline: float | None) -> list[np.ndarray | Exception]:
+    """Each future's result, or its exception when only that item failed. Raises CallFailed when
+    the whole call must end: the deadline passed, the caller went away, or the server is stopping."""
+    out: list[np.ndarray | Exception] = []
+    try:
+        for f in futures:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                out.append(f.result(timeout))
+            except TimeoutError:
+                raise CallFailed(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while waiting for the model"
+                ) from None
+            except CancelledError:
+                raise CallFailed(grpc.StatusCode.CANCELLED, "the call was cancelled") from None
+            except (DeadlineExpired, ShuttingDown) as e:
+                raise CallFailed(*status_for(e)) from None
+            except Exception as e:  # the batch step failed on this item only
+                log.error("model run failed: %s: %s", type(e).__name__, e)
+                out.append(e)
+    except CallFailed:
+        for f in futures:
+            f.cancel()  # whatever is still queued need not run
+        raise
+    return out
+
+
+class Calls:
+    """The shared path of a call: `admission` (the shutdown gate), `prepare` each image under the
+    call's `guard`, then `run` the prepared images through the model's batcher."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics, models: Registry):
+        self.config = config
+        self.metrics = metrics
+        self.models = models
+        self.admission = Admission()
+        self.decode_budget = PixelBudget(config.max_decode_pixels)
+
+    def guard(self, context: grpc.ServicerContext, deadline: float | None = None) -> CallGuard:
+        """The call's limits; `deadline` (monotonic) when the call asked for one sooner than gRPC's."""
+        return CallGuard(
+            deadline=deadline_of(context) if deadline is None else deadline,
+            is_active=context.is_active,
+            budget=self.decode_budget,
+            max_pixels=self.config.max_call_pixels,
+        )
+
+    def prepare(
+        self, model: ServedModel, image: bytes, tta: bool | None, guard: CallGuard, where: str
+    ) -> Prepared | Exception:
+        """The image's views, or the error that fails this image alone. Raises CallFailed when the
+        whole call must end (deadline passed, caller gone). tta=None: the bundle's choice."""
+        start = time.perf_counter()
+        try:
+            with decoder_log.counted(self._decoder_warning):
+                return prepare(
+                    model.session.manifest,
+                    image,
+                    tta=tta,
+                    max_bytes=self.config.max_image_bytes,
+                    max_pixels=self.config.max_image_pixels,
+                    formats=self.config.allowed_formats,
+                    admit=guard.admit,
+                )
+        except CallFailed:
+            raise
+        except ImageError as e:
+            return e
+        except MemoryError:
+            log.exception("%s: out of memory preparing a %d-byte image", where, len(image))
+            return ItemFailed(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "the server ran out of memory preparing this image; retry later or send a smaller image",
+            )
+        except Exception as e:  # a decoder bug on this input: it fails this image, never the server or the call
+            log.exception("%s: preparing a %d-byte image failed", where, len(image))
+            return ItemFailed(
+                grpc.StatusCode.INTERNAL, f"the server failed to prepare this image: {type(e).__name__}: {e}"
+            )
+        finally:
+            model.stats.prepared(time.perf_counter() - start)
+
+    def _decoder_warning(self, source: str) -> None:
+        self.metrics.decoder_warnings.labels(source).inc()
+
+    def run(
+        self,
+        model: ServedModel,
+        prepared: list[Prepared],
+        context: grpc.ServicerContext,
+        arrival: Arrival,
+        deadline: float | None = None,
+    ) -> list[np.ndarray | Exception]:
+        """Each image's probabilities (or the error of its run alone), waiting no longer than the
+        call's deadline, or `deadline` (monotonic) when the call asked for one sooner."""
+        if deadline is None:
+            deadline = deadline_of(context)
+        futures = model.batcher.submit([p.views for p in prepared], deadline=deadline, arrival=arrival)
+        # A caller that hangs up or times out frees its place: queued views it left are not run.
+        context.add_callback(lambda: [f.cancel() for f in futures])
+        return wait_all(futures, deadline)
