@@ -58,6 +58,7 @@ class TinyData:
     bs: int = BS
     classes: list[str] = field(default_factory=lambda: ["ants", "bees"])
     test_files: list[Path] | None = None
+    seed: int | None = None  # of the training passes' order (None: drawn at random, as ImageClassifierData)
     # The input side the learner names in its epochs' stage labels; the inputs here are feature vectors.
     tfms: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(sz=N_IN))
 
@@ -73,7 +74,8 @@ class TinyData:
     def val_files(self) -> list[Path]:
         return [self.path / f"valid_{i}.jpg" for i in range(len(self.val_y))]
 
-    def loader(self, name: str, *, augment: bool = False, shuffle: bool = False):
+    def loader(self, name: str, *, augment: bool = False, shuffle: bool = False, shard: tuple[int, int] = (0, 1)):
+        assert shard == (0, 1), "one process: the whole set"
         x = self.inputs[name]
         y = torch.tensor(self.trn_y if name == "train" else self.val_y)
         order = torch.randperm(len(x)) if shuffle else torch.arange(len(x))

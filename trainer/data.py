@@ -6,7 +6,7 @@ import csv
 import dataclasses
 import random
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,8 +99,13 @@ class EpochSampler(Sampler):
     number of workers, and there is no state to save. The indices come from this sampler in the
     main process even with workers, so set_epoch reaches persistent workers too."""
 
-    def __init__(self, n: int, *, seed: int | None, shuffle: bool):
+    def __init__(self, n: int, *, seed: int | None, shuffle: bool, rank: int = 0, world_size: int = 1):
         self.n, self.shuffle = n, shuffle
+        # Distributed training: every rank draws the same pass from the same seed and keeps its
+        # interleaved share, padded (from the pass's start) so that every rank takes the same number
+        # of steps, as torch's DistributedSampler does; rank r's k-th batch and the others' together
+        # hold the images one process would put in its k-th batch of world_size times the size.
+        self.rank, self.world_size = rank, world_size
         # No seed: one drawn from torch's global generator, as DataLoader(shuffle=True) draws its own.
         self.seed = seed if seed is not None else int(torch.empty((), dtype=torch.int64).random_().item())
         self.epoch, self.repeat = 0, 0
@@ -111,12 +116,16 @@ class EpochSampler(Sampler):
         self.epoch, self.repeat = epoch, repeat
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.world_size)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = np.random.default_rng([self.seed % 2**64, self.epoch, self.repeat])
         order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
-        return iter(zip(order.tolist(), rng.integers(2**63, size=self.n).tolist(), strict=True))
+        pairs = list(zip(order.tolist(), rng.integers(2**63, size=self.n).tolist(), strict=True))
+        if self.world_size > 1:
+            padded = len(self) * self.world_size
+            pairs = (pairs * -(-padded // max(1, self.n)))[:padded][self.rank :: self.world_size]
+        return iter(pairs)
 
 
 def _folder_dataset(root: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
@@ -313,31 +322,50 @@ class ImageClassifierData:
         }[name]
         return ImageDataset(files, labels, self.tfms.train if augment else self.tfms.eval, augment=augment)
 
-    def loader(self, name: str, *, augment: bool = False, shuffle: bool = False, once: bool = False) -> DataLoader:
+    def loader(
+        self,
+        name: str,
+        *,
+        augment: bool = False,
+        shuffle: bool = False,
+        once: bool = False,
+        shard: tuple[int, int] = (0, 1),
+    ) -> DataLoader:
         """A loader of uint8 CHW batches; the same object on every call with the same arguments
         (unless once=True).
 
         With augment or shuffle its sampler is an EpochSampler: call `loader.sampler.set_epoch(n)`
         before each epoch (ConvLearner.batches does), or every pass repeats epoch 0.
 
+        shard=(rank, world_size): that rank's share of the set in distributed training, interleaved
+        (trainer.distributed); for a training pass, padded so that every rank takes as many steps.
+
         once=True: a new loader for one pass (precompute reads each set once), whose workers exit
         when the pass ends. A kept loader's workers persist until the data is dropped: kept, the
         plain training set's sat idle through every later stage of a run, two processes of the
         seven a default run had (bench/training.py's memory section)."""
         if once:
-            return self._new_loader(name, augment, shuffle, persistent=False)
-        key = (name, augment, shuffle, self.bs)
+            return self._new_loader(name, augment, shuffle, shard, persistent=False)
+        key = (name, augment, shuffle, self.bs, shard)
         if key not in self._loaders:
-            self._loaders[key] = self._new_loader(name, augment, shuffle, persistent=self.num_workers > 0)
+            self._loaders[key] = self._new_loader(name, augment, shuffle, shard, persistent=self.num_workers > 0)
         return self._loaders[key]
 
-    def _new_loader(self, name: str, augment: bool, shuffle: bool, *, persistent: bool) -> DataLoader:
+    def _new_loader(
+        self, name: str, augment: bool, shuffle: bool, shard: tuple[int, int], *, persistent: bool
+    ) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
         dataset = self.dataset(name, augment=augment)
+        rank, world = shard
+        sampler: Iterable | None = None
+        if augment or shuffle:
+            sampler = EpochSampler(len(dataset), seed=self.seed, shuffle=shuffle, rank=rank, world_size=world)
+        elif world > 1:
+            sampler = range(rank, len(dataset), world)  # evaluation: no padding, gathered back in order
         return DataLoader(
             dataset,
             batch_size=self.bs,
-            sampler=EpochSampler(len(dataset), seed=self.seed, shuffle=shuffle) if augment or shuffle else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=persistent,

@@ -20,12 +20,15 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from serving.files import write_atomic
+from trainer import distributed
+from trainer import precompute as activations
 from trainer.data import EpochSampler, ImageClassifierData
+from trainer.distributed import Dist
 from trainer.history import EpochStats, header
 from trainer.lr_finder import lr_find
 from trainer.metrics import accuracy, log_loss
 from trainer.model import ClassifierNet, InferenceNet, build_net
-from trainer.precompute import cache_key, cached, weights_digest
+from trainer.precompute import cache_key, weights_digest
 from trainer.schedule import cycle_boundaries, sgdr_lrs
 from trainer.tta import predict_views
 from trainer.workdir import default_work_dir
@@ -41,6 +44,12 @@ class ConvLearner:
     With `precompute=True` the backbone's pooled activations are computed once (no augmentation)
     and only the head trains on them; set `learn.precompute = False` to train end to end on
     augmented images.
+
+    `dist`: this process's place in distributed training under torchrun (trainer.distributed.init);
+    each rank then trains on its share of every pass with DistributedDataParallel (a batch of `bs`
+    per rank: an effective batch of bs * world_size), computes its share of the activations,
+    predictions and TTA, which are gathered so that every rank sees the whole set's, and only rank 0
+    writes files.
     """
 
     def __init__(
@@ -55,17 +64,22 @@ class ConvLearner:
         work_dir: Path | str | None = None,
         models_dir: Path | str | None = None,
         log=None,
+        dist: Dist | None = None,
     ):
+        self.dist = dist or Dist()
         self.data = data
+        self._share_seed(data)
         self.work_dir = Path(work_dir) if work_dir is not None else default_work_dir(data.path)
         self._models_dir = Path(models_dir) if models_dir is not None else self.work_dir / "models"
-        self.device = device or default_device()
+        self.device = device or (self.dist.device() if self.dist.active else default_device())
         self.net = net.to(self.device)
         if self.device.type == "cuda":
             self.net = self.net.to(memory_format=torch.channels_last)
         self.opt_name = opt
         self.momentum = momentum
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        if not self.dist.is_main:  # one voice for the run: rank 0's
+            self.log = lambda msg: None
         self.history: list[EpochStats] = []
         self.lr_history: list[list[float]] = []  # the lr of every layer group at every training step
         self.snapshots: list[str] = []  # names saved by fit(cycle_save_name=...), in order
@@ -185,9 +199,20 @@ class ConvLearner:
             arch = f"{self.net.arch_name} ({self.net.arch_definition})"
             key = cache_key(arch, weights, tfms.prep, tfms.tta_views[0], files)
             path = self.work_dir / "tmp" / "precompute" / f"{self.net.arch_name}_{tfms.sz}_{name}.pt"
-            self._features[name] = cached(
-                path, key, len(files), functools.partial(self.compute_features, name), log=self.log
-            )
+            self._features[name] = self._cached(path, key, len(files), functools.partial(self.compute_features, name))
+
+    def _cached(self, path: Path, key, n: int, compute) -> torch.Tensor:
+        """Activations from the cache when valid, else computed (each rank its share) and written by rank 0.
+        Rank 0 alone reads the cache and says whether it hit, so that all ranks compute, or none does."""
+        if not self.dist.active:
+            return activations.cached(path, key, n, compute, log=self.log)
+        found = activations.load(path, key, n, log=self.log) if self.dist.is_main else None
+        if distributed.broadcast(found is not None, self.dist):
+            return cast(torch.Tensor, distributed.broadcast(found, self.dist))
+        features = compute()
+        if self.dist.is_main:
+            activations.save(path, key, features)
+        return features
 
     def _files(self, name: str) -> list[Path]:
         return {"train": self.data.trn_files, "valid": self.data.val_files, "test": self.data.test_files or []}[name]
@@ -201,20 +226,33 @@ class ConvLearner:
         if data.classes != self.data.classes:
             raise ValueError(f"set_data: classes {data.classes} differ from the learner's {self.data.classes}")
         self.data = data
+        self._share_seed(data)
         self._features = {}
         if self.precompute:
             self._ensure_features()
 
+    def _share_seed(self, data: ImageClassifierData) -> None:
+        """Every rank must draw the same passes: a run without a seed gets rank 0's random one."""
+        if self.dist.active and data.seed is None:
+            data.seed = distributed.broadcast(int(torch.randint(2**62, ()).item()), self.dist)
+
+    @property
+    def _shard(self) -> tuple[int, int]:
+        return self.dist.rank, self.dist.world_size
+
     @torch.no_grad()
     def compute_features(self, name: str) -> torch.Tensor:
-        """Pooled backbone activations of a dataset's plain centre views, on the CPU, float32."""
+        """Pooled backbone activations of a dataset's plain centre views, on the CPU, float32 (each
+        rank computes its share; every rank gets them all)."""
         self.net.eval()
         out = []
-        loader = self.data.loader(name, once=True)
-        for xb, _ in tqdm(loader, desc=f"precompute {name}", unit="batch", leave=False):
+        loader = self.data.loader(name, once=True, shard=self._shard)
+        bar = tqdm(loader, desc=f"precompute {name}", unit="batch", leave=False, disable=not self.dist.is_main)
+        for xb, _ in bar:
             with self.autocast():
-                out.append(self.net.features(self._to_device(xb)).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, self.net.n_pooled)
+                out.append(self.net.features(self._to_device(xb)).float())
+        mine = torch.cat(out) if out else torch.empty(0, self.net.n_pooled, device=self.device)
+        return distributed.gather_rows(mine, len(self._files(name)), self.dist)
 
     def _to_device(self, xb: torch.Tensor) -> torch.Tensor:
         xb = xb.to(self.device, non_blocking=True).float()
@@ -232,29 +270,43 @@ class ConvLearner:
         a resumed run needs no loader state (see data.EpochSampler). repeat=None: the pass after
         the last one at this epoch (lr_find cycling a small training set sees it reshuffled)."""
         if self.precompute:
+            # Training on activations draws its passes as the image loader does (data.EpochSampler);
+            # evaluation runs the whole set on every rank: the head is cheap.
             x = self._features[name]
             y = torch.tensor(self.labels(name))
-            order = torch.randperm(len(x)) if train else torch.arange(len(x))
+            if train:
+                passes = EpochSampler(
+                    len(x), seed=self.data.seed, shuffle=True, rank=self.dist.rank, world_size=self.dist.world_size
+                )
+                passes.set_epoch(*self._next_pass(repeat))
+                order = torch.tensor([i for i, _ in passes], dtype=torch.long)
+            else:
+                order = torch.arange(len(x))
             bs = self.data.bs
-            for i in range(0, len(x), bs):
+            for i in range(0, len(order), bs):
                 idx = order[i : i + bs]
-                if train and len(idx) < 2 < len(x):
+                if train and len(idx) < 2 < len(order):
                     continue  # BatchNorm cannot train on a batch of one
                 yield x[idx].to(self.device), y[idx].to(self.device), self.net.head
         else:
-            loader = self.data.loader(name, augment=train, shuffle=train)
+            # Evaluation: this rank's share (predict gathers them); training: its share of the pass.
+            loader = self.data.loader(name, augment=train, shuffle=train, shard=self._shard)
             sampler = getattr(loader, "sampler", None)
             if train and isinstance(sampler, EpochSampler):
-                epoch = len(self.history)
-                if repeat is None:
-                    last_epoch, last_repeat = self._last_pass
-                    repeat = last_repeat + 1 if last_epoch == epoch else 0
-                self._last_pass = (epoch, repeat)
-                sampler.set_epoch(epoch, repeat)
+                sampler.set_epoch(*self._next_pass(repeat))
             for xb, yb in loader:
                 if train and len(xb) < 2:
                     continue
                 yield self._to_device(xb), yb.to(self.device, non_blocking=True), self.net
+
+    def _next_pass(self, repeat: int | None) -> tuple[int, int]:
+        """(epoch, repeat) of the training pass about to start; see `batches`."""
+        epoch = len(self.history)
+        if repeat is None:
+            last_epoch, last_repeat = self._last_pass
+            repeat = last_repeat + 1 if last_epoch == epoch else 0
+        self._last_pass = (epoch, repeat)
+        return epoch, repeat
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """Loss scaling for float16 autocast; a no-op for bfloat16 and float32."""
@@ -279,7 +331,8 @@ class ConvLearner:
         return self.sched
 
     def steps_per_epoch(self) -> int:
-        n, bs = len(self.data.trn_files), self.data.bs
+        """Optimizer steps in one epoch, on every rank alike (each takes a padded share of the set)."""
+        n, bs = -(-len(self.data.trn_files) // self.dist.world_size), self.data.bs
         full, rest = divmod(n, bs)
         return full + (1 if rest >= 2 or (rest == 1 and full == 0) else 0)
 
@@ -313,6 +366,9 @@ class ConvLearner:
         bounds = cycle_boundaries(n_cycle, cycle_len, cycle_mult, spe)
         n_epochs = bounds[-1] // spe
         scaler = self.grad_scaler()
+        # Each trained module (the head on activations, or the whole net) wrapped once per fit, after
+        # freezing, so that its backward averages the gradients over the ranks.
+        replicas: dict[nn.Module, nn.Module] = {}
         new: list[EpochStats] = []
         if start_epoch < n_epochs:
             self.log(header())
@@ -322,30 +378,43 @@ class ConvLearner:
             self.train_mode()
             losses = []
             # Counted in images, so the bar shows throughput (img/s) and its ETA.
-            bar = tqdm(total=len(self.data.trn_files), desc=f"epoch {len(self.history)}", unit="img", leave=False)
+            bar = tqdm(
+                total=len(self.data.trn_files),
+                desc=f"epoch {len(self.history)}",
+                unit="img",
+                leave=False,
+                disable=not self.dist.is_main,
+            )
             for xb, yb, forward in self.batches("train", train=True, repeat=0):
+                if forward not in replicas:
+                    replicas[forward] = distributed.replicate(forward, self.dist)
                 step_lrs = sgdr_lrs(
                     step, lrs, n_cycle=n_cycle, cycle_len=cycle_len, cycle_mult=cycle_mult, steps_per_epoch=spe
                 )
                 self.set_lrs(step_lrs)
                 self.lr_history.append(step_lrs)
-                losses.append(self.train_step(xb, yb, forward, scaler))
-                bar.update(len(xb))
+                losses.append(self.train_step(xb, yb, replicas[forward], scaler))
+                bar.update(len(xb) * self.dist.world_size)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 step += 1
             bar.close()
+            distributed.sync_buffers(self.net, self.dist)
             val_loss, acc = self.validate()
-            trn_loss = float(np.mean(losses)) if losses else math.nan
+            trn_loss = distributed.mean(float(np.mean(losses)) if losses else math.nan, self.dist)
             stats = EpochStats(len(self.history), trn_loss, val_loss, acc, stage, time.perf_counter() - started)
             self.history.append(stats)
             new.append(stats)
             self.log(stats.line())
             if cycle_save_name and step in bounds[1:]:
                 snapshot = f"{cycle_save_name}_cyc_{bounds.index(step) - 1}"
-                self.save(snapshot)
                 # Weights load at any input size, but a snapshot ensemble is only valid at the size its
                 # members were trained at (progressive resizing changes it): record that size beside them.
-                write_atomic(self.models_dir() / f"{snapshot}.json", json.dumps({"size": self.data.tfms.sz}).encode())
+                if self.dist.is_main:
+                    self.models_dir().mkdir(parents=True, exist_ok=True)
+                    write_atomic(
+                        self.models_dir() / f"{snapshot}.json", json.dumps({"size": self.data.tfms.sz}).encode()
+                    )
+                self.save(snapshot)  # rank 0 writes both, and then the other ranks go on
                 self.snapshots.append(snapshot)
             if on_epoch_end:
                 on_epoch_end(epoch + 1)
@@ -369,8 +438,11 @@ class ConvLearner:
         out = []
         for xb, _, forward in self.batches(name, train=False):
             with self.autocast():
-                out.append(torch.softmax(forward(xb).float() / self.temperature, dim=1).cpu())
-        return torch.cat(out).numpy() if out else np.empty((0, self.data.c), np.float32)
+                out.append(torch.softmax(forward(xb).float() / self.temperature, dim=1))
+        probs = torch.cat(out) if out else torch.empty((0, self.data.c), device=self.device)
+        if self.precompute:  # every rank ran the whole set
+            return probs.cpu().numpy()
+        return distributed.gather_rows(probs, len(self._files(name)), self.dist).numpy()
 
     def validate(self) -> tuple[float, float]:
         probs = self.predict("valid")
@@ -388,7 +460,14 @@ class ConvLearner:
         learner's temperature unless another is given (1.0: uncalibrated)."""
         views = list(views or self.data.tfms.tta_views)
         net = self.inference_net(temperature)
-        return predict_views(net, self._files(name), self.data.tfms.prep, views, device=self.device)
+        files = self._files(name)
+        mine = self.dist.shard(files)
+        probs = predict_views(net, mine, self.data.tfms.prep, views, device=self.device)
+        if not self.dist.active:
+            return probs
+        if not mine:  # fewer images than ranks: an empty share still has a width
+            probs = np.empty((0, len(views), self.data.c), np.float32)
+        return distributed.gather_rows(torch.from_numpy(probs), len(files), self.dist).numpy()
 
     def predict_files(self, name: str = "valid") -> np.ndarray:
         """Probabilities of the plain centre views read from the files (no precomputed activations)."""
@@ -405,11 +484,15 @@ class ConvLearner:
         return self._models_dir
 
     def save(self, name: str) -> Path:
+        """Write the weights to models_dir()/name.pt: rank 0 writes (every rank holds the same
+        weights), and the others wait until it has, so that any rank may load it next."""
         path = self.models_dir() / f"{name}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        torch.save({k: v.detach().cpu() for k, v in self.net.state_dict().items()}, buf)
-        write_atomic(path, buf.getvalue())
+        if self.dist.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            torch.save({k: v.detach().cpu() for k, v in self.net.state_dict().items()}, buf)
+            write_atomic(path, buf.getvalue())
+        distributed.barrier(self.dist)
         return path
 
     def snapshot_size(self, name: str) -> int | None:

@@ -1,0 +1,73 @@
+"""One training run for tests/test_distributed.py: under torchrun (each rank one process) or alone.
+
+    python tests/ddp_worker.py DATA OUT BS [exact]
+
+Trains the head on precomputed activations, then with augmentation, then unfrozen, each for a cycle,
+and writes OUT/rank<r>.pt (its weights and buffers) and OUT/rank<r>.json (its epochs and TTA).
+Not a test module (no test_ prefix): it runs in processes of its own.
+
+`exact`: a model whose output for an image does not depend on the rest of its batch (no dropout,
+the head's BatchNorm replaced by identity, the backbone's frozen on its ImageNet statistics), so
+that ranks with bs images each must train exactly as one process with bs * ranks; without it, the
+lesson's model, whose BatchNorm sees bs images per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer import distributed
+from trainer.augment import tfms_from_model, transforms_side_on
+from trainer.data import ImageClassifierData
+from trainer.learner import ConvLearner
+from trainer.metrics import accuracy
+
+
+def main(data_dir: Path, out: Path, bs: int, exact: bool) -> None:
+    d = distributed.init()
+    torch.manual_seed(0)
+    tfms = tfms_from_model("efficientnet_lite0", 32, aug_tfms=transforms_side_on, max_zoom=1.1)
+    data = ImageClassifierData.from_paths(data_dir, tfms, bs=bs, num_workers=0, seed=0)
+    learn = ConvLearner.pretrained(
+        "efficientnet_lite0",
+        data,
+        ps=(0.0, 0.0) if exact else (0.25, 0.5),
+        dist=d,
+        work_dir=out / "work",
+        models_dir=out / "models",
+    )
+    if exact:
+        for i, m in enumerate(learn.net.head):
+            if isinstance(m, torch.nn.BatchNorm1d):
+                learn.net.head[i] = torch.nn.Identity()
+        learn.opt = learn._make_optimizer()
+        learn.bn_freeze(True)
+    learn.fit(1e-2, 2)
+    learn.precompute = False
+    learn.fit(1e-2, 1)
+    learn.unfreeze()
+    learn.fit([1e-4, 1e-3, 1e-2], 1)
+    learn.save("final")
+    probs, y = learn.TTA()
+    state = {k: v.detach().cpu() for k, v in learn.net.state_dict().items()}
+    torch.save(state, out / f"rank{d.rank}.pt")
+    (out / f"rank{d.rank}.json").write_text(
+        json.dumps(
+            {
+                "history": [[s.trn_loss, s.val_loss, s.accuracy] for s in learn.history],
+                "tta_accuracy": accuracy(probs, y),
+                "tta_probs": np.asarray(probs).tolist(),
+                "steps_per_epoch": learn.steps_per_epoch(),
+            }
+        )
+    )
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:] == ["exact"])

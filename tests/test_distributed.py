@@ -1,0 +1,123 @@
+"""Distributed data parallel training: torchrun's environment, sharding and gathering, and real
+two-process runs (gloo on CPU) compared with one process at the same effective batch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_colour_dataset
+
+from trainer import distributed
+from trainer.data import EpochSampler
+from trainer.distributed import Dist, DistributedError, from_env
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+class TestEnvironment:
+    def test_no_torchrun_is_one_process(self):
+        assert from_env({}) == Dist() and not Dist().active and Dist().is_main
+
+    def test_torchrun_variables(self):
+        d = from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+        assert (d.rank, d.world_size, d.local_rank, d.active, d.is_main) == (3, 4, 1, True, False)
+
+    @pytest.mark.parametrize(
+        ("env", "message"),
+        [
+            ({"WORLD_SIZE": "2"}, "RANK/LOCAL_RANK are not whole numbers"),
+            ({"WORLD_SIZE": "2", "RANK": "two"}, "RANK/LOCAL_RANK are not whole numbers"),
+            ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"}, "RANK 2 is not within WORLD_SIZE 2"),
+        ],
+    )
+    def test_a_broken_environment_says_what_to_do(self, env, message):
+        with pytest.raises(DistributedError, match=message) as err:
+            from_env(env)
+        assert "torchrun" in str(err.value)
+
+
+class TestSharding:
+    @pytest.mark.parametrize(("n", "world"), [(10, 2), (11, 2), (7, 3), (2, 4)])
+    def test_interleaved_shards_gather_back_in_order(self, n, world):
+        items = list(range(n))
+        shards = [Dist(r, world).shard(items) for r in range(world)]
+        assert sorted(item for shard in shards for item in shard) == items
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+        # What gather_rows does with the shards once all_gather padded them to one length.
+        per_rank = -(-n // world)
+        padded = [s + [-1] * (per_rank - len(s)) for s in shards]
+        assert np.stack(padded, axis=1).reshape(-1)[:n].tolist() == items
+
+    def test_one_process_gathers_what_it_has(self):
+        rows = torch.arange(6.0).reshape(3, 2)
+        assert torch.equal(distributed.gather_rows(rows, 3, Dist()), rows)
+
+    @pytest.mark.parametrize(("n", "world"), [(16, 2), (17, 2), (10, 4), (3, 4)])
+    def test_ranks_share_one_pass_and_take_as_many_steps(self, n, world):
+        def drawn(rank: int, world_size: int) -> list[tuple[int, int]]:
+            s = EpochSampler(n, seed=7, shuffle=True, rank=rank, world_size=world_size)
+            s.set_epoch(3, 1)
+            return list(s)
+
+        whole = drawn(0, 1)
+        shares = [drawn(r, world) for r in range(world)]
+        assert {len(s) for s in shares} == {-(-n // world)}
+        # Together, step by step, the ranks draw the pass one process draws: the same images with
+        # the same augmentation seeds, then the pass's first few again as padding.
+        merged = [pair for step in zip(*shares, strict=True) for pair in step]
+        assert merged[:n] == whole
+        assert merged[n:] == (whole * world)[: len(merged) - n]
+
+
+def run(data: Path, out: Path, bs: int, *args: str, ranks: int = 1) -> list[dict]:
+    """The worker, alone (ranks=1) or under torchrun; each rank's results."""
+    out.mkdir(parents=True)
+    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    cmd = [sys.executable, *launcher, str(WORKER), str(data), str(out), str(bs), *args]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [
+        json.loads((out / f"rank{r}.json").read_text()) | {"state": torch.load(out / f"rank{r}.pt", weights_only=True)}
+        for r in range(ranks)
+    ]
+
+
+@pytest.fixture(scope="module")
+def colours_data(tmp_path_factory) -> Path:
+    return write_colour_dataset(tmp_path_factory.mktemp("ddp") / "colours", {"train": 8, "valid": 4})
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"ranks differ in {different[:5]}"
+
+
+class TestTwoProcesses:
+    def test_two_ranks_train_as_one_process_with_their_batches_together(self, colours_data, tmp_path):
+        """With no batch-dependent layers, 2 ranks of bs 4 and 1 process of bs 8 do the same arithmetic
+        (up to the order of float sums): weights within 1e-6, every epoch's metrics within 1e-6."""
+        [one] = run(colours_data, tmp_path / "one", 8, "exact")
+        rank0, rank1 = run(colours_data, tmp_path / "two", 4, "exact", ranks=2)
+        assert_same_weights(rank0["state"], rank1["state"])
+        assert rank0["steps_per_epoch"] == one["steps_per_epoch"] == 2
+        for k in one["state"]:
+            np.testing.assert_allclose(rank0["state"][k].float(), one["state"][k].float(), atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(rank0["history"], one["history"], atol=1e-6)
+        np.testing.assert_allclose(rank0["tta_probs"], one["tta_probs"], atol=1e-6)
+        assert rank0["history"] == rank1["history"] and rank0["tta_probs"] == rank1["tta_probs"]
+        # Rank 0 alone wrote the files: one precompute cache per set, one saved model.
+        assert sorted(p.name for p in (tmp_path / "two" / "models").iterdir()) == ["final.pt"]
+
+    def test_the_lessons_model_ends_identical_on_every_rank(self, colours_data, tmp_path):
+        """With BatchNorm and dropout, ranks still end with the same weights and BatchNorm statistics
+        (rank 0's, sent to the others after each epoch), and report the same metrics."""
+        rank0, rank1 = run(colours_data, tmp_path / "two", 4, ranks=2)
+        assert_same_weights(rank0["state"], rank1["state"])
+        assert rank0["history"] == rank1["history"] and rank0["tta_accuracy"] == rank1["tta_accuracy"]
