@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_colour_dataset
+from conftest import TRAINER_RUN_FLAGS, epochs_as_trained, write_colour_dataset
 
+from serving.bundle import read_manifest
 from trainer import distributed
 from trainer.data import EpochSampler
 from trainer.distributed import Dist, DistributedError, from_env
+from trainer.run_folder import RunFolder
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -121,3 +123,51 @@ class TestTwoProcesses:
         rank0, rank1 = run(colours_data, tmp_path / "two", 4, ranks=2)
         assert_same_weights(rank0["state"], rank1["state"])
         assert rank0["history"] == rank1["history"] and rank0["tta_accuracy"] == rank1["tta_accuracy"]
+
+
+def torchrun(*args: str, ranks: int = 2, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False, cwd=cwd)
+
+
+# The default suite's recipe at 32 px (conftest.TRAINER_RUN_FLAGS), with a fixed lr and seed so
+# that two runs can be compared epoch by epoch.
+RUN_FLAGS = (*TRAINER_RUN_FLAGS, "--lr", "1e-2", "--seed", "3")
+
+
+class TestTorchrunTrainerRun:
+    def test_one_run_folder_one_bundle_one_voice(self, colours_data, tmp_path):
+        """`torchrun --nproc_per_node 2 -m trainer run`: the whole recipe, rank 0 writing the run
+        folder and the bundle once, the log said once; the bundle serves."""
+        done = torchrun(
+            "-m", "trainer", "run", "--data", str(colours_data), "--out", "run", *TRAINER_RUN_FLAGS, cwd=tmp_path
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = done.stdout + done.stderr
+        assert "distributed: 2 processes of 4 images a step each: an effective batch of 8, 2 steps an epoch" in out
+        for line in ("export: ONNX Runtime TTA accuracy", "bundle: run/bundle", "lr_find: suggests lr"):
+            assert out.count(line) == (2 if line.startswith("lr_find") else 1), line  # two sweeps: head, unfrozen
+        run = RunFolder(tmp_path / "run")
+        manifest = read_manifest(run.bundle_dir)
+        assert manifest.recipe["epochs"] == len(run.read_history()) == 5
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "nothing written beside the run folder"
+        assert not list(tmp_path.rglob("*.tmp*")), "a temporary file was left behind"
+
+    @pytest.mark.slow
+    def test_resume_continues_a_stopped_run_to_the_same_end(self, colours_data, tmp_path):
+        """Stopped after epoch 2 (both ranks, as torchrun stops them when one dies) and resumed with
+        --resume, a distributed run trains exactly the epochs and weights of one that was not stopped."""
+        whole = torchrun(
+            "-m", "trainer", "run", "--data", str(colours_data), "--out", "whole", *RUN_FLAGS, cwd=tmp_path
+        )
+        assert whole.returncode == 0, whole.stderr[-3000:]
+        args = ("--data", str(colours_data), "--out", "part", *RUN_FLAGS)
+        stopped = torchrun(str(WORKER), "stop-after", "2", "run", *args, cwd=tmp_path)
+        assert stopped.returncode != 0 and "stopped after 2 epochs" in stopped.stderr
+        assert len(RunFolder(tmp_path / "part").read_history()) == 2
+        resumed = torchrun("-m", "trainer", "run", *args, "--resume", cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resumed: stage" in resumed.stdout + resumed.stderr
+        assert epochs_as_trained(tmp_path / "part") == epochs_as_trained(tmp_path / "whole")
+        a, b = (torch.load(tmp_path / r / "models" / "final.pt", weights_only=True) for r in ("part", "whole"))
+        assert_same_weights(a, b)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from trainer import augment
+from trainer import augment, distributed
 from trainer.config import RunConfig
 from trainer.data import ImageClassifierData
 from trainer.digits import materialise_digits
+from trainer.distributed import Dist
 
 AUGMENTATIONS = {
     "side_on": augment.transforms_side_on,
@@ -18,9 +19,15 @@ AUGMENTATIONS = {
 }
 
 
-def make_data(cfg: RunConfig, size: int, run_dir: Path) -> ImageClassifierData:
+def make_data(cfg: RunConfig, size: int, run_dir: Path, dist: Dist | None = None) -> ImageClassifierData:
     """The run's data at `size` pixels. With cfg.full the training set includes the validation
-    images (see train_on_validation_too)."""
+    images (see train_on_validation_too). In distributed training each machine's first rank reads
+    (and caches) it before the others."""
+    with distributed.local_main_first(dist or Dist()):
+        return _make_data(cfg, size, run_dir)
+
+
+def _make_data(cfg: RunConfig, size: int, run_dir: Path) -> ImageClassifierData:
     tfms = augment.tfms_from_model(
         cfg.arch, size, aug_tfms=AUGMENTATIONS[cfg.aug], max_zoom=cfg.max_zoom, crop_pct=cfg.crop_pct
     )

@@ -77,6 +77,7 @@ def config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_run(args) -> int:
+    from trainer import distributed
     from trainer.recipe import run
     from trainer.run_folder import RunFolder
 
@@ -87,10 +88,15 @@ def cmd_run(args) -> int:
     if args.cycles is not None:
         values.setdefault("unfreeze_cycles", args.cycles)
     cfg = RunConfig.model_validate(values)
-    folder = RunFolder(cfg.out)
-    if args.resume and folder.has_config() and set(values) <= {"out"}:
-        cfg = folder.read_config()  # a resumed run takes its settings from the run folder unless flags were given
-    run(cfg, resume=args.resume)
+    # Under torchrun (`torchrun --nproc_per_node N -m trainer run ...`): one process per device, joined here.
+    dist = distributed.init()
+    try:
+        folder = RunFolder(cfg.out)
+        if dist.is_main and args.resume and folder.has_config() and set(values) <= {"out"}:
+            cfg = folder.read_config()  # a resumed run takes its settings from the run folder unless flags were given
+        run(distributed.broadcast(cfg, dist), resume=args.resume, dist=dist)  # rank 0's settings, on every rank
+    finally:
+        distributed.shutdown()
     return 0
 
 
@@ -174,10 +180,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from serving.bundle import BundleError
     from serving.preprocess import ImageError
     from trainer.data import DataError
+    from trainer.distributed import DistributedError
     from trainer.export import ExportError
     from trainer.model import WeightsNotFoundError
 
-    return (DataError, ImageError, WeightsNotFoundError, BundleError, ExportError, ValueError, OSError)
+    return (
+        DataError,
+        ImageError,
+        WeightsNotFoundError,
+        BundleError,
+        ExportError,
+        DistributedError,
+        ValueError,
+        OSError,
+    )
 
 
 def _subcommand(sub, name: str, summary: str, details: str = "") -> argparse.ArgumentParser:

@@ -47,6 +47,7 @@ def demo(out: Path, show: int = 8, log: Callable[[str], None] = print) -> float:
 
     cfg = demo_config(Path(out))
     learn, metrics = run(cfg, log)
+    assert learn is not None, "one process: run returns its learner"
     server = Server(ServerConfig(bundle=cfg.out / "bundle", port=0, metrics_port=None))
     try:
         target = f"127.0.0.1:{server.port}"

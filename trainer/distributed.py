@@ -13,11 +13,12 @@ process computes (tested in tests/test_distributed.py).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 from torch import distributed as torch_dist
@@ -93,19 +94,31 @@ def shutdown() -> None:
         torch_dist.destroy_process_group()
 
 
-def broadcast(value: T, d: Dist) -> T:
-    """Rank 0's `value` on every rank (any picklable object: an lr, a decision, a tensor)."""
+def broadcast(value: T | None, d: Dist) -> T:
+    """Rank 0's `value` on every rank (any picklable object: an lr, a decision, a state dict); the
+    other ranks may pass None, as they often have nothing to offer."""
     if not d.active:
-        return value
+        return cast(T, value)
     box = [value]
     torch_dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return cast(T, box[0])
 
 
 def barrier(d: Dist) -> None:
     """Wait until every rank reaches this point (after rank 0 wrote a file the others read next)."""
     if d.active:
         torch_dist.barrier()
+
+
+@contextlib.contextmanager
+def local_main_first(d: Dist) -> Iterator[None]:
+    """Run the block on each machine's local rank 0 first, then on its other ranks, which then find
+    what it wrote there (resized copies of the images, the demo's digits) instead of racing it."""
+    if d.active and d.local_rank != 0:
+        barrier(d)
+    yield
+    if d.active and d.local_rank == 0:
+        barrier(d)
 
 
 def mean(value: float, d: Dist) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -9,7 +10,7 @@ import math
 import numbers
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -108,6 +109,16 @@ class ConvLearner:
     ) -> ConvLearner:
         net = build_net(arch, data.c, weights=weights, ps=ps, xtra_fc=xtra_fc)
         return cls(data, net, precompute=precompute, **kwargs)
+
+    @contextlib.contextmanager
+    def alone(self) -> Iterator[None]:
+        """The learner as one process over whole sets, for rank 0's own work while the other ranks
+        wait (exporting, plotting): nothing in the block may wait for them."""
+        dist, self.dist = self.dist, Dist()
+        try:
+            yield
+        finally:
+            self.dist = dist
 
     # --- mixed precision: bf16 where the GPU has it, else fp16 with a grad scaler; off on CPU.
 
@@ -208,7 +219,7 @@ class ConvLearner:
             return activations.cached(path, key, n, compute, log=self.log)
         found = activations.load(path, key, n, log=self.log) if self.dist.is_main else None
         if distributed.broadcast(found is not None, self.dist):
-            return cast(torch.Tensor, distributed.broadcast(found, self.dist))
+            return distributed.broadcast(found, self.dist)
         features = compute()
         if self.dist.is_main:
             activations.save(path, key, features)
@@ -462,7 +473,7 @@ class ConvLearner:
         net = self.inference_net(temperature)
         files = self._files(name)
         mine = self.dist.shard(files)
-        probs = predict_views(net, mine, self.data.tfms.prep, views, device=self.device)
+        probs = predict_views(net, mine, self.data.tfms.prep, views, device=self.device, progress=self.dist.is_main)
         if not self.dist.active:
             return probs
         if not mine:  # fewer images than ranks: an empty share still has a width
@@ -502,7 +513,8 @@ class ConvLearner:
         return int(json.loads(path.read_text())["size"]) if path.is_file() else None
 
     def load(self, name: str) -> None:
+        """Load models_dir()/name.pt: rank 0 reads it and sends it to the others, whose disks need not hold it."""
         path = self.models_dir() / f"{name}.pt"
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.net.load_state_dict(state)
+        state = torch.load(path, map_location="cpu", weights_only=True) if self.dist.is_main else None
+        self.net.load_state_dict(distributed.broadcast(state, self.dist))
         self.net.to(self.device)

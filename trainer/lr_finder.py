@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from serving.files import write_atomic
+from trainer.distributed import Dist
 from trainer.schedule import exponential_lrs
 
 
@@ -33,6 +34,8 @@ class Trainable(Protocol):
 
     @property
     def net(self) -> torch.nn.Module: ...
+    @property
+    def dist(self) -> Dist: ...
     @property
     def opt(self) -> torch.optim.Optimizer: ...
 
@@ -246,7 +249,14 @@ def _sweep(
     record, lrs = SmoothedLoss(beta=beta), []
     scaler = learn.grad_scaler()
     learn.train_mode()
-    bar = tqdm(itertools.islice(_cycle(learn), n_steps), total=n_steps, desc="lr_find", unit="batch", leave=False)
+    bar = tqdm(
+        itertools.islice(_cycle(learn), n_steps),
+        total=n_steps,
+        desc="lr_find",
+        unit="batch",
+        leave=False,
+        disable=not learn.dist.is_main,  # one bar for a distributed run
+    )
     for step, (xb, yb, forward) in enumerate(bar):
         group_lrs = exponential_lrs(step, n_steps, starts, starts[-1], end_lr)
         learn.set_lrs(group_lrs)

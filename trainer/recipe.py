@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from trainer import training_state
+from trainer import distributed, training_state
 from trainer.assemble import make_data
 from trainer.config import RunConfig
+from trainer.distributed import Dist
 from trainer.evaluate import evaluate
 from trainer.learner import ConvLearner
 from trainer.run_folder import RunFolder
@@ -62,34 +63,53 @@ def stages(cfg: RunConfig) -> list[Stage]:
     return plan
 
 
-def run(cfg: RunConfig, log: Log = print, *, resume: bool = False) -> tuple[ConvLearner, dict[str, float]]:
+def run(
+    cfg: RunConfig, log: Log = print, *, resume: bool = False, dist: Dist | None = None
+) -> tuple[ConvLearner | None, dict[str, float]]:
     """Train as configured, evaluate with TTA, export the run's bundle; return the learner and metrics.
 
     Every epoch ends with an atomically written checkpoint; with resume=True a run that was
-    interrupted (Ctrl-C, a killed process) continues from its last completed epoch."""
+    interrupted (Ctrl-C, a killed process) continues from its last completed epoch.
+
+    `dist`: this process's place in distributed training (trainer.distributed.init under torchrun).
+    Every rank trains its share; rank 0 alone reads the checkpoint (and sends it to the others),
+    writes the run folder and exports; the others return the same metrics, and no learner when
+    the run was already complete (rank 0 reads it from its run folder, which they may not see)."""
     from trainer.export import export
 
+    dist = dist or Dist()
+    main = dist.is_main
+    if not main:
+        log = _quiet
     folder = RunFolder(cfg.out)
-    folder.path.mkdir(parents=True, exist_ok=True)
-    state = folder.read_checkpoint(cfg) if resume else None
+    if main:
+        folder.path.mkdir(parents=True, exist_ok=True)
+    state = distributed.broadcast(folder.read_checkpoint(cfg) if resume and main else None, dist)
     if state and state.get("finished"):
         log(
             f"{folder.path}: the run is already complete ({len(state['learner']['history'])} epochs, bundle in "
             f"{folder.bundle_dir}); nothing to resume. Train it further with `trainer fit --run {folder.path}`, "
             "or run without --resume to start afresh"
         )
-        return folder.learner(log), folder.read_metrics()[0]
+        metrics = distributed.broadcast(folder.read_metrics()[0] if main else None, dist)
+        return (folder.learner(log) if main else None), metrics
     if state is None:
         training_state.seed_everything(cfg.seed)
-        folder.write_config(cfg)
+        if main:
+            folder.write_config(cfg)
     plan = stages(cfg)
     done_stage, done_epochs = (state["stage"], state["epochs"]) if state else (0, 0)
     lr = state["lr"] if state else cfg.lr
     size = plan[min(done_stage, len(plan) - 1)].size if plan else cfg.size
-    learn = folder.new_learner(cfg, size, precompute=not state, log=log)
+    learn = folder.new_learner(cfg, size, precompute=not state, log=log, dist=dist)
     data = learn.data
     held = f"{len(data.val_files)} valid" if not cfg.full else f"{len(data.val_files)} valid (also trained on: --full)"
     log(f"data: {len(data.trn_files)} train, {held} images, {data.c} classes")
+    if dist.active:
+        log(
+            f"distributed: {dist.world_size} processes of {data.bs} images a step each: an effective batch of "
+            f"{data.bs * dist.world_size}, {learn.steps_per_epoch()} steps an epoch"
+        )
     if state:
         training_state.restore(learn, state["learner"])
         if done_stage < len(plan):
@@ -115,6 +135,8 @@ def run(cfg: RunConfig, log: Log = print, *, resume: bool = False) -> tuple[Conv
         """finished: every output is written, so resuming has nothing left to do."""
         if epochs and not finished:
             keep_if_best()
+        if not main:
+            return
         folder.write_checkpoint(
             {
                 "stage": stage,
@@ -132,7 +154,7 @@ def run(cfg: RunConfig, log: Log = print, *, resume: bool = False) -> tuple[Conv
         if i < done_stage:
             continue
         if stage.size != learn.data.tfms.sz:
-            learn.set_data(make_data(cfg, stage.size, folder.path))
+            learn.set_data(make_data(cfg, stage.size, folder.path, dist))
             log(f"progressive resizing: now {stage.size} px")
         if stage.unfrozen:
             learn.unfreeze()  # step 5
@@ -140,15 +162,22 @@ def run(cfg: RunConfig, log: Log = print, *, resume: bool = False) -> tuple[Conv
         # Step 6: earlier groups train lr_ratio times slower than the next.
         ratios = lr_spread(1.0, cfg.lr_ratio if stage.unfrozen else 1.0, len(learn.layer_groups()))
         if stage.kind == "lr_find":
-            found = find_lr(
-                learn,
-                folder.figure(f"{stage.name}.png"),
-                log,
-                start_lr=[1e-5 * r for r in ratios],
-                # On precomputed activations a sweep is cheap (100 batches, cycling a small
-                # dataset); unfrozen, every batch runs the whole network: 30 are enough.
-                num_it=max(100 if stage.precompute else 30, learn.steps_per_epoch()),
+            # Rank 0 sweeps alone, on its share of the data (a sweep exchanges no gradients and
+            # restores the weights it changed), while the others wait for its suggestion.
+            found = (
+                find_lr(
+                    learn,
+                    folder.figure(f"{stage.name}.png"),
+                    log,
+                    start_lr=[1e-5 * r for r in ratios],
+                    # On precomputed activations a sweep is cheap (100 batches, cycling a small
+                    # dataset); unfrozen, every batch runs the whole network: 30 are enough.
+                    num_it=max(100 if stage.precompute else 30, learn.steps_per_epoch()),
+                )
+                if main
+                else None
             )
+            found = distributed.broadcast(found, dist)
             # Step 7 may lower the lr (a whole network is more fragile than a head on fixed
             # activations) but never raises it.
             lr = found if lr is None else min(lr, found)
@@ -180,22 +209,29 @@ def run(cfg: RunConfig, log: Log = print, *, resume: bool = False) -> tuple[Conv
         )
         learn.load(BEST)
     folder.save_final(learn)
-    metrics, probs, uncalibrated, y = evaluate(learn, log, held_out=not cfg.full)
-    export(
-        learn,
-        folder.bundle_dir,
-        name=cfg.name,
-        metrics=metrics,
-        recipe=bundle_recipe(cfg, len(learn.history), lr),
-        held_out=not cfg.full,
-        log=log,
-    )
-    folder.write_metrics(metrics, held_out=not cfg.full)
-    folder.write_figures(learn, probs, y, uncalibrated=uncalibrated)
-    folder.write_report(cfg, learn, metrics, probs, y)
-    checkpoint(len(plan), 0, finished=True)
-    log(f"bundle: {folder.bundle_dir}; report: {folder.report_file}")
+    metrics, probs, uncalibrated, y = evaluate(learn, log, held_out=not cfg.full)  # every rank: TTA is shared
+    if main:
+        with learn.alone():  # the other ranks wait at the barrier below
+            export(
+                learn,
+                folder.bundle_dir,
+                name=cfg.name,
+                metrics=metrics,
+                recipe=bundle_recipe(cfg, len(learn.history), lr),
+                held_out=not cfg.full,
+                log=log,
+            )
+            folder.write_metrics(metrics, held_out=not cfg.full)
+            folder.write_figures(learn, probs, y, uncalibrated=uncalibrated)
+            folder.write_report(cfg, learn, metrics, probs, y)
+            checkpoint(len(plan), 0, finished=True)
+        log(f"bundle: {folder.bundle_dir}; report: {folder.report_file}")
+    distributed.barrier(dist)
     return learn, metrics
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0: the run speaks with one voice."""
 
 
 HEAD_STEPS = 200  # mini-batches the head trains on precomputed activations unless --head-epochs says

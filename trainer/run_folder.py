@@ -32,6 +32,7 @@ from trainer.history import COLUMNS, EpochStats
 if TYPE_CHECKING:  # annotations only; torch loads when a learner is needed
     import numpy as np
 
+    from trainer.distributed import Dist
     from trainer.learner import ConvLearner
 
 FINAL = "final"  # the trained weights: models/final.pt
@@ -173,14 +174,17 @@ class RunFolder:
             key=lambda n: (int(n.split("_")[1]), int(n.rsplit("_", 1)[1])),
         )
 
-    def new_learner(self, cfg: RunConfig, size: int, *, precompute: bool, log: Callable[[str], None]) -> ConvLearner:
-        """A learner with the pretrained backbone and a new head, on the run's data at `size` px."""
+    def new_learner(
+        self, cfg: RunConfig, size: int, *, precompute: bool, log: Callable[[str], None], dist: Dist | None = None
+    ) -> ConvLearner:
+        """A learner with the pretrained backbone and a new head, on the run's data at `size` px;
+        `dist`: its place in distributed training (trainer.distributed)."""
         from trainer.assemble import make_data
         from trainer.learner import ConvLearner
 
-        data = make_data(cfg, size, self.path)
+        data = make_data(cfg, size, self.path, dist)
         learn = ConvLearner.pretrained(
-            cfg.arch, data, precompute=precompute, weights=cfg.weights, models_dir=self.models_dir, log=log
+            cfg.arch, data, precompute=precompute, weights=cfg.weights, models_dir=self.models_dir, log=log, dist=dist
         )
         learn.bn_freeze(cfg.bn_freeze)
         learn.label_smoothing = cfg.label_smoothing
@@ -222,8 +226,10 @@ class RunFolder:
         return float(self.read_metrics()[0].get("temperature", 1.0))
 
     def save_final(self, learn: ConvLearner) -> None:
+        """The final weights and the history; in distributed training, every rank calls it and rank 0 writes."""
         learn.save(FINAL)
-        self.write_history(learn.history)
+        if learn.dist.is_main:
+            self.write_history(learn.history)
 
     # --- figures and report
 

@@ -22,13 +22,14 @@ def predict_views(
     *,
     device: torch.device | str = "cpu",
     batch_images: int = 16,
+    progress: bool = True,
 ) -> np.ndarray:
     """Probabilities for every view of every image: (n_images, n_views, n_classes), float32.
 
     `net` is an InferenceNet (uint8 NHWC in, probabilities out): the module that gets exported."""
     net.eval()
     out = []
-    for i in tqdm(range(0, len(files), batch_images), desc="TTA", unit="batch", leave=False):
+    for i in tqdm(range(0, len(files), batch_images), desc="TTA", unit="batch", leave=False, disable=not progress):
         chunk = files[i : i + batch_images]
         x = np.concatenate([load_views(Path(f).read_bytes(), prep, views) for f in chunk])
         probs = net(torch.from_numpy(x).to(device)).float().cpu().numpy()
