@@ -348,3 +348,116 @@ class TestAgreesWithTheServer:
             [promtool, "check", "config", str(PROMETHEUS)], capture_output=True, text=True, check=False
         )
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- distributed training: deploy/training/pytorchjob.yaml ---------------------------------------
+
+TRAINING_JOB = DEPLOY / "training" / "pytorchjob.yaml"
+# What Kubeflow's training operator sets in every PyTorchJob pod; nothing else may be referenced.
+OPERATOR_ENV = {"MASTER_ADDR": "classifier-train-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": "2", "RANK": "1"}
+
+
+def training_documents() -> list[dict]:
+    return [d for d in yaml.safe_load_all(TRAINING_JOB.read_text()) if d]
+
+
+def pytorch_job() -> dict:
+    [job] = [d for d in training_documents() if d["kind"] == "PyTorchJob"]
+    return job
+
+
+def replica_specs() -> dict[str, dict]:
+    return pytorch_job()["spec"]["pytorchReplicaSpecs"]
+
+
+def trainer_container(role: str) -> dict:
+    [container] = [c for c in replica_specs()[role]["template"]["spec"]["containers"] if c["name"] == "pytorch"]
+    return container
+
+
+def expanded_args(role: str) -> list[str]:
+    """The container's args as Kubernetes expands them, $(VAR) from the operator's environment."""
+    args = trainer_container(role)["args"]
+    for arg in args:
+        for name in re.findall(r"\$\((\w+)\)", arg):
+            assert name in OPERATOR_ENV, f"{role}: $({name}) is not set by the training operator"
+    return [re.sub(r"\$\((\w+)\)", lambda m: OPERATOR_ENV[m.group(1)], a) for a in args]
+
+
+class TestTrainingJob:
+    """Kubeflow's PyTorchJob has no schema in kubernetes-validate: its pod templates are validated as
+    Kubernetes PodTemplates, its other objects as themselves, and the fields the operator requires
+    (kubeflow.org/v1 PyTorchJob: a Master of one replica, a container named `pytorch`) by hand."""
+
+    @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+    def test_pods_and_volumes_match_the_kubernetes_schemas(self, version):
+        kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[dev]' brings it")
+        documents = [d for d in training_documents() if d["kind"] != "PyTorchJob"]
+        documents += [
+            {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": role.lower()},
+                "template": spec["template"],
+            }
+            for role, spec in replica_specs().items()
+        ]
+        for document in documents:
+            try:
+                kubernetes_validate.validate(document, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                pytest.fail(
+                    f"{document['kind']} {document['metadata']['name']}: {'.'.join(map(str, e.path))}: {e.message}"
+                )
+
+    def test_the_operator_can_run_it(self):
+        job = pytorch_job()
+        assert job["apiVersion"] == "kubeflow.org/v1"
+        specs = replica_specs()
+        assert set(specs) == {"Master", "Worker"} and specs["Master"]["replicas"] == 1
+        for role, spec in specs.items():
+            assert isinstance(spec["replicas"], int) and spec["replicas"] >= 1
+            assert spec["restartPolicy"] in {"Always", "OnFailure", "Never", "ExitCode"}, role
+            assert trainer_container(role)["image"] == f"lesson2/trainer:{project_version()}"
+
+    @pytest.mark.parametrize("role", ["Master", "Worker"])
+    def test_every_node_runs_torchrun_with_the_trainers_own_flags(self, role):
+        """The args parse with torchrun's parser and, after `-m trainer`, with the trainer's, so a
+        renamed flag on either side fails here rather than in a cluster."""
+        from torch.distributed.run import get_args_parser
+
+        from trainer.cli import parser
+
+        container = trainer_container(role)
+        assert container["command"] == ["torchrun"]
+        args = expanded_args(role)
+        torchrun = get_args_parser().parse_args(args)
+        assert (torchrun.nnodes, torchrun.node_rank) == (OPERATOR_ENV["WORLD_SIZE"], int(OPERATOR_ENV["RANK"]))
+        assert torchrun.module and torchrun.training_script == "trainer"
+        run = parser().parse_args(torchrun.training_script_args)
+        assert run.func.__name__ == "cmd_run" and run.resume, "a restarted pod must continue the run"
+        assert int(torchrun.nproc_per_node) == int(container["resources"]["limits"]["nvidia.com/gpu"])
+        assert args == expanded_args("Master"), "every node runs the same command"
+
+    def test_rank_0_writes_the_run_folder_and_every_node_reads_the_data(self):
+        run = parser_args_of("Master")
+        for role in ("Master", "Worker"):
+            mounts = {m["mountPath"]: m for m in trainer_container(role)["volumeMounts"]}
+            assert mounts["/data"]["readOnly"] is True and run.data == "/data"
+            pod = replica_specs()[role]["template"]["spec"]
+            assert pod["securityContext"]["runAsUser"] == image_uid("trainer") == APP_USER
+            claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+            assert claims <= {
+                d["metadata"]["name"] for d in training_documents() if d["kind"] == "PersistentVolumeClaim"
+            }
+        master = {m["mountPath"] for m in trainer_container("Master")["volumeMounts"]}
+        worker = {m["mountPath"] for m in trainer_container("Worker")["volumeMounts"]}
+        assert PurePosixPath(run.out).parent.as_posix() in master - worker, "only the Master holds the run folder"
+
+
+def parser_args_of(role: str):
+    from torch.distributed.run import get_args_parser
+
+    from trainer.cli import parser
+
+    return parser().parse_args(get_args_parser().parse_args(expanded_args(role)).training_script_args)
