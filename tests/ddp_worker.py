@@ -1,14 +1,15 @@
 """Training runs for tests/test_distributed.py: under torchrun (each rank one process) or alone.
 
     python tests/ddp_worker.py DATA OUT BS [exact]
-    python tests/ddp_worker.py stop-after N trainer-run-args...
+    python tests/ddp_worker.py die-after N RANK trainer-run-args...
 
 Trains the head on precomputed activations, then with augmentation, then unfrozen, each for a cycle,
 and writes OUT/rank<r>.pt (its weights and buffers) and OUT/rank<r>.json (its epochs and TTA).
 Not a test module (no test_ prefix): it runs in processes of its own.
 
-`stop-after N`: `trainer run` with those arguments, stopped as a kill would stop it once N epochs
-are trained and checkpointed (every rank ends there, as torchrun stops them all when one dies).
+`die-after N RANK`: `trainer run` with those arguments, whose process of rank RANK dies (exits 1)
+once N epochs are trained and checkpointed, as a crashed or killed process would; the others are
+left to torchrun, which must stop them rather than leave them waiting for it.
 
 `exact`: a model whose output for an image does not depend on the rest of its batch (no dropout,
 the head's BatchNorm replaced by identity, the backbone's frozen on its ImageNet statistics), so
@@ -73,24 +74,24 @@ def main(data_dir: Path, out: Path, bs: int, exact: bool) -> None:
     distributed.shutdown()
 
 
-def stopped_run(n_epochs: int, argv: list[str]) -> int:
+def dying_run(n_epochs: int, rank: int, argv: list[str]) -> int:
     from trainer import cli
 
     fit = ConvLearner.fit
 
-    def fit_then_stop(self, *args, on_epoch_end, **kwargs):
+    def fit_then_die(self, *args, on_epoch_end, **kwargs):
         def end(epochs: int) -> None:
             on_epoch_end(epochs)  # the recipe's checkpoint
-            if len(self.history) == n_epochs:
-                raise SystemExit(f"stopped after {n_epochs} epochs")
+            if len(self.history) == n_epochs and self.dist.rank == rank:
+                raise SystemExit(f"rank {rank} died after {n_epochs} epochs")
 
         return fit(self, *args, on_epoch_end=end, **kwargs)
 
-    ConvLearner.fit = fit_then_stop  # type: ignore[method-assign]
+    ConvLearner.fit = fit_then_die  # type: ignore[method-assign]
     return cli.main(argv)
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "stop-after":
-        sys.exit(stopped_run(int(sys.argv[2]), sys.argv[3:]))
+    if sys.argv[1] == "die-after":
+        sys.exit(dying_run(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]))
     main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:] == ["exact"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -154,16 +155,18 @@ class TestTorchrunTrainerRun:
         assert not list(tmp_path.rglob("*.tmp*")), "a temporary file was left behind"
 
     @pytest.mark.slow
-    def test_resume_continues_a_stopped_run_to_the_same_end(self, colours_data, tmp_path):
-        """Stopped after epoch 2 (both ranks, as torchrun stops them when one dies) and resumed with
-        --resume, a distributed run trains exactly the epochs and weights of one that was not stopped."""
+    def test_a_rank_that_dies_ends_the_run_and_resume_finishes_it(self, colours_data, tmp_path):
+        """Rank 1 dies after epoch 2: torchrun stops rank 0, which would otherwise wait for it, and
+        fails the run; --resume then trains exactly the epochs and weights of a run never stopped."""
         whole = torchrun(
             "-m", "trainer", "run", "--data", str(colours_data), "--out", "whole", *RUN_FLAGS, cwd=tmp_path
         )
         assert whole.returncode == 0, whole.stderr[-3000:]
         args = ("--data", str(colours_data), "--out", "part", *RUN_FLAGS)
-        stopped = torchrun(str(WORKER), "stop-after", "2", "run", *args, cwd=tmp_path)
-        assert stopped.returncode != 0 and "stopped after 2 epochs" in stopped.stderr
+        started = time.monotonic()
+        died = torchrun(str(WORKER), "die-after", "2", "1", "run", *args, cwd=tmp_path)
+        assert died.returncode != 0 and "rank 1 died after 2 epochs" in died.stderr
+        assert time.monotonic() - started < 300, "rank 0 waited for the dead rank instead of being stopped"
         assert len(RunFolder(tmp_path / "part").read_history()) == 2
         resumed = torchrun("-m", "trainer", "run", *args, "--resume", cwd=tmp_path)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
