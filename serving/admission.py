@@ -1,9 +1,8 @@
-"""What work the server takes on: calls while it shuts down, and pixels decoded at once and per call.
+"""What work the server takes on: calls while it shuts down (`Admission`), and one call's deadline,
+caller and pixels while its images are decoded (`CallGuard`).
 
-Decoding is where a request costs the most memory (a transparent WebP needs about 20 bytes a pixel
-while it becomes RGB and then views: 1 GB at 50 megapixels), so it is bounded twice: `PixelBudget`
-caps the pixels all calls decode at the same moment, and `CallGuard` caps the pixels one
-PredictBatch call may decode in total. Both stop waiting or working as soon as the caller's deadline passes or it hangs up.
+How many images are decoded at once, and what each may cost, is bounded by the decoding processes
+themselves (serving.decoders).
 """
 
 from __future__ import annotations
@@ -15,18 +14,12 @@ from contextlib import contextmanager
 
 import grpc
 
-from serving.preprocess import ImageError
+from serving.errors import CallFailed
+
+__all__ = ["Admission", "CallFailed", "CallGuard"]
 
 # While waiting for decode budget, how often to look whether the caller is still there, seconds.
 _POLL_S = 0.05
-
-
-class CallFailed(Exception):
-    """Ends a whole call with a status; raised by the helpers, turned into context.abort by the RPCs."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 class Admission:
@@ -71,48 +64,13 @@ class Admission:
                 self._cond.wait((min(start + settle, end) if self._active == 0 else end) - now)
 
 
-class PixelBudget:
-    """At most `limit` pixels decoded at once across all calls; an image over the whole limit
-    waits until it can run alone. `hold` waits for room no longer than the caller's deadline."""
-
-    def __init__(self, limit: int):
-        if limit < 1:
-            raise ValueError("the pixel budget must be at least 1")
-        self.limit = limit
-        self._used = 0
-        self._cond = threading.Condition()
-
-    @property
-    def used(self) -> int:
-        with self._cond:
-            return self._used
-
-    @contextmanager
-    def hold(self, pixels: int, check: Callable[[], None]) -> Iterator[None]:
-        """Hold `pixels` of the budget while the block runs. `check` raises to give up waiting
-        (deadline passed, caller gone); it is called at least every 50 ms while waiting."""
-        need = min(max(1, pixels), self.limit)
-        with self._cond:
-            while self._used + need > self.limit:
-                check()
-                self._cond.wait(_POLL_S)
-            self._used += need
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._used -= need
-                self._cond.notify_all()
-
-
 class CallGuard:
     """One call's limits while it prepares its images: its deadline, its caller still being there,
-    and the pixels it decodes in total. `admit` is the hook `serving.preprocess.load_views` takes."""
+    and the pixels it decodes in total (counted by serving.calls, enforced in the decoding process)."""
 
-    def __init__(self, *, deadline: float | None, is_active: Callable[[], bool], budget: PixelBudget, max_pixels: int):
+    def __init__(self, *, deadline: float | None, is_active: Callable[[], bool], max_pixels: int):
         self.deadline = deadline  # on time.monotonic()'s clock; None: the caller set none
         self._is_active = is_active
-        self._budget = budget
         self.max_pixels = max_pixels
         self.pixels = 0  # decoded so far by this call
 
@@ -122,16 +80,3 @@ class CallGuard:
             raise CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while the images were being decoded")
         if not self._is_active():
             raise CallFailed(grpc.StatusCode.CANCELLED, "the caller went away")
-
-    @contextmanager
-    def admit(self, pixels: int) -> Iterator[None]:
-        self.check()
-        if self.pixels + pixels > self.max_pixels:
-            raise ImageError(
-                f"this image's {pixels} pixels would bring the call's total to {self.pixels + pixels}, over the "
-                f"limit of {self.max_pixels} pixels per call; send it in another call"
-            )
-        self.pixels += pixels
-        with self._budget.hold(pixels, self.check):
-            self.check()  # the wait may have been long
-            yield

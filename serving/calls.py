@@ -16,27 +16,21 @@ from typing import NoReturn
 import grpc
 import numpy as np
 
-from serving import decoder_log
-from serving.admission import Admission, CallFailed, CallGuard, PixelBudget
+from serving.admission import Admission, CallGuard
 from serving.batcher import Arrival, DeadlineExpired, QueueFull, ShuttingDown
-from serving.config import ServerConfig
+from serving.config import ServerConfig, decoders
+from serving.decode_worker import Job
+from serving.decoders import DecodePool
+from serving.errors import CallFailed, ItemFailed
 from serving.metrics import Metrics
 from serving.models import Registry, ServedModel
-from serving.predict import Prepared, prepare
+from serving.predict import Prepared
 from serving.preprocess import ImageError
 
 log = logging.getLogger("serving")
 
 # gRPC reports "no deadline" as a time remaining of about 292 years; anything past a day is none.
 _NO_DEADLINE_S = 86_400.0
-
-
-class ItemFailed(Exception):
-    """One image of a call failed for a reason of the server's, not of the image: its own status."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -95,22 +89,27 @@ def wait_all(futures: list[Future], deadline: float | None) -> list[np.ndarray |
 
 
 class Calls:
-    """The shared path of a call: `admission` (the shutdown gate), `prepare` each image under the
-    call's `guard`, then `run` the prepared images through the model's batcher."""
+    """The shared path of a call: `admission` (the shutdown gate), `prepare` each image in a decoding
+    process under the call's `guard`, then `run` the prepared images through the model's batcher."""
 
     def __init__(self, config: ServerConfig, metrics: Metrics, models: Registry):
         self.config = config
         self.metrics = metrics
         self.models = models
         self.admission = Admission()
-        self.decode_budget = PixelBudget(config.max_decode_pixels)
+        self.decoders = DecodePool(
+            decoders(config),
+            config.decode_worker_memory_mb * 2**20,
+            timeout_s=config.decode_timeout_s,
+            on_replaced=lambda reason: metrics.decoders_replaced.labels(reason).inc(),
+            on_warnings=self._decoder_warnings,
+        )
 
     def guard(self, context: grpc.ServicerContext, deadline: float | None = None) -> CallGuard:
         """The call's limits; `deadline` (monotonic) when the call asked for one sooner than gRPC's."""
         return CallGuard(
             deadline=deadline_of(context) if deadline is None else deadline,
             is_active=context.is_active,
-            budget=self.decode_budget,
             max_pixels=self.config.max_call_pixels,
         )
 
@@ -120,37 +119,40 @@ class Calls:
         """The image's views, or the error that fails this image alone. Raises CallFailed when the
         whole call must end (deadline passed, caller gone). tta=None: the bundle's choice."""
         start = time.perf_counter()
+        m = model.session.manifest
         try:
-            with decoder_log.counted(self._decoder_warning):
-                return prepare(
-                    model.session.manifest,
-                    image,
-                    tta=tta,
-                    max_bytes=self.config.max_image_bytes,
-                    max_pixels=self.config.max_image_pixels,
-                    formats=self.config.allowed_formats,
-                    admit=guard.admit,
+            if len(image) > self.config.max_image_bytes:
+                raise ImageError(
+                    f"image is {len(image)} bytes, over the limit of {self.config.max_image_bytes}; the model sees "
+                    f"{m.preprocessing.input_size}x{m.preprocessing.input_size} pixels, so send a smaller file"
                 )
+            views = m.tta.views_for(tta)
+            job = Job(
+                preprocessing=m.preprocessing,
+                views=views,
+                formats=self.config.allowed_formats,
+                max_pixels=self.config.max_image_pixels,
+                call_pixels=guard.pixels,
+                max_call_pixels=guard.max_pixels,
+            )
+            guard.check()
+            decoded = self.decoders.decode(job, image, guard.check)
+            guard.pixels += decoded.pixels
+            return Prepared(decoded.views, [v.name for v in views])
         except CallFailed:
             raise
-        except ImageError as e:
+        except (ImageError, ItemFailed) as e:
             return e
-        except MemoryError:
-            log.exception("%s: out of memory preparing a %d-byte image", where, len(image))
-            return ItemFailed(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "the server ran out of memory preparing this image; retry later or send a smaller image",
-            )
-        except Exception as e:  # a decoder bug on this input: it fails this image, never the server or the call
-            log.exception("%s: preparing a %d-byte image failed", where, len(image))
-            return ItemFailed(
-                grpc.StatusCode.INTERNAL, f"the server failed to prepare this image: {type(e).__name__}: {e}"
-            )
         finally:
             model.stats.prepared(time.perf_counter() - start)
 
-    def _decoder_warning(self, source: str) -> None:
-        self.metrics.decoder_warnings.labels(source).inc()
+    def _decoder_warnings(self, counts: dict[str, int]) -> None:
+        for source, n in counts.items():
+            self.metrics.decoder_warnings.labels(source).inc(n)
+
+    def close(self) -> None:
+        """Kill the decoding processes: calls still decoding fail at once."""
+        self.decoders.close()
 
     def run(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,10 +13,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import ErrorDetails
 
 from serving.bundle import Precision
+from serving.cpus import usable_cpus
 from serving.preprocess import DEFAULT_FORMATS, PEAK_BYTES_PER_PIXEL
 from serving.repository import RepositoryError, parse_policies
 
 ENV_PREFIX = "SERVING_"
+# decode_workers=0: one decoding process per usable CPU, within these bounds. Two keep one image's decode
+# from waiting on another's; past four, decoding (~5 ms an image) is no longer what limits a CPU server.
+MIN_AUTO_DECODERS, MAX_AUTO_DECODERS = 2, 4
+# A decoding process's own address space before any image: Python, numpy and Pillow (measured: ~170 MiB).
+DECODER_BASE_BYTES = 256 * 2**20
 # Words that turn an optional setting off when given as a flag or environment variable.
 OFF = ("off", "none", "")
 
@@ -112,11 +119,24 @@ class ServerConfig(BaseModel):
         ge=1,
         description="pixels one call may decode in all its images; images past it get INVALID_ARGUMENT",
     )
-    max_decode_pixels: int = Field(
-        64_000_000,
-        ge=1,
-        description=f"pixels decoded at once across all calls (memory: up to {PEAK_BYTES_PER_PIXEL} bytes each, so "
-        f"{PEAK_BYTES_PER_PIXEL * 0.064:.1f} GB by default); calls wait for room no longer than their deadline",
+    decode_workers: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="image decoding processes, each decoding one image at a time; 0 = auto: the CPUs this process "
+        f"may use, {MIN_AUTO_DECODERS} to {MAX_AUTO_DECODERS}",
+    )
+    decode_worker_memory_mb: int = Field(
+        1536,
+        ge=128,
+        description="address space each decoding process may use, MiB (a limit the kernel enforces); an image that "
+        "needs more gets RESOURCE_EXHAUSTED",
+    )
+    decode_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="longest one image may take to decode, seconds, also for calls without a deadline; its "
+        "decoding process is then killed and the image gets INVALID_ARGUMENT",
     )
     allowed_formats: tuple[str, ...] = Field(
         ",".join(DEFAULT_FORMATS),
@@ -218,12 +238,26 @@ class ServerConfig(BaseModel):
                 f"max_call_pixels {self.max_call_pixels} is less than max_image_pixels {self.max_image_pixels}: "
                 "an image the server accepts could never be decoded; raise the first or lower the second"
             )
+        need = self.max_image_pixels * PEAK_BYTES_PER_PIXEL + DECODER_BASE_BYTES
+        if self.decode_worker_memory_mb * 2**20 < need:
+            raise ValueError(
+                f"decode_worker_memory_mb {self.decode_worker_memory_mb} is too small for max_image_pixels "
+                f"{self.max_image_pixels}: decoding one takes up to {PEAK_BYTES_PER_PIXEL} bytes a pixel plus "
+                f"{DECODER_BASE_BYTES // 2**20} MiB, so {math.ceil(need / 2**20)} MiB; raise the first or lower the second"
+            )
         if self.max_message_bytes <= self.max_image_bytes:
             raise ValueError(
                 f"max_message_bytes {self.max_message_bytes} must exceed max_image_bytes {self.max_image_bytes} "
                 "(the message carries the image and its envelope)"
             )
         return self
+
+
+def decoders(config: ServerConfig) -> int:
+    """The number of decoding processes: decode_workers, or its auto value when 0."""
+    if config.decode_workers:
+        return config.decode_workers
+    return max(MIN_AUTO_DECODERS, min(MAX_AUTO_DECODERS, usable_cpus()))
 
 
 def batch_views(config: ServerConfig, views_per_image: int, cuda: bool) -> int:

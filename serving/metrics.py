@@ -74,6 +74,14 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.decoders_replaced = Counter(
+            "classifier_decoders_replaced",
+            "Image decoding processes killed and replaced: the call's deadline passed (deadline), its caller left "
+            "(cancelled), the image took longer than --decode-timeout-s (timeout), needed more than "
+            "--decode-worker-memory-mb (memory), or crashed its decoder (crash)",
+            ["reason"],
+            registry=r,
+        )
         self.model = Info("classifier_model", "The model version loaded last", registry=r)
         self.model_loads = Counter(
             "classifier_model_loads",

@@ -1,4 +1,4 @@
-"""serving.admission: the decode budget, one call's guard and the shutdown gate, without a network.
+"""serving.admission: one call's guard and the shutdown gate, and the per-call pixel limit, without a network.
 
 Threads meet at explicit events; the only clock that moves is time.monotonic() in deadline cases,
 and those wait on a deadline already in the past, so nothing here depends on the machine's speed.
@@ -12,82 +12,40 @@ import time
 import grpc
 import pytest
 
-from serving.admission import Admission, CallFailed, CallGuard, PixelBudget
+from serving.admission import Admission, CallFailed, CallGuard
+from serving.bundle import Preprocessing
+from serving.decode_worker import Job, call_pixels_admit
 from serving.preprocess import ImageError
 
 
-def never_gives_up() -> None:
-    pass
+def guard(*, deadline=None, active=True, limit=100) -> CallGuard:
+    return CallGuard(deadline=deadline, is_active=lambda: active, max_pixels=limit)
 
 
-class TestPixelBudget:
-    def test_a_second_holder_waits_until_the_first_releases(self):
-        budget = PixelBudget(100)
-        release_first, second_in = threading.Event(), threading.Event()
-
-        def first():
-            with budget.hold(60, never_gives_up):
-                assert release_first.wait(10)
-
-        def second():
-            with budget.hold(60, never_gives_up):
-                second_in.set()
-
-        a = threading.Thread(target=first)
-        a.start()
-        while budget.used != 60:
-            time.sleep(0.001)
-        b = threading.Thread(target=second)
-        b.start()
-        assert not second_in.wait(0.2), "60 + 60 pixels fit a budget of 100"
-        release_first.set()
-        assert second_in.wait(10)
-        a.join(10), b.join(10)
-        assert budget.used == 0
-
-    def test_an_image_larger_than_the_budget_runs_alone(self):
-        budget = PixelBudget(100)
-        with budget.hold(10_000, never_gives_up):
-            assert budget.used == 100
-
-    def test_giving_up_while_waiting_holds_nothing(self):
-        budget = PixelBudget(100)
-        checks = []
-
-        def give_up():
-            checks.append(1)
-            raise CallFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "late")
-
-        with budget.hold(100, never_gives_up):
-            with pytest.raises(CallFailed, match="late"), budget.hold(1, give_up):
-                pass
-            assert budget.used == 100 and checks == [1]
-        assert budget.used == 0
-
-    def test_released_after_an_error_in_the_block(self):
-        budget = PixelBudget(100)
-        with pytest.raises(MemoryError), budget.hold(50, never_gives_up):
-            raise MemoryError
-        assert budget.used == 0
-
-
-def guard(*, deadline=None, active=True, limit=100, pixels=1000) -> CallGuard:
-    return CallGuard(deadline=deadline, is_active=lambda: active, budget=PixelBudget(pixels), max_pixels=limit)
+def admit(call_pixels: int, max_call_pixels: int):
+    job = Job(
+        preprocessing=Preprocessing(input_size=8, resize_size=8),
+        views=[],
+        formats=["PNG"],
+        max_pixels=10**9,
+        call_pixels=call_pixels,
+        max_call_pixels=max_call_pixels,
+    )
+    seen: list[int] = []
+    return call_pixels_admit(job, seen), seen
 
 
 class TestCallGuard:
-    def test_pixels_per_call_add_up_over_images(self):
-        g = guard(limit=100)
-        with g.admit(60):
+    def test_pixels_per_call_are_refused_past_the_calls_total(self):
+        hook, seen = admit(60, 100)
+        with hook(40):  # exactly the limit
             pass
         with (
             pytest.raises(ImageError, match="bring the call's total to 110, over the limit of 100 pixels per call"),
-            g.admit(50),
+            hook(50),
         ):
             pass
-        with g.admit(40):  # a smaller one still fits
-            pass
-        assert g.pixels == 100
+        assert seen == [40, 50]
 
     def test_a_passed_deadline_ends_the_call(self):
         g = guard(deadline=time.monotonic() - 1)
@@ -96,15 +54,9 @@ class TestCallGuard:
         assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
     def test_a_caller_that_went_away_ends_the_call(self):
-        with pytest.raises(CallFailed) as err, guard(active=False).admit(1):
-            pass
+        with pytest.raises(CallFailed) as err:
+            guard(active=False).check()
         assert err.value.code == grpc.StatusCode.CANCELLED
-
-    def test_waiting_for_the_budget_stops_at_the_deadline(self):
-        g = CallGuard(deadline=time.monotonic() + 0.05, is_active=lambda: True, budget=PixelBudget(10), max_pixels=100)
-        with g._budget.hold(10, never_gives_up), pytest.raises(CallFailed) as err, g.admit(5):
-            pass
-        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class TestAdmission:

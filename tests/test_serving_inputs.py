@@ -210,37 +210,8 @@ def test_pixels_per_call_are_bounded(tiny_bundle):
         assert "over the limit of 3072 pixels per call; send it in another call" in results[2].status.message
 
 
-class TestOneImageFailsAlone:
-    """A failure of the server's own while preparing one image (here the allocator refusing memory,
-    the one thing a test must fake) fails that image only, with its own status, and is logged."""
-
-    @pytest.fixture
-    def out_of_memory_for_tall_images(self, monkeypatch):
-        import serving.preprocess
-
-        real = serving.preprocess.to_rgb
-
-        def to_rgb(im):
-            if im.height > im.width:
-                raise MemoryError
-            return real(im)
-
-        monkeypatch.setattr(serving.preprocess, "to_rgb", to_rgb)
-
-    def test_in_a_batch(self, client, out_of_memory_for_tall_images, caplog):
-        tall = encode(photo((32, 48)), "PNG")
-        with caplog.at_level("ERROR", logger="serving"):
-            results = client.predict_batch([encode(photo(), "PNG"), tall, encode(photo(seed=3), "PNG")]).results
-        assert [r.status.code for r in results] == [0, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], 0]
-        assert "ran out of memory preparing this image" in results[1].status.message
-        assert results[0].response.predictions and results[2].response.predictions
-        assert any("PredictBatch image 1: out of memory" in r.getMessage() for r in caplog.records)
-
-    def test_alone(self, client, out_of_memory_for_tall_images):
-        with pytest.raises(grpc.RpcError) as err:
-            client.predict(encode(photo((32, 48)), "PNG"))
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert_still_serving(client)
+# One image failing alone for a reason of the server's (its decoder out of memory or crashed) is
+# tested with real limits and real worker deaths in tests/test_serving_decoders.py.
 
 
 def test_decoding_stops_at_the_deadline(tiny_bundle):
