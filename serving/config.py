@@ -72,6 +72,18 @@ class ServerConfig(BaseModel):
         ge=1,
         description="calls accepted at once, running or waiting for a handler thread; more get RESOURCE_EXHAUSTED",
     )
+    max_streams: int = Field(
+        0,
+        ge=0,
+        description="streams open at once (ModelStreamInfer, health Watch, reflection), each holding a handler "
+        "thread; more are refused with RESOURCE_EXHAUSTED; 0 = auto: a quarter of --workers, so that streams can "
+        "never take the threads unary calls and health checks need",
+    )
+    stream_idle_s: float = Field(
+        60.0,
+        ge=0,
+        description="a stream waiting longer than this for its next request is cancelled, seconds; 0 = never",
+    )
     # ONNX Runtime.
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="ONNX Runtime device; auto uses CUDA when present"
@@ -238,6 +250,11 @@ class ServerConfig(BaseModel):
                 f"max_call_pixels {self.max_call_pixels} is less than max_image_pixels {self.max_image_pixels}: "
                 "an image the server accepts could never be decoded; raise the first or lower the second"
             )
+        if self.max_streams >= self.workers:
+            raise ValueError(
+                f"max_streams {self.max_streams} leaves none of the {self.workers} workers to unary calls and health "
+                "checks: lower it below workers (0 picks a quarter of them)"
+            )
         need = self.max_image_pixels * PEAK_BYTES_PER_PIXEL + DECODER_BASE_BYTES
         if self.decode_worker_memory_mb * 2**20 < need:
             raise ValueError(
@@ -251,6 +268,11 @@ class ServerConfig(BaseModel):
                 "(the message carries the image and its envelope)"
             )
         return self
+
+
+def max_streams(config: ServerConfig) -> int:
+    """Streams open at once: max_streams, or its auto value when 0."""
+    return config.max_streams or max(1, config.workers // 4)
 
 
 def decoders(config: ServerConfig) -> int:

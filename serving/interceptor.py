@@ -21,10 +21,12 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 import grpc
 
 from serving.metrics import Metrics
+from serving.streams import StreamLimiter
 
 
 class Malformed:
@@ -55,7 +57,9 @@ class EdgeInterceptor(grpc.ServerInterceptor):
         *,
         max_concurrent_calls: int | None,
         active_calls: Callable[[], int | None],
+        streams: StreamLimiter | None = None,
     ):
+        self.streams = streams
         self.metrics = metrics
         self.prefixes = tuple(f"/{service}/" for service in services)
         self.max_concurrent_calls = max_concurrent_calls
@@ -64,6 +68,12 @@ class EdgeInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
+        if (
+            handler is not None
+            and self.streams is not None
+            and (handler.request_streaming or handler.response_streaming)
+        ):
+            handler = _limited(handler, method, self.streams)
         prefix = next((p for p in self.prefixes if method.startswith(p)), None)
         if prefix is None:
             return handler
@@ -147,6 +157,50 @@ class EdgeInterceptor(grpc.ServerInterceptor):
                 self._finished(name, code, start)
 
         return measured
+
+
+def _limited(handler: grpc.RpcMethodHandler, method: str, streams: StreamLimiter) -> grpc.RpcMethodHandler:
+    """`handler` (a stream of any service) run only while it has one of the limiter's places."""
+
+    def refuse(context: grpc.ServicerContext) -> NoReturn:
+        context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{streams.limit} streams are open already, the most this server keeps at once (--max-streams); "
+            "retry later, or send unary calls (ModelInfer, Predict)",
+        )
+        raise AssertionError("context.abort returned")
+
+    if handler.stream_stream is not None:
+        behaviour = handler.stream_stream
+
+        def stream_stream(requests, context):
+            stream = streams.open(method, context)
+            if stream is None:
+                refuse(context)
+            try:
+                yield from behaviour(streams.requests(stream, requests), context)
+            finally:
+                streams.close(stream)
+
+        wrap, limited = grpc.stream_stream_rpc_method_handler, stream_stream
+    elif handler.unary_stream is not None:  # a health Watch: long-lived by design, so counted, never idle
+        behaviour = handler.unary_stream
+
+        def unary_stream(request, context):
+            stream = streams.open(method, context)
+            if stream is None:
+                refuse(context)
+            try:
+                yield from behaviour(request, context)
+            finally:
+                streams.close(stream)
+
+        wrap, limited = grpc.unary_stream_rpc_method_handler, unary_stream
+    else:  # stream_unary: none of the services served has one
+        return handler
+    return wrap(
+        limited, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
 
 
 def _seen_by_caller(context: grpc.ServicerContext, default: grpc.StatusCode = grpc.StatusCode.OK) -> grpc.StatusCode:

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from serving.batcher import Batcher
 from serving.calls import Calls
-from serving.config import ServerConfig
+from serving.config import ServerConfig, max_streams
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.gen.inference import grpc_service_pb2 as oip_pb
@@ -38,6 +38,7 @@ from serving.models import Registry, ServedModel, open_model
 from serving.repository import parse_policies
 from serving.servicer import ClassifierServicer
 from serving.session import ModelSession
+from serving.streams import StreamLimiter
 from serving.watcher import Watcher
 
 log = logging.getLogger("serving")
@@ -67,6 +68,7 @@ class Server:
         self._health_names: set[str] = set()
         self._draining = False
         self.calls = Calls(config, self.metrics, self.models)
+        self.streams = StreamLimiter(max_streams(config), config.stream_idle_s)
         self.servicer = ClassifierServicer(config, self.metrics, self.models, self.calls)
         self.inference = InferenceServicer(
             config,
@@ -83,6 +85,7 @@ class Server:
                     (SERVICE, OIP_SERVICE),
                     max_concurrent_calls=config.max_concurrent_calls,
                     active_calls=lambda: _grpc_active_calls(self.grpc_server),
+                    streams=self.streams,
                 )
             ],
             options=[
@@ -191,6 +194,7 @@ class Server:
             log.warning("calls still in progress after the %.1fs grace period are cancelled", grace)
         # Decoding ends now, whatever the images: the calls still decoding are answered UNAVAILABLE.
         self.calls.close()
+        self.streams.close_all()
         # What is left are health watchers and reflection streams; calls past the grace are cancelled.
         self.grpc_server.stop(max(0.0, end - time.monotonic())).wait()
         # Only now: until the handlers are done, they wait on the batcher for their results.
