@@ -9,13 +9,15 @@ import os
 import sys
 from pathlib import Path
 
-import grpc
+from serving.signals import Signals
 
-from serving.bundle import BundleError
-from serving.config import ConfigError, ServerConfig, describe, load_config
+# grpc, pydantic, numpy and the rest are imported where they are used, after main() has installed
+# `serve`'s signal handlers: until then a SIGHUP would kill the process (serving/signals.py).
 
 
 def _serve_parser(sub) -> None:
+    from serving.config import ServerConfig, describe
+
     p = sub.add_parser(
         "serve",
         help="serve a bundle or a model repository over gRPC",
@@ -86,6 +88,8 @@ def _health_parser(sub) -> None:
 
 
 def run_health(args) -> int:
+    import grpc
+
     from serving.client import Client
 
     with Client(args.target, timeout=args.timeout, tls_ca=args.tls_ca) as client:
@@ -99,6 +103,8 @@ def run_health(args) -> int:
 
 
 def run_predict(args) -> int:
+    import grpc
+
     from serving.client import Client
 
     try:
@@ -131,6 +137,10 @@ def run_predict(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Only when this process is `serving serve` itself: a caller that passes argv (a test) keeps its
+    # own handlers, and Ctrl-C ends `predict` and `health` as usual. The only option before the
+    # command is -h, so the first argument names it.
+    signals = Signals().install() if argv is None and sys.argv[1:2] == ["serve"] else None
     parser = argparse.ArgumentParser(prog="serving", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
@@ -142,11 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "health":
         return run_health(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from serving.bundle import BundleError
+    from serving.config import ConfigError, ServerConfig, load_config
     from serving.server import serve
 
     flags = {k: v for k, v in vars(args).items() if k in ServerConfig.model_fields}
     try:
-        return serve(load_config(flags))
+        return serve(load_config(flags), signals)
     except (ConfigError, BundleError, OSError) as e:
         print(f"serving: {e}", file=sys.stderr)
         return 2

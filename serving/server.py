@@ -14,8 +14,6 @@ switches versions live (serving/models.py).
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
 from collections.abc import Mapping
 from concurrent import futures
@@ -38,6 +36,7 @@ from serving.models import Registry, ServedModel, open_model
 from serving.repository import parse_policies
 from serving.servicer import ClassifierServicer
 from serving.session import ModelSession
+from serving.signals import Signals
 from serving.streams import StreamLimiter
 from serving.watcher import Watcher
 
@@ -217,28 +216,17 @@ def _grpc_active_calls(server: grpc.Server) -> int | None:
     return getattr(getattr(server, "_state", None), "active_rpc_count", None)
 
 
-def serve(config: ServerConfig) -> int:
+def serve(config: ServerConfig, signals: Signals | None = None) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully; returns the exit code. SIGHUP scans
-    the model repository at once."""
-    done = threading.Event()
-
-    def on_signal(signum, frame):
-        log.info(
-            "received %s: draining for %.1fs, then up to %.1fs for calls in flight",
-            signal.Signals(signum).name,
-            config.drain_s,
-            config.grace_s,
-        )
-        done.set()
-
+    the model repository at once. `signals`: the handlers the command installed before its imports
+    (serving/cli.py), else installed here."""
     # Before loading, so that a signal during a slow load still ends in a clean exit.
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signals = signals or Signals().install()
     server = Server(config, load=False)
     # Only sets an event: the scan and any load run on the watcher's thread.
-    signal.signal(signal.SIGHUP, lambda signum, frame: server.reload())
+    signals.on_reload = server.reload
     try:
-        if not done.is_set():
+        if not signals.stop.is_set():
             server.load()
             metrics = (
                 ""
@@ -248,8 +236,14 @@ def serve(config: ServerConfig) -> int:
             print(f"serving on {config.host}:{server.port}{metrics}", flush=True)
         # The kernel may hand the signal to any thread (gRPC's, ONNX Runtime's) while Python runs the
         # handler only in the main thread, once it runs bytecode again: so wake it, never block for good.
-        while not done.wait(0.1):
+        while not signals.stop.wait(0.1):
             pass
+        log.info(
+            "received %s: draining for %.1fs, then up to %.1fs for calls in flight",
+            signals.received,
+            config.drain_s,
+            config.grace_s,
+        )
         server.drain()
         # Load balancers poll health every few seconds; answering meanwhile loses no traffic.
         time.sleep(config.drain_s)

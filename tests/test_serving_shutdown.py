@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -300,3 +301,64 @@ def test_sigterm_under_load_answers_every_accepted_call_and_exits_0(serving_proc
             assert call.code in {"UNAVAILABLE", "CANCELLED"}, call.code
         assert call.ended - call.started < GRACE_S, f"a call took {call.ended - call.started:.1f}s"
     assert any(call.code == "OK" and call.started > signalled for call in calls), "no call answered while draining"
+
+
+# `serving serve` as its console script starts it, signalled while it is still importing. The process
+# signals itself as each import of grpc, numpy or onnxruntime begins: the instant is then certain on
+# any machine, where a signal sent from here after a sleep would race with the imports.
+SIGNAL_DURING_IMPORTS = """
+import os, signal, sys
+signum = getattr(signal, sys.argv.pop(1))
+
+class SignalDuringImport:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("grpc", "numpy", "onnxruntime"):
+            os.kill(os.getpid(), signum)
+        return None
+
+sys.meta_path.insert(0, SignalDuringImport())
+sys.argv[0] = "serving"
+from serving.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
+class TestSignalsWhileStarting:
+    def start(self, tmp_path, tiny_bundle, signame: str) -> subprocess.Popen:
+        repo = tmp_path / "repo"
+        shutil.copytree(tiny_bundle, repo / "colours" / "1")
+        argv = [sys.executable, "-c", SIGNAL_DURING_IMPORTS, signame, "serve", "--model-repository", str(repo)]
+        argv += ["--poll-s", "0", "--port", "0", "--metrics-port", "off", "--device", "cpu", "--drain-s", "0"]
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def test_sighup_is_survived_and_the_server_comes_up(self, tmp_path, tiny_bundle):
+        """The README says to send SIGHUP after publishing a version, whenever the server started."""
+        proc = self.start(tmp_path, tiny_bundle, "SIGHUP")
+        try:
+            line = proc.stdout.readline()
+            port = re.search(r"serving on [\d.]+:(\d+)", line)
+            assert port, f"exit code {proc.wait(30)}: {proc.stderr.read()[-3000:]}"
+            with Client(f"127.0.0.1:{port[1]}", timeout=30) as c:
+                assert c.health() == "SERVING"
+                assert c.model_info().model_version == "1"
+            proc.send_signal(signal.SIGHUP)  # and once it serves: a scan, nothing else
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0, proc.stderr.read()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+    def test_sigterm_or_sigint_exits_0_without_serving(self, tmp_path, tiny_bundle, signame):
+        proc = self.start(tmp_path, tiny_bundle, signame)
+        try:
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err[-3000:]
+        assert "serving on" not in out
+        assert f"received {signame}" in err
