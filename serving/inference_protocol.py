@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
+from itertools import islice
 
 import grpc
 import numpy as np
@@ -32,6 +33,7 @@ from serving.admission import CallFailed, CallGuard
 from serving.batcher import QueueFull
 from serving.calls import Calls, abort, deadline_of, status_for
 from serving.config import ServerConfig
+from serving.echo import echo
 from serving.gen.inference import grpc_service_pb2 as pb
 from serving.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.inference_tensors import (
@@ -224,10 +226,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryIndexRequest, context: grpc.ServicerContext
     ) -> pb.RepositoryIndexResponse:
         with self._answering(context):
-            try:
-                scan = {} if self.scanner is None else self.scanner.scan()
-            except RepositoryError as e:  # its root was removed under the running server
-                raise CallFailed(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+            scan = self._scan()
             watcher = self.watcher()
             refusals = {} if watcher is None else {(m, n): why for m in scan for n, why in watcher.refusals(m).items()}
             return pb.RepositoryIndexResponse(
@@ -252,10 +251,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if not request.model_name:
                 raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, "name the model to load (model_name)")
             if request.parameters:
+                named = ", ".join(echo(p) for p in islice(request.parameters, 3))
                 raise CallFailed(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"load parameters {sorted(request.parameters)} are not supported: put the bundle in "
-                    f"{self.config.model_repository}/{request.model_name}/<version>/ and load again",
+                    f"load parameters ({named}) are not supported: put the bundle in the model repository's "
+                    f"folder {echo(request.model_name)} as <version>/ and load again",
                 )
             deadline = deadline_of(context)
             if not watcher.scan_now(None if deadline is None else max(0.0, deadline - time.monotonic())):
@@ -279,13 +279,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # Helpers shared by the RPCs.
 
+    def _scan(self) -> dict[str, dict[int, VersionDir]]:
+        """The repository's folders now (none for a --bundle server)."""
+        try:
+            return {} if self.scanner is None else self.scanner.scan()
+        except RepositoryError:  # its root was removed under the running server; the watcher logs where
+            raise CallFailed(
+                grpc.StatusCode.UNAVAILABLE, "the model repository cannot be read now; what is served keeps serving"
+            ) from None
+
     def _not_loaded(self, watcher: Watcher, name: str) -> CallFailed:
-        root = self.config.model_repository
-        versions = watcher.scanner.scan().get(name, {})
+        versions = self._scan().get(name, {})
         if not versions:
             return CallFailed(
                 grpc.StatusCode.NOT_FOUND,
-                f"{root}/{name}/ holds no version folder; publish a bundle there as <version>/ and load again",
+                f"the model repository's folder {echo(name)} holds no version folder; publish a bundle in it "
+                "as <version>/ and load again",
             )
         refusals = watcher.refusals(name)
         if refusals:
@@ -312,7 +321,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if version and version != model.version:
                 raise CallFailed(
                     grpc.StatusCode.NOT_FOUND,
-                    f"{model.name} version {version!r} is not served; served: {model.version} "
+                    f"{model.name} version {echo(version)} is not served; served: {model.version} "
                     "(leave the version empty for the one served)",
                 )
             yield model
@@ -326,8 +335,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model.batcher.arriving() as arrival,
         ):
             m = model.session.manifest
-            images = read_images(request, m.preprocessing.input_size, self.config.max_batch_images)
-            ks = requested_outputs(request, len(m.classes))
+            images = read_images(
+                request, m.preprocessing.input_size, self.config.max_batch_images, self.config.max_image_bytes
+            )
+            ks = requested_outputs(request, m.classes, len(images), self.config.max_message_bytes)
             tta = request_tta(request)
             guard = self.calls.guard(context, deadline)
             prepared = [self._prepare(model, image, tta, guard, i) for i, image in enumerate(images)]

@@ -89,6 +89,13 @@ class Metrics:
             ["model", "result"],
             registry=r,
         )
+        self.files_changed = Counter(
+            "classifier_model_files_changed",
+            "Times a served version's files changed on disk (each change is checked again; the version in memory "
+            "keeps serving unless they now hold another valid bundle)",
+            ["model"],
+            registry=r,
+        )
         self.model_version = Gauge(
             "classifier_model_version", "The repository version number each model serves now", ["model"], registry=r
         )

@@ -10,6 +10,7 @@ is refused with its reason logged and counted; whatever was served before keeps 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -21,11 +22,12 @@ import grpc
 
 from serving.admission import CallFailed
 from serving.batcher import Batcher, BatchStats
-from serving.bundle import BundleError, model_file, read_manifest
+from serving.bundle import BundleError, load_bundle, model_file, read_manifest
 from serving.config import ServerConfig, batch_views
+from serving.echo import echo
 from serving.metrics import Metrics
 from serving.predict import run_batch
-from serving.repository import VersionDir
+from serving.repository import VersionDir, changed_files
 from serving.session import ModelSession, choose_providers
 from serving.statistics import ModelStats
 
@@ -121,11 +123,13 @@ def _cuda(device: str) -> bool:
 @dataclass(frozen=True)
 class Refusal:
     """A version that was not loaded, and why. `budget`: refused for --max-model-bytes, so worth trying
-    again once memory is freed, whereas a broken bundle is worth trying again only once its files change."""
+    again once memory is freed, whereas a broken bundle is worth trying again only once its files change.
+    `served`: the files of the version served now, changed in place; the copy in memory keeps serving."""
 
     source: VersionDir
     reason: str
     budget: bool = False
+    served: bool = False
 
 
 class Registry:
@@ -203,7 +207,7 @@ class Registry:
             name = self.config.default_model if len(self._served) > 1 else next(iter(self._served))
         model = self._served.get(name)
         if model is None:
-            raise CallFailed(grpc.StatusCode.NOT_FOUND, f"no model {name!r} is served; served: {what}")
+            raise CallFailed(grpc.StatusCode.NOT_FOUND, f"no model {echo(name)} is served; served: {what}")
         if version and model.number != version:
             raise CallFailed(
                 grpc.StatusCode.NOT_FOUND,
@@ -225,15 +229,19 @@ class Registry:
 
     def sync(self, wanted: Mapping[str, VersionDir], present: set[tuple[str, int]]) -> list[Refusal]:
         """Load what `wanted` names and is not served yet, swap each in once warm, and unload a served
-        version whose folder is no longer `present` (model, version) with nothing to replace it.
+        version whose folder is no longer `present` (model, version) with nothing to replace it. A
+        served version whose files changed is loaded again if they no longer hold the bundle served.
         Returns the versions refused, with their reasons; the models they were meant to replace keep
         serving."""
         refused: list[Refusal] = []
         with self._sync_lock:
             for name, source in sorted(wanted.items()):
                 current = self.served().get(name)
+                in_place = False  # the served version's own folder, edited
                 if current is not None and current.number == source.version:
-                    continue
+                    if current.source == source or not self._changed_in_place(current, source):
+                        continue
+                    in_place = True
                 reason = self._over_budget(source)
                 budget = reason is not None
                 if reason is None:
@@ -242,9 +250,12 @@ class Registry:
                     except Exception as e:  # BundleError, or ONNX Runtime failing in ways of its own
                         reason = str(e) if isinstance(e, BundleError) else f"{type(e).__name__}: {e}"
                 if reason is not None:
-                    log.error("refused %s version %d (%s): %s", name, source.version, source.path, reason)
+                    kept = "; the copy loaded before its files changed keeps serving" if in_place else ""
+                    log.error("refused %s version %d (%s): %s%s", name, source.version, source.path, reason, kept)
                     self.metrics.model_loads.labels(name, "failed").inc()
-                    refused.append(Refusal(source, reason, budget))
+                    # Callers read the reason (RepositoryIndex): the repository's own path is no business of theirs.
+                    reason = reason.replace(f"{source.path.parent.parent}{os.sep}", "")
+                    refused.append(Refusal(source, reason, budget, served=in_place))
                     continue
                 model.source = source
                 self._swap(name, model)
@@ -253,6 +264,28 @@ class Registry:
             for model in gone:
                 self._unserve(model, f"its folder {model.source.path if model.source else ''} was removed")
         return refused
+
+    def _changed_in_place(self, model: ServedModel, source: VersionDir) -> bool:
+        """Whether the folder of the served `model`, whose files changed since it was loaded or last
+        checked (`source`: as they are now), no longer holds the bundle in memory: it is broken now, or
+        holds another valid one. Logged and counted; checked once per change, not on every poll."""
+        before = model.source.fingerprint if model.source is not None else ()
+        log.warning(
+            "%s/%d, served now: %s changed on disk; checking the bundle again",
+            source.model,
+            source.version,
+            ", ".join(changed_files(before, source.fingerprint)),
+        )
+        self.metrics.files_changed.labels(model.name).inc()
+        model.source = source
+        try:
+            manifest, _ = load_bundle(source.path, model.session.precision)
+        except BundleError:
+            return True  # loading it refuses it, saying why
+        if manifest == model.session.manifest:
+            log.info("%s/%d: its files hold the bundle served; nothing to do", source.model, source.version)
+            return False
+        return True
 
     def _over_budget(self, source: VersionDir) -> str | None:
         """Why loading `source` would exceed --max-model-bytes, or None."""

@@ -48,6 +48,12 @@ def fingerprint(folder: Path) -> Fingerprint:
     return tuple(sorted(entries))
 
 
+def changed_files(before: Fingerprint, after: Fingerprint) -> list[str]:
+    """Names of the files added, removed or changed (size or mtime) between two fingerprints of a folder."""
+    old, new = {name: rest for name, *rest in before}, {name: rest for name, *rest in after}
+    return sorted(name for name in old.keys() | new.keys() if old.get(name) != new.get(name))
+
+
 def _version_number(name: str) -> int | None:
     return int(name) if name.isascii() and name.isdigit() and int(name) > 0 else None
 

@@ -3,7 +3,9 @@
 policies want.
 
 A refused version is remembered with its files' fingerprint: it is not tried (or logged) again on
-every poll, only once its files change, as they do when a half-copied bundle is completed.
+every poll, only once its files change, as they do when a half-copied bundle is completed. So is the
+served version's folder edited in place into something that cannot be loaded, but that refusal
+leaves it served: the copy in memory needs no file, and its reason is reported all the same.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Watcher:
         self.policies = policies
         self.poll_s = poll_s
         self.refused: dict[VersionDir, str] = {}  # refused -> why
+        self._edits: dict[VersionDir, str] = {}  # served versions' folders refused after an edit in place -> why
         self._over_budget: dict[VersionDir, tuple[int, str]] = {}  # refused for memory -> (registry.unloads then, why)
         self._missing_pins: set[tuple[str, int]] = set()  # warned about once
         self.polls = 0  # scans completed, for tests and logs
@@ -46,6 +49,7 @@ class Watcher:
         # budget is tried again once a version was unloaded since.
         self._over_budget = {v: nw for v, nw in self._over_budget.items() if nw[0] == self.registry.unloads}
         self.refused = {v: why for v, why in self.refused.items() if scan.get(v.model, {}).get(v.version) == v}
+        self._edits = {v: why for v, why in self._edits.items() if scan.get(v.model, {}).get(v.version) == v}
         missing = {(m, pin) for m, pin in self.policies.items() if pin is not None and pin not in scan.get(m, {})}
         for model, pin in sorted(missing - self._missing_pins):
             log.warning("%s is pinned to version %d, which is not in the repository; what is served stays", model, pin)
@@ -56,7 +60,9 @@ class Watcher:
         refusals = self.registry.sync(wanted(scan, self.policies, {*self.refused, *self._over_budget}), present)
         while refusals:
             for refusal in refusals:
-                if refusal.budget:
+                if refusal.served:  # not one to avoid: what is served stays served
+                    self._edits[refusal.source] = refusal.reason
+                elif refusal.budget:
                     self._over_budget[refusal.source] = (self.registry.unloads, refusal.reason)
                 else:
                     self.refused[refusal.source] = refusal.reason
@@ -79,8 +85,10 @@ class Watcher:
             )
 
     def refusals(self, model: str) -> dict[int, str]:
-        """Why each refused version of `model` still on disk was refused, by version number."""
+        """Why each refused version of `model` still on disk was refused, by version number; the served
+        one's too, when its files were edited in place into what cannot be loaded."""
         why = {v.version: reason for v, reason in self.refused.items() if v.model == model}
+        why |= {v.version: reason for v, reason in self._edits.items() if v.model == model}
         return why | {v.version: reason for v, (_, reason) in self._over_budget.items() if v.model == model}
 
     def start(self) -> None:

@@ -290,3 +290,73 @@ def test_models_are_named_by_their_repository_folder(tmp_path, tiny_bundle):
         assert set(srv.models.served()) == {"shapes"}
         assert (c.health("hues"), c.health("shapes")) == ("NOT_SERVING", "SERVING")
         assert c.predict(png()).model_name == "shapes"  # now the only one
+
+
+def reorder_classes(folder: Path) -> None:
+    m = read_manifest(folder)
+    write_manifest(folder, m.model_copy(update={"classes": m.classes[::-1]}))
+
+
+def truncate_model(folder: Path) -> None:
+    with open(folder / MODEL_NAME, "r+b") as f:
+        f.truncate(1000)
+
+
+class TestServedFilesEditedInPlace:
+    """The served version's own folder changed under it: noticed at the next poll, checked once per change."""
+
+    @pytest.mark.parametrize(
+        ("edit", "changed", "why"),
+        [
+            (truncate_model, MODEL_NAME, "does not match the manifest's"),
+            (reorder_classes, "manifest.json", "classes not as embedded"),
+        ],
+    )
+    def test_a_broken_edit_is_refused_and_the_copy_in_memory_keeps_serving(
+        self, tmp_path, tiny_bundle, caplog, edit, changed, why
+    ):
+        caplog.set_level("INFO", logger="serving")
+        repo = tmp_path / "repo"
+        for n in (1, 2):  # an older version on disk, which must not take over
+            shutil.copytree(tiny_bundle, repo / MODEL / str(n))
+        served = repo / MODEL / "2"
+        with Server(repository_config(repo, poll_s=0)) as srv, Client(f"127.0.0.1:{srv.port}", timeout=60) as c:
+            assert srv.watcher is not None
+            before = c.predict(png())
+            edit(served)
+            for _ in range(3):
+                srv.watcher.poll()
+
+            assert f"{MODEL}/2, served now: {changed} changed on disk" in caplog.text
+            assert caplog.text.count(f"refused {MODEL} version 2") == 1  # checked once, not on every poll
+            assert sample(srv, "classifier_model_files_changed_total", model=MODEL) == 1
+            [(number, reason)] = srv.watcher.refusals(MODEL).items()
+            assert number == 2 and why in reason and str(repo) not in reason
+            after = c.predict(png())
+            assert after.model_version == "2"
+            np.testing.assert_allclose(after.probabilities, before.probabilities, atol=1e-6)
+
+            shutil.rmtree(served)  # put back as it was: changed again, checked again, nothing to load
+            shutil.copytree(tiny_bundle, served)
+            srv.watcher.poll()
+            assert sample(srv, "classifier_model_files_changed_total", model=MODEL) == 2
+            assert srv.watcher.refusals(MODEL) == {}
+            assert sample(srv, "classifier_model_loads_total", model=MODEL, result="loaded") == 1
+            assert c.predict(png()).model_version == "2"
+
+    def test_another_valid_bundle_written_in_place_is_loaded(self, tmp_path, tiny_bundle):
+        repo = tmp_path / "repo"
+        served = shutil.copytree(tiny_bundle, repo / MODEL / "1")
+        new = shifted_bundle(tiny_bundle, tmp_path / "new", shift=4.0)
+        with Server(repository_config(repo, poll_s=0)) as srv, Client(f"127.0.0.1:{srv.port}", timeout=60) as c:
+            assert srv.watcher is not None
+            before = c.predict(png())
+            for name in (MODEL_NAME, "manifest.json"):
+                shutil.copyfile(new / name, served / name)
+            srv.watcher.poll()
+            after = c.predict(png())
+            assert after.model_version == "1"
+            assert not np.allclose(after.probabilities, before.probabilities, atol=1e-3)
+            assert sample(srv, "classifier_model_loads_total", model=MODEL, result="loaded") == 2
+            assert sample(srv, "classifier_model_files_changed_total", model=MODEL) == 1
+            assert srv.watcher.refusals(MODEL) == {}

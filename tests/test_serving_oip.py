@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import queue
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import grpc
@@ -21,11 +22,22 @@ from serving.admission import CallFailed
 from serving.client import Client
 from serving.config import ServerConfig
 from serving.gen.inference import grpc_service_pb2 as ours
-from serving.inference_tensors import join_bytes, split_bytes
+from serving.inference_tensors import (
+    classifications,
+    join_bytes,
+    read_images,
+    requested_outputs,
+    response_bytes,
+    split_bytes,
+)
 from serving.server import Server
 from serving.session import ModelSession
 
 CLASSES = ["blue", "red"]  # the tiny bundle's, in output order
+SIZE = 32  # the tiny bundle's input size, px
+MAX_IMAGE_BYTES = ServerConfig.model_fields["max_image_bytes"].default
+MB = 2**20
+LONG = "x" * 20_000  # a request field far longer than a status message may be
 
 
 def jpeg(rgb=(200, 50, 40), size=(40, 30), seed=0) -> bytes:
@@ -47,6 +59,34 @@ def image_input(images: list[bytes]) -> triton.InferInput:
 
 def status(err: pytest.ExceptionInfo[InferenceServerException]) -> str:
     return str(err.value.status())
+
+
+def infer_request(datatype: str, shape: list[int], pb=ours):
+    """A ModelInferRequest for colours with one IMAGE input and nothing in it yet; `pb`: whose stubs."""
+    request = pb.ModelInferRequest(model_name="colours")
+    request.inputs.add(name="IMAGE", datatype=datatype, shape=shape)
+    return request
+
+
+def refusal(server, request: service_pb2.ModelInferRequest) -> grpc.RpcError:
+    """The error ModelInfer answers `request` with."""
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel, pytest.raises(grpc.RpcError) as err:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    return err.value
+
+
+def refused_within(max_bytes: int, call, *args, **kwargs) -> str:
+    """The message of the CallFailed that call(*args, **kwargs) raises, once checked that Python held at most
+    `max_bytes` more at any moment before it (tracemalloc's peak): refused before anything was built."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(CallFailed) as err:
+            call(*args, **kwargs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < max_bytes, f"{peak / MB:.1f} MB allocated before the refusal"
+    return str(err.value)
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +270,7 @@ class TestRepositoryIndex:
         with repository_server(tmp_path / "repo") as srv, triton.InferenceServerClient(f"127.0.0.1:{srv.port}") as c:
             assert index(c) == [("pets", "1", "READY"), ("pets", "2", "UNAVAILABLE")]
             reason = c.get_model_repository_index().models[1].reason
-            assert reason.startswith("refused: ") and "manifest.json" in reason
+            assert reason.startswith("refused: pets/2/manifest.json") and str(tmp_path) not in reason
 
 
 class TestRepositoryModelLoad:
@@ -253,7 +293,8 @@ class TestRepositoryModelLoad:
             with pytest.raises(InferenceServerException) as err:
                 c.load_model("dogs")
             assert status(err) == "StatusCode.NOT_FOUND"
-            assert f"{tmp_path / 'repo' / 'dogs'}/ holds no version folder" in err.value.message()
+            assert "the model repository's folder 'dogs' holds no version folder" in err.value.message()
+            assert str(tmp_path) not in err.value.message()  # where the server keeps its files is not told
 
     def test_a_refused_model_says_why(self, tiny_bundle, tmp_path):
         repo = tmp_path / "repo"
@@ -263,7 +304,8 @@ class TestRepositoryModelLoad:
             with pytest.raises(InferenceServerException) as err:
                 c.load_model("cats")
             assert status(err) == "StatusCode.FAILED_PRECONDITION"
-            assert "cats was refused: version 1: " in err.value.message() and "manifest.json" in err.value.message()
+            assert "cats was refused: version 1: cats/1/manifest.json" in err.value.message()
+            assert str(tmp_path) not in err.value.message()
 
     def test_parameters_are_refused_saying_where_the_bundle_goes(self, tiny_bundle, tmp_path):
         shutil.copytree(tiny_bundle, tmp_path / "repo" / "pets" / "1")
@@ -271,7 +313,8 @@ class TestRepositoryModelLoad:
             with pytest.raises(InferenceServerException) as err:
                 c.load_model("pets", config='{"max_batch_size": 4}')
             assert status(err) == "StatusCode.INVALID_ARGUMENT"
-            assert f"put the bundle in {tmp_path / 'repo'}/pets/<version>/" in err.value.message()
+            assert "put the bundle in the model repository's folder 'pets' as <version>/" in err.value.message()
+            assert str(tmp_path) not in err.value.message()
 
     def test_a_bundle_server_loads_nothing(self, tc):
         with pytest.raises(InferenceServerException) as err:
@@ -425,6 +468,68 @@ class TestErrors:
             tc.infer("colours", [image_input(IMAGES[:1])], model_version="other")
         assert status(err) == "StatusCode.NOT_FOUND" and "version 'other' is not served" in err.value.message()
 
+    @pytest.mark.parametrize("contents", ["bytes_contents", "uint_contents"])
+    def test_typed_contents_past_the_declared_shape_are_invalid_argument(self, server, contents):
+        if contents == "bytes_contents":
+            request = infer_request("BYTES", [1], service_pb2)
+            request.inputs[0].contents.bytes_contents.extend([bytes(4 * MB)] * 10)  # 40 MB for one image
+            message = "says 1 images but 10 elements were sent"
+        else:
+            request = infer_request("UINT8", [1, SIZE, SIZE, 3], service_pb2)
+            request.inputs[0].contents.uint_contents.extend(bytes(10_000_000))  # 10 MB sent, 3 KB declared
+            message = f"needs {SIZE * SIZE * 3} values of pixels in uint_contents, got 10000000"
+        err = refusal(server, request)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.details()
+
+    def test_raw_bytes_over_the_image_limit_are_refused_at_the_prefix(self, server):
+        request = infer_request("BYTES", [1], service_pb2)
+        request.raw_input_contents.append(join_bytes([bytes(MAX_IMAGE_BYTES + 1)]))
+        err = refusal(server, request)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"element 0 says {MAX_IMAGE_BYTES + 1} bytes, over the limit of {MAX_IMAGE_BYTES}" in err.details()
+
+    def test_output_fan_out_is_refused(self, server):
+        request = infer_request("BYTES", [1], service_pb2)
+        request.inputs[0].contents.bytes_contents.append(IMAGES[0])
+        for _ in range(1000):  # each a copy of the probabilities: 2.4 MB of request made 247 MB of response
+            request.outputs.add(name="PROBABILITIES")
+        err = refusal(server, request)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "1000 outputs requested" in err.details()
+
+    @pytest.mark.parametrize(
+        ("change", "code"),
+        [
+            pytest.param(lambda r: setattr(r, "model_name", LONG), grpc.StatusCode.NOT_FOUND, id="model name"),
+            pytest.param(lambda r: setattr(r, "model_version", LONG), grpc.StatusCode.NOT_FOUND, id="version"),
+            pytest.param(lambda r: setattr(r.inputs[0], "name", LONG), grpc.StatusCode.INVALID_ARGUMENT, id="input"),
+            pytest.param(
+                lambda r: setattr(r.inputs[0], "datatype", LONG), grpc.StatusCode.INVALID_ARGUMENT, id="datatype"
+            ),
+            pytest.param(lambda r: r.outputs.add(name=LONG), grpc.StatusCode.INVALID_ARGUMENT, id="output"),
+            pytest.param(
+                lambda r: r.parameters["tta"].MergeFrom(service_pb2.InferParameter(string_param=LONG)),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                id="parameter",
+            ),
+        ],
+    )
+    def test_a_long_field_is_cut_in_the_message(self, server, change, code):
+        # Quoted in full, the message would pass gRPC's metadata limit (8 KiB) and the call end
+        # RESOURCE_EXHAUSTED; cut to 200 characters, it is the message's size without it plus that.
+        request = infer_request("BYTES", [1], service_pb2)
+        request.inputs[0].contents.bytes_contents.append(IMAGES[0])
+        change(request)
+        err = refusal(server, request)
+        assert err.code() == code and len(err.details()) < 400
+        assert "x" * 100 in err.details() and "20000 characters in all" in err.details()
+
+    @pytest.mark.parametrize("call", ["infer", "get_model_metadata"])
+    def test_a_long_model_name_is_not_found(self, tc, call):
+        with pytest.raises(InferenceServerException) as err:
+            getattr(tc, call)(LONG, *([[image_input(IMAGES[:1])]] if call == "infer" else []))
+        assert status(err) == "StatusCode.NOT_FOUND" and len(err.value.message()) < 300
+        assert err.value.message().startswith("no model 'xxx")
+
 
 class TestStatistics:
     def test_counts_move_by_the_calls_made(self, tc):
@@ -546,6 +651,115 @@ class TestRawBytes:
                 call(b"\xff\xff\xff", timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not a valid ModelInfer message" in err.value.details()
+
+
+class TestCheckedBeforeBuilt:
+    """A request's input is checked from its declared shape, datatype and lengths before anything is
+    copied out of it: a bomb costs what refusing it does, however much it sent (no network)."""
+
+    def test_typed_bytes_past_the_declared_batch(self):
+        request = infer_request("BYTES", [1])
+        request.inputs[0].contents.bytes_contents.extend([bytes(4 * MB)] * 10)  # 40 MB
+        message = refused_within(MB, read_images, request, SIZE, 64, MAX_IMAGE_BYTES)
+        assert "shape [1] says 1 images but 10 elements were sent" in message
+
+    def test_typed_pixels_past_the_declared_shape(self):
+        request = infer_request("UINT8", [1, SIZE, SIZE, 3])
+        request.inputs[0].contents.uint_contents.extend(bytes(10_000_000))  # 40 MB parsed; far more as Python ints
+        message = refused_within(MB, read_images, request, SIZE, 64, MAX_IMAGE_BYTES)
+        assert f"needs {SIZE * SIZE * 3} values of pixels in uint_contents, got 10000000" in message
+
+    def test_a_shape_of_a_million_dimensions(self):
+        message = refused_within(MB, read_images, infer_request("BYTES", [1] * 1_000_000), SIZE, 64, MAX_IMAGE_BYTES)
+        assert "input IMAGE has 1000000 dimensions" in message
+
+    def test_raw_bytes_stop_at_the_first_element_past_the_batch(self):
+        raw = join_bytes([b""] * 1_000_000)  # 4 MB: a million elements for a batch of one
+        message = refused_within(MB, split_bytes, raw, max_elements=1)
+        assert "more elements than the 1 declared (another begins at offset 4)" in message
+
+    def test_a_raw_element_over_the_limit_is_refused_at_its_prefix(self):
+        raw = join_bytes([bytes(30 * MB)])
+        message = refused_within(MB, split_bytes, raw, max_element_bytes=MAX_IMAGE_BYTES)
+        assert f"element 0 says {30 * MB} bytes, over the limit of {MAX_IMAGE_BYTES}" in message
+        request = infer_request("BYTES", [1])
+        request.raw_input_contents.append(raw)
+        # Reading the entry out of the request copies it once; nothing more is made of it.
+        refused_within(len(raw) + MB, read_images, request, SIZE, 64, MAX_IMAGE_BYTES)
+
+    def test_a_typed_element_over_the_limit(self):
+        request = infer_request("BYTES", [2])
+        request.inputs[0].contents.bytes_contents.extend([bytes(1024), bytes(1025)])
+        with pytest.raises(CallFailed, match="element 1 is 1025 bytes, over the limit of 1024"):
+            read_images(request, SIZE, 64, 1024)
+
+    def test_a_raw_entry_larger_than_the_pixels_declared(self):
+        request = infer_request("UINT8", [1, SIZE, SIZE, 3])
+        request.raw_input_contents.append(bytes(2 * SIZE * SIZE * 3))
+        with pytest.raises(CallFailed, match=f"needs {SIZE * SIZE * 3} bytes of pixels, got {2 * SIZE * SIZE * 3}"):
+            read_images(request, SIZE, 64, MAX_IMAGE_BYTES)
+
+    def test_a_batch_over_the_limit_is_refused_from_the_shape(self):
+        with pytest.raises(CallFailed, match="65 images in one request, over the limit of 64"):
+            read_images(infer_request("BYTES", [65]), SIZE, 64, MAX_IMAGE_BYTES)
+
+    def test_raw_and_typed_contents_at_once(self):
+        request = infer_request("BYTES", [1])
+        request.raw_input_contents.append(join_bytes(IMAGES[:1]))
+        request.inputs[0].contents.bytes_contents.append(IMAGES[0])
+        with pytest.raises(CallFailed, match="both in raw_input_contents and in contents"):
+            read_images(request, SIZE, 64, MAX_IMAGE_BYTES)
+
+    def test_what_fits_the_declaration_is_read(self):
+        request = infer_request("BYTES", [2, 1])
+        request.raw_input_contents.append(join_bytes(IMAGES[:2]))
+        assert read_images(request, SIZE, 64, MAX_IMAGE_BYTES) == IMAGES[:2]
+        pixels = np.arange(SIZE * SIZE * 3, dtype=np.uint32) % 256
+        request = infer_request("UINT8", [1, SIZE, SIZE, 3])
+        request.inputs[0].contents.uint_contents.extend(pixels.tolist())
+        np.testing.assert_array_equal(read_images(request, SIZE, 64, MAX_IMAGE_BYTES), pixels.reshape(1, SIZE, SIZE, 3))
+
+
+class TestRequestedOutputs:
+    """PROBABILITIES at most once as probabilities and once as a classification, in a response that
+    fits the server's message limit (no network)."""
+
+    @staticmethod
+    def asking(*ks: int | None):
+        """A request for PROBABILITIES once per entry: None plain, k with classification k."""
+        request = infer_request("BYTES", [1])
+        for k in ks:
+            output = request.outputs.add(name="PROBABILITIES")
+            if k is not None:
+                output.parameters["classification"].int64_param = k
+        return request
+
+    @pytest.mark.parametrize(
+        ("ks", "message"),
+        [
+            ((None, 1, 2), "3 outputs requested"),
+            ((None, None), "requested twice as probabilities"),
+            ((1, 2), r"requested twice with classification \(k = 1 and 2\)"),
+        ],
+    )
+    def test_fan_out_is_refused(self, ks, message):
+        with pytest.raises(CallFailed, match=message):
+            requested_outputs(self.asking(*ks), CLASSES, 1, MB)
+
+    def test_one_of_each_form_in_the_order_asked(self):
+        assert requested_outputs(self.asking(5, None), CLASSES, 1, MB) == [2, 0]  # k capped at the classes
+        assert requested_outputs(self.asking(), CLASSES, 1, MB) == [0]
+
+    def test_a_response_over_the_limit_is_refused_before_it_is_built(self):
+        assert response_bytes([0], 64, CLASSES) == 64 * 2 * 4
+        with pytest.raises(CallFailed, match="the response for 64 images would be about 512 bytes, over the server's"):
+            requested_outputs(self.asking(), CLASSES, 64, 500)
+
+    def test_response_bytes_bound_what_is_built(self):
+        probabilities = np.array([[1.0, 0.0], [0.25, 0.75], [0.5, 0.5]], dtype=np.float32)
+        assert len(probabilities.astype("<f4").tobytes()) == response_bytes([0], 3, CLASSES)
+        for k in (1, 2):
+            assert len(join_bytes(classifications(probabilities, CLASSES, k))) <= response_bytes([k], 3, CLASSES)
 
 
 def test_not_ready_while_draining_but_live(tiny_bundle):
