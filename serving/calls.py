@@ -1,58 +1,40 @@
-"""What every classifying call does, whichever protocol it came by: admission, decoding within the
-call's limits, queueing with the batcher, and waiting no longer than its deadline; and the gRPC
-status each failure is reported with.
+"""What every classifying call does, whichever protocol it came by: one scope (admission, the
+model, its statistics, the batcher's arrival), decoding in the decoding processes within the call's
+limits, queueing with the batcher, and waiting no longer than its deadline.
 
 classifier.v1 (serving.servicer) and the Open Inference Protocol (serving.inference_protocol) both
-go through one `Calls`, so that they share the shutdown gate, the decode budget and the batcher.
+go through one `Calls`, so that they share the shutdown gate, the decoding processes and the
+batcher; serving.errors says with what status each failure ends a call.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future
-from typing import NoReturn
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
 from serving.admission import Admission, CallGuard
-from serving.batcher import Arrival, DeadlineExpired, QueueFull, ShuttingDown
+from serving.batcher import Arrival, DeadlineExpired, ShuttingDown
 from serving.config import ServerConfig, decoders
 from serving.decode_worker import Job
 from serving.decoders import DecodePool
-from serving.errors import CallFailed, ItemFailed
+from serving.errors import CallFailed, ItemFailed, status_for
 from serving.metrics import Metrics
 from serving.models import Registry, ServedModel
 from serving.predict import Prepared
 from serving.preprocess import ImageError
+from serving.statistics import Outcome
 
 log = logging.getLogger("serving")
 
 # gRPC reports "no deadline" as a time remaining of about 292 years; anything past a day is none.
 _NO_DEADLINE_S = 86_400.0
-
-
-def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status a failure is reported with, and its message for people."""
-    if isinstance(error, (CallFailed, ItemFailed)):
-        return error.code, str(error)
-    if isinstance(error, ImageError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    if isinstance(error, QueueFull):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
-    if isinstance(error, DeadlineExpired):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exceeded before the model ran: {error}"
-    if isinstance(error, ShuttingDown):
-        return grpc.StatusCode.UNAVAILABLE, str(error)
-    return grpc.StatusCode.INTERNAL, f"the model failed on this input: {type(error).__name__}: {error}"
-
-
-def abort(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
-    """End the call with `error`'s status. grpc's context.abort always raises, but grpc ships no type
-    information that says so; this function does, for the type checker and the reader."""
-    context.abort(*status_for(error))
-    raise AssertionError("grpc.ServicerContext.abort returned instead of raising")
 
 
 def deadline_of(context: grpc.ServicerContext) -> float | None:
@@ -88,6 +70,16 @@ def wait_all(futures: list[Future], deadline: float | None) -> list[np.ndarray |
     return out
 
 
+@dataclass(frozen=True)
+class Call:
+    """A call in progress: the model answering it, the Outcome its statistics will count (set its
+    `images` once known), and its Arrival, which the batcher waits for (serving.batcher)."""
+
+    model: ServedModel
+    outcome: Outcome
+    arrival: Arrival
+
+
 class Calls:
     """The shared path of a call: `admission` (the shutdown gate), `prepare` each image in a decoding
     process under the call's `guard`, then `run` the prepared images through the model's batcher."""
@@ -104,6 +96,20 @@ class Calls:
             on_replaced=lambda reason: metrics.decoders_replaced.labels(reason).inc(),
             on_warnings=self._decoder_warnings,
         )
+
+    @contextmanager
+    def opened(self, acquire: AbstractContextManager[ServedModel], images: int = 0) -> Iterator[Call]:
+        """The one scope of a classifying call, whichever protocol it came by: admitted past the
+        shutdown gate, holding the model `acquire` finds (serving.models.Registry.acquire), counted
+        in its statistics (`images`, unless the call sets outcome.images), and announced to its
+        batcher. Whatever the block raises ends the call; errors.status_for says with what status."""
+        with (
+            self.admission.admitted(),
+            acquire as model,
+            model.stats.counting(images) as outcome,
+            model.batcher.arriving() as arrival,
+        ):
+            yield Call(model, outcome, arrival)
 
     def guard(self, context: grpc.ServicerContext, deadline: float | None = None) -> CallGuard:
         """The call's limits; `deadline` (monotonic) when the call asked for one sooner than gRPC's."""

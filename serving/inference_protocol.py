@@ -30,10 +30,10 @@ import grpc
 import numpy as np
 
 from serving.admission import CallFailed, CallGuard
-from serving.batcher import QueueFull
-from serving.calls import Calls, abort, deadline_of, status_for
+from serving.calls import Calls, deadline_of
 from serving.config import ServerConfig
 from serving.echo import echo
+from serving.errors import abort, status_for
 from serving.gen.inference import grpc_service_pb2 as pb
 from serving.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.inference_tensors import (
@@ -63,11 +63,8 @@ def unimplemented(message: str) -> CallFailed:
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status a failure is reported with through this protocol: as classifier.v1, except that
-    a full queue is UNAVAILABLE, as Triton reports it, which its clients retry."""
-    if isinstance(error, QueueFull):
-        return grpc.StatusCode.UNAVAILABLE, f"the queue is full: {error}"
-    return status_for(error)
+    """errors.status_for, with a full queue UNAVAILABLE, as Triton reports it (its clients retry on it)."""
+    return status_for(error, queue_full=grpc.StatusCode.UNAVAILABLE)
 
 
 def model_statistics(model: ServedModel, s: Snapshot) -> pb.ModelStatistics:
@@ -311,7 +308,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             yield
         except Exception as e:
-            context.abort(*status_of(e))
+            abort(context, e, queue_full=grpc.StatusCode.UNAVAILABLE)
 
     @contextmanager
     def _model(self, name: str, version: str) -> Iterator[ServedModel]:
@@ -328,12 +325,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _infer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
         deadline = request_deadline(request, deadline_of(context))
-        with (
-            self.calls.admission.admitted(),
-            self._model(request.model_name, request.model_version) as model,
-            model.stats.counting() as outcome,
-            model.batcher.arriving() as arrival,
-        ):
+        with self.calls.opened(self._model(request.model_name, request.model_version)) as call:
+            model, outcome, arrival = call.model, call.outcome, call.arrival
             m = model.session.manifest
             images = read_images(
                 request, m.preprocessing.input_size, self.config.max_batch_images, self.config.max_image_bytes

@@ -10,8 +10,9 @@ import grpc
 import numpy as np
 
 from serving.admission import CallFailed, CallGuard
-from serving.calls import Calls, abort, status_for
+from serving.calls import Calls
 from serving.config import ServerConfig
+from serving.errors import abort, status_for
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.metrics import Metrics
@@ -28,12 +29,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         try:
-            with (
-                self.calls.admission.admitted(),
-                self.models.acquire(request.model, request.version) as model,
-                model.stats.counting(1),
-                model.batcher.arriving() as arrival,
-            ):
+            with self.calls.opened(self.models.acquire(request.model, request.version), images=1) as call:
+                model, arrival = call.model, call.arrival
                 prepared = self._prepare(model, request, self.calls.guard(context), "Predict")
                 if isinstance(prepared, Exception):
                     raise prepared
@@ -46,12 +43,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     def PredictBatch(self, request: pb.PredictBatchRequest, context: grpc.ServicerContext) -> pb.PredictBatchResponse:
         try:
-            with (
-                self.calls.admission.admitted(),
-                self.models.acquire(request.model, request.version) as model,
-                model.stats.counting() as counted,
-                model.batcher.arriving() as arrival,
-            ):
+            with self.calls.opened(self.models.acquire(request.model, request.version)) as call:
+                model, arrival = call.model, call.arrival
                 if len(request.requests) > self.config.max_batch_images:
                     raise CallFailed(
                         grpc.StatusCode.INVALID_ARGUMENT,
@@ -70,7 +63,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                     self._batch_result(model, item, outcome)
                     for item, outcome in zip(request.requests, outcomes, strict=True)
                 ]
-                counted.images = sum(r.status.code == 0 for r in results)
+                call.outcome.images = sum(r.status.code == 0 for r in results)
                 return pb.PredictBatchResponse(results=results)
         except Exception as e:
             abort(context, e)
