@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,7 +23,7 @@ import grpc
 from serving.admission import CallFailed
 from serving.batcher import Batcher, BatchStats
 from serving.bundle import BundleError, load_bundle, model_file, read_manifest
-from serving.config import ServerConfig, batch_views
+from serving.config import ServerConfig, batch_views, decoders
 from serving.echo import echo
 from serving.metrics import Metrics
 from serving.predict import run_batch
@@ -41,6 +41,25 @@ log = logging.getLogger("serving")
 # rather than the kernel killing the server.
 WEIGHT_FACTOR = 2.5  # resident bytes per byte of model file
 ACTIVATION_BYTES = 300  # arena bytes per input pixel (size x size) per view of the warm-up batch
+
+
+# The rest of the README's memory formula ("What a request may cost"): the server's process before any
+# model or request (Python, gRPC, ONNX Runtime) with the decoders' zygote, and the copies of a request
+# each handler thread may hold at once (gRPC's buffers, the serialized and parsed message, its image
+# field), measured in tests/test_serving_decoders.py.
+BASE_BYTES = 400 * 2**20
+REQUEST_COPIES = 5
+
+
+def memory_bound(config: ServerConfig, model_costs: Iterable[int]) -> int:
+    """The most the whole server (its process, the zygote and the decoding processes, as PSS) may
+    use, in bytes, with versions of these estimated costs loaded: the README's formula."""
+    return (
+        BASE_BYTES
+        + sum(model_costs)
+        + config.workers * REQUEST_COPIES * config.max_message_bytes
+        + decoders(config) * config.decode_worker_memory_mb * 2**20
+    )
 
 
 def memory_estimate(model_bytes: int, input_size: int, batch_views: int, instances: int = 1) -> int:

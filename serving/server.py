@@ -32,7 +32,7 @@ from serving.gen.inference import grpc_service_pb2_grpc as oip_grpc
 from serving.inference_protocol import InferenceServicer
 from serving.interceptor import EdgeInterceptor
 from serving.metrics import Metrics
-from serving.models import Registry, ServedModel, open_model
+from serving.models import Registry, ServedModel, memory_bound, open_model
 from serving.repository import parse_policies
 from serving.servicer import ClassifierServicer
 from serving.session import ModelSession
@@ -151,6 +151,10 @@ class Server:
             if not self.models.served():
                 log.warning("%s: no model version could be loaded yet; watching for one", c.model_repository)
         log.info("listening on %s:%d", c.host, self.port)
+        bound = memory_bound(c, [m.cost_bytes for m in self.models.served().values()])
+        log.info(
+            "memory: at most %d MiB with what is loaded now (README, 'What a request may cost')", bound // 2**20
+        )
 
     def reload(self) -> None:
         """Scan the repository now instead of at the next poll (what SIGHUP does); returns at once."""
