@@ -147,8 +147,9 @@ def _die_with_parent() -> None:
 
 def zygote_main(control: socket.socket, memory_bytes: int) -> None:
     """Fork one worker per byte received on `control`, and send back its pid with the server's end of
-    its pipe; exit when the server closes `control` (it stopped, or died)."""
-    _die_with_parent()
+    its pipe; exit when the server closes `control` (it stopped, or died). Not _die_with_parent():
+    that signal comes when the *thread* that started a process ends, and a pool may be made by a
+    thread that ends before the server does."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Workers are reaped by the kernel as they exit: the server kills them by pid and needs no status.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)

@@ -48,6 +48,10 @@ HEALTH_NAMES = ("", SERVICE)
 OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPCInferenceService
 
 
+# Calls gRPC core holds for the server before a handler takes them, at least (see the options below).
+PENDING_CALLS = 3000
+
+
 class Server:
     """A started gRPC server; `port` is the one actually bound (useful with port=0).
 
@@ -76,6 +80,7 @@ class Server:
             ready=lambda: not self._draining and bool(self.models.served()),
             watcher=lambda: self.watcher,
         )
+        pending = max(config.max_concurrent_calls, PENDING_CALLS)
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
             interceptors=[
@@ -91,6 +96,14 @@ class Server:
                 # Larger messages are refused by gRPC itself with RESOURCE_EXHAUSTED, before any handler runs.
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a port in use is an error, not a silently shared socket
+                # gRPC core queues each method's calls until a handler takes the next, and past
+                # max_pending_requests (default 1000; all of them past the hard limit, 3000) drops new
+                # ones at random as CANCELLED, before any code of ours sees them. Calls that arrived
+                # expired count until taken off, so a burst of them cost the next valid caller its call
+                # (issue 24). One bound, no random band, never below our own limit, whose refusals are
+                # RESOURCE_EXHAUSTED and counted.
+                ("grpc.server.max_pending_requests", pending),
+                ("grpc.server.max_pending_requests_hard_limit", pending),
             ],
             # Past this many calls gRPC answers RESOURCE_EXHAUSTED instead of queueing without bound.
             maximum_concurrent_rpcs=config.max_concurrent_calls,
@@ -152,9 +165,7 @@ class Server:
                 log.warning("%s: no model version could be loaded yet; watching for one", c.model_repository)
         log.info("listening on %s:%d", c.host, self.port)
         bound = memory_bound(c, [m.cost_bytes for m in self.models.served().values()])
-        log.info(
-            "memory: at most %d MiB with what is loaded now (README, 'What a request may cost')", bound // 2**20
-        )
+        log.info("memory: at most %d MiB with what is loaded now (README, 'What a request may cost')", bound // 2**20)
 
     def reload(self) -> None:
         """Scan the repository now instead of at the next poll (what SIGHUP does); returns at once."""
