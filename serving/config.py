@@ -147,7 +147,7 @@ class ServerConfig(BaseModel):
     decode_timeout_s: float = Field(
         10.0,
         gt=0,
-        description="longest one image may take to decode, seconds, also for calls without a deadline; its "
+        description="CPU time one image may take to decode, seconds, also for calls without a deadline; its "
         "decoding process is then killed and the image gets INVALID_ARGUMENT",
     )
     allowed_formats: tuple[str, ...] = Field(
