@@ -4,7 +4,7 @@
 
 Loads the bundle `--versions` times, each as its own ONNX Runtime session warmed with a full batch
 (what a hot switch holds at once: old and new), and prints the resident-set growth after each,
-and its ratio to the model file's size: the basis of serving.models.memory_estimate. Linux only
+and its ratio to the model file's size: the basis of serving.repository.registry.memory_estimate. Linux only
 (reads /proc/self/status).
 """
 
@@ -15,8 +15,8 @@ import gc
 from pathlib import Path
 
 from serving.config import ServerConfig
-from serving.metrics import Metrics
-from serving.models import open_model
+from serving.monitoring import Metrics
+from serving.repository.registry import open_model
 
 
 def rss_bytes() -> int:

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "health":
         return run_health(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from serving.bundle import BundleError
+    from serving.bundle.manifest import BundleError
     from serving.config import ConfigError, ServerConfig, load_config
     from serving.server import serve
 

@@ -12,10 +12,10 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
-from serving.bundle import Precision
+from serving.bundle.manifest import Precision
+from serving.bundle.preprocess import DEFAULT_FORMATS, PEAK_BYTES_PER_PIXEL
 from serving.cpus import usable_cpus
-from serving.preprocess import DEFAULT_FORMATS, PEAK_BYTES_PER_PIXEL
-from serving.repository import RepositoryError, parse_policies
+from serving.repository.layout import RepositoryError, parse_policies
 
 ENV_PREFIX = "SERVING_"
 # decode_workers=0: one decoding process per usable CPU, within these bounds. Two keep one image's decode
@@ -97,7 +97,7 @@ class ServerConfig(BaseModel):
         False,
         description="let ONNX Runtime's threads busy-wait for the next run; off leaves the cores to image decoding",
     )
-    # Dynamic batching (serving/batcher.py); the unit of a batch is a TTA view, one row of the graph's input.
+    # Dynamic batching (serving/engine/batcher.py); the unit of a batch is a TTA view, one row of the graph's input.
     max_batch_views: int = Field(
         0,
         ge=0,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.preprocess import load_views
-from serving.session import ModelSession
+from serving.bundle.preprocess import load_views
+from serving.bundle.session import ModelSession
 
 
 def predict_files(

@@ -8,7 +8,7 @@ read that service, and server reflection lets generic tools (grpcurl, grpcui) di
 Each served model also has its own health name, SERVING while a version of it is served.
 
 With a model repository, a Watcher scans it every `poll_s` seconds and on SIGHUP, and the Registry
-switches versions live (serving/models.py).
+switches versions live (serving/repository/registry.py).
 """
 
 from __future__ import annotations
@@ -22,23 +22,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serving.batcher import Batcher
-from serving.calls import Calls
+from serving.bundle.session import ModelSession
 from serving.config import ServerConfig, max_streams
+from serving.engine.batcher import Batcher
+from serving.engine.calls import Calls
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.gen.inference import grpc_service_pb2 as oip_pb
 from serving.gen.inference import grpc_service_pb2_grpc as oip_grpc
-from serving.inference_protocol import InferenceServicer
-from serving.interceptor import EdgeInterceptor
-from serving.metrics import Metrics
-from serving.models import Registry, ServedModel, memory_bound, open_model
-from serving.repository import parse_policies
-from serving.servicer import ClassifierServicer
-from serving.session import ModelSession
+from serving.monitoring import Metrics
+from serving.protocols.classifier import ClassifierServicer
+from serving.protocols.inference import InferenceServicer
+from serving.protocols.interceptor import EdgeInterceptor
+from serving.protocols.streams import StreamLimiter
+from serving.repository.layout import parse_policies
+from serving.repository.registry import Registry, ServedModel, memory_bound, open_model
+from serving.repository.watcher import Watcher
 from serving.signals import Signals
-from serving.streams import StreamLimiter
-from serving.watcher import Watcher
 
 log = logging.getLogger("serving")
 

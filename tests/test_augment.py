@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.preprocess import resize_shorter
+from serving.bundle.preprocess import resize_shorter
 from trainer.augment import (
     TTA_BASIC,
     TTA_SIDE_ON,

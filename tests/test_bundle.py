@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from serving.bundle import (
+from serving.bundle.files import make_temp_dir, sha256_file, umask, write_atomic
+from serving.bundle.manifest import (
     CENTER,
     CONTRACT_KEY,
     MODEL_NAME,
@@ -26,7 +27,6 @@ from serving.bundle import (
     read_manifest,
     write_manifest,
 )
-from serving.files import make_temp_dir, sha256_file, umask, write_atomic
 
 TWO_VIEWS = TTA(views=[CENTER, TTAView(name="hflip", hflip=True)])
 

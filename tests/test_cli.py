@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from serving.bundle import read_manifest
+from serving.bundle.manifest import read_manifest
 
 TRAINER, SERVING = shutil.which("trainer"), shutil.which("serving")
 pytestmark = pytest.mark.skipif(not (TRAINER and SERVING), reason="console scripts not installed (pip install -e .)")

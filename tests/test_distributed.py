@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import TRAINER_RUN_FLAGS, epochs_as_trained, write_colour_dataset
 
-from serving.bundle import read_manifest
+from serving.bundle.manifest import read_manifest
 from trainer import distributed
 from trainer.data import EpochSampler
 from trainer.distributed import Dist, DistributedError, from_env

@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from serving.bundle import read_manifest
+from serving.bundle.manifest import read_manifest
 from serving.client import Client
 from serving.config import ServerConfig
 from serving.server import Server

@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import write_colour_dataset
 
-from serving.bundle import CONTRACT_KEY, MODEL_NAME, BundleError, contract_json, load_bundle, read_manifest
+from serving.bundle.files import sha256_file
+from serving.bundle.manifest import CONTRACT_KEY, MODEL_NAME, BundleError, contract_json, load_bundle, read_manifest
+from serving.bundle.preprocess import load_views
+from serving.bundle.session import ModelSession
 from serving.evaluate import predict_files
-from serving.files import sha256_file
-from serving.preprocess import load_views
-from serving.session import ModelSession
 from trainer import export as export_module
 from trainer.augment import tfms_from_model, transforms_side_on
 from trainer.calibrate import before_calibration
@@ -106,7 +106,7 @@ class TestQuietQuantization:
         script = (
             "import logging, sys\n"
             "from pathlib import Path\n"
-            "from serving.bundle import read_manifest\n"
+            "from serving.bundle.manifest import read_manifest\n"
             "from trainer.export import quantize_int8\n"
             "b, files = Path(sys.argv[1]), [Path(f) for f in sys.argv[3:]]\n"
             "quantize_int8(b / 'model.onnx', Path(sys.argv[2]), read_manifest(b), files)\n"

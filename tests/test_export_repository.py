@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from serving.bundle import MANIFEST_NAME, MODEL_NAME, load_bundle
-from serving.repository import Scanner
+from serving.bundle.manifest import MANIFEST_NAME, MODEL_NAME, load_bundle
+from serving.repository.layout import Scanner
 from trainer.cli import main
 from trainer.commands import export_run
 from trainer.export import ExportError

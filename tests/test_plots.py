@@ -289,7 +289,7 @@ class TestImageGrid:
         assert_png(plot_image_grid(photos[:1], ["one"], tmp_path / "grid.png", cols=4))
 
     def test_exif_orientation_applied(self, photos):
-        from serving.preprocess import decode_image
+        from serving.bundle.preprocess import decode_image
 
         assert decode_image(photos[2].read_bytes()).size == (100, 240)
 

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from serving.bundle import CENTER, Preprocessing, TTAView
+from serving.bundle.manifest import CENTER, Preprocessing, TTAView
 from trainer.precompute import cache_key, cached, files_fingerprint, load, save
 
 PREP = Preprocessing(input_size=16, resize_size=18)

@@ -1,4 +1,4 @@
-"""serving.preprocess: decoding, orientation, modes and deterministic views, on real encoded files."""
+"""serving.bundle.preprocess: decoding, orientation, modes and deterministic views, on real encoded files."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.bundle import CENTER, Preprocessing, TTAView
-from serving.preprocess import (
+from serving.bundle.manifest import CENTER, Preprocessing, TTAView
+from serving.bundle.preprocess import (
     MAX_ASPECT_RATIO,
     ImageError,
     cap_aspect_ratio,

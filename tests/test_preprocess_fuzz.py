@@ -20,15 +20,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from serving.bundle import CENTER, Preprocessing, TTAView
-from serving.preprocess import PEAK_BYTES_PER_PIXEL, ImageError, load_views
+from serving.bundle.manifest import CENTER, Preprocessing, TTAView
+from serving.bundle.preprocess import PEAK_BYTES_PER_PIXEL, ImageError, load_views
 
 MAX_PIXELS = 4_000_000
 MEMORY_BOUND_KB = (PEAK_BYTES_PER_PIXEL * MAX_PIXELS + 64 * 2**20) // 1024
 PREP = Preprocessing(input_size=32, resize_size=37)
 VIEWS = [CENTER, TTAView(name="zoom", zoom=1.1, anchor="bottom_right", hflip=True)]
 # Pillow warns about what it finds in hostile files (corrupt EXIF, sizes past its own limit before
-# ours refuses them): expected here; the server counts them (serving/decoder_log.py).
+# ours refuses them): expected here; the server counts them (serving/engine/decoder_log.py).
 pytestmark = pytest.mark.filterwarnings("ignore:::PIL")
 HYMENOPTERA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hymenoptera"
 

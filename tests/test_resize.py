@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import trainer.resize
-from serving.preprocess import decode_image, resize_shorter
+from serving.bundle.preprocess import decode_image, resize_shorter
 from trainer.augment import tfms_from_model
 from trainer.config import RunConfig
 from trainer.data import DataError, ImageClassifierData

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from serving.bundle import MANIFEST_NAME
+from serving.bundle.manifest import MANIFEST_NAME
 from trainer.config import RunConfig
 from trainer.history import EpochStats
 from trainer.run_folder import RunFolder

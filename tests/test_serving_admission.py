@@ -1,4 +1,4 @@
-"""serving.admission: one call's guard and the shutdown gate, and the per-call pixel limit, without a network.
+"""serving.engine.admission: one call's guard and the shutdown gate, and the per-call pixel limit, without a network.
 
 Threads meet at explicit events; the only clock that moves is time.monotonic() in deadline cases,
 and those wait on a deadline already in the past, so nothing here depends on the machine's speed.
@@ -12,10 +12,10 @@ import time
 import grpc
 import pytest
 
-from serving.admission import Admission, CallFailed, CallGuard
-from serving.bundle import Preprocessing
-from serving.decode_worker import Job, call_pixels_admit
-from serving.preprocess import ImageError
+from serving.bundle.manifest import Preprocessing
+from serving.bundle.preprocess import ImageError
+from serving.engine.admission import Admission, CallFailed, CallGuard
+from serving.engine.decode_worker import Job, call_pixels_admit
 
 
 def guard(*, deadline=None, active=True, limit=100) -> CallGuard:

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from serving.batcher import Batcher, BatchStats, DeadlineExpired, QueueFull, ShuttingDown
+from serving.engine.batcher import Batcher, BatchStats, DeadlineExpired, QueueFull, ShuttingDown
 
 
 class Step:

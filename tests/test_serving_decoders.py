@@ -1,4 +1,4 @@
-"""Decoding in worker processes (serving.decoders): whatever an image makes its decoder do, it costs
+"""Decoding in worker processes (serving.engine.decoders): whatever an image makes its decoder do, it costs
 at most one worker's memory limit for at most the call's deadline, and fails only its own image.
 
 Real worker processes and real files throughout; the hostile images are the ones an attack on the
@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.bundle import Preprocessing, TTAView
+from serving.bundle.manifest import Preprocessing, TTAView
+from serving.bundle.preprocess import DEFAULT_FORMATS, ImageError, load_views
 from serving.client import Client
 from serving.config import ServerConfig
-from serving.decode_worker import Job
-from serving.decoders import POLL_S, DecodePool
-from serving.errors import CallFailed, ItemFailed
-from serving.preprocess import DEFAULT_FORMATS, ImageError, load_views
+from serving.engine.decode_worker import Job
+from serving.engine.decoders import POLL_S, DecodePool
+from serving.engine.errors import CallFailed, ItemFailed
 from serving.server import Server
 
 PREP = Preprocessing(input_size=32, resize_size=36)

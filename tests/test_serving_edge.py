@@ -16,11 +16,11 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from test_serving_server import GatedSession, png, wait_until
 
+from serving.bundle.session import ModelSession
 from serving.client import Client
 from serving.config import ServerConfig
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.server import Server
-from serving.session import ModelSession
 
 
 def requests_total(srv: Server, method: str, code: str) -> float:

@@ -20,11 +20,11 @@ import pytest
 from onnx import numpy_helper
 from test_serving_server import png, wait_until
 
-from serving.bundle import MODEL_NAME, read_manifest, write_manifest
+from serving.bundle.files import sha256_file
+from serving.bundle.manifest import MODEL_NAME, read_manifest, write_manifest
 from serving.client import Client
 from serving.config import ServerConfig
-from serving.files import sha256_file
-from serving.models import memory_estimate
+from serving.repository.registry import memory_estimate
 from serving.server import Server
 
 N_CLIENTS = 16

@@ -18,11 +18,12 @@ from test_serving_server import GatedSession, config, wait_until
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
-from serving.admission import CallFailed
+from serving.bundle.session import ModelSession
 from serving.client import Client
 from serving.config import ServerConfig
+from serving.engine.admission import CallFailed
 from serving.gen.inference import grpc_service_pb2 as ours
-from serving.inference_tensors import (
+from serving.protocols.tensors import (
     classifications,
     join_bytes,
     read_images,
@@ -31,7 +32,6 @@ from serving.inference_tensors import (
     split_bytes,
 )
 from serving.server import Server
-from serving.session import ModelSession
 
 CLASSES = ["blue", "red"]  # the tiny bundle's, in output order
 SIZE = 32  # the tiny bundle's input size, px

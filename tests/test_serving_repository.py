@@ -11,14 +11,14 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from serving.admission import CallFailed
-from serving.batcher import Batcher
-from serving.bundle import MANIFEST_NAME, read_manifest
+from serving.bundle.manifest import MANIFEST_NAME, read_manifest
 from serving.config import ConfigError, ServerConfig, load_config
-from serving.metrics import Metrics
-from serving.models import Registry, ServedModel, memory_estimate, open_model
-from serving.repository import RepositoryError, Scanner, VersionDir, parse_policies, publish, staging_dir, wanted
-from serving.watcher import Watcher
+from serving.engine.admission import CallFailed
+from serving.engine.batcher import Batcher
+from serving.monitoring import Metrics
+from serving.repository.layout import RepositoryError, Scanner, VersionDir, parse_policies, publish, staging_dir, wanted
+from serving.repository.registry import Registry, ServedModel, memory_estimate, open_model
+from serving.repository.watcher import Watcher
 
 
 def version(root: Path, model: str, number: int | str, files: dict[str, bytes] | None = None) -> Path:
@@ -121,7 +121,7 @@ class TestPublish:
         assert [p.name for p in (tmp_path / "cats").iterdir() if p.name.startswith(".")] == []
 
     def test_a_number_taken_meanwhile_is_skipped(self, tmp_path, monkeypatch):
-        import serving.repository as repository
+        import serving.repository.layout as repository
 
         staged = self.staged(tmp_path)
         version(tmp_path, "cats", 1, {"model.onnx": b"another export's"})

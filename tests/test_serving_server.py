@@ -17,12 +17,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.bundle import BundleError
+from serving.bundle.manifest import BundleError
+from serving.bundle.session import ModelSession
 from serving.client import Client
 from serving.config import ServerConfig
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.server import Server
-from serving.session import ModelSession
 
 N_VIEWS = 4  # the tiny bundle's TTA views
 

@@ -10,9 +10,9 @@ import sys
 import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
-from serving.bundle import CONTRACT_KEY, MODEL_NAME, UNRECORDED_TTA_REASON, BundleError, contract_json
-from serving.files import sha256_file
-from serving.session import ModelSession
+from serving.bundle.files import sha256_file
+from serving.bundle.manifest import CONTRACT_KEY, MODEL_NAME, UNRECORDED_TTA_REASON, BundleError, contract_json
+from serving.bundle.session import ModelSession
 
 
 def edit_manifest(bundle, change) -> None:

@@ -26,16 +26,16 @@ import pytest
 from PIL import Image
 from test_serving_server import GatedSession, wait_until
 
-from serving.bundle import read_manifest
+from serving.bundle.manifest import read_manifest
+from serving.bundle.session import ModelSession
 from serving.client import Client
 from serving.config import ServerConfig
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.server import Server
-from serving.session import ModelSession
 
 CLIENTS = 6
 GRACE_S = 20.0  # longer than any call here takes, so that only a call that hangs reaches it
-# What serving/admission.py answers a call that arrives once shutdown began (README, "Status codes").
+# What serving/engine/admission.py answers a call that arrives once shutdown began (README, "Status codes").
 REFUSED = "the server is shutting down; retry on another replica"
 
 

@@ -14,12 +14,12 @@ import grpc
 import pytest
 from test_serving_server import GatedSession, png, wait_until
 
+from serving.bundle.session import ModelSession
 from serving.client import Client
 from serving.config import ServerConfig
 from serving.gen.classifier.v1 import classifier_pb2 as pb
-from serving.interceptor import EdgeInterceptor
+from serving.protocols.interceptor import EdgeInterceptor
 from serving.server import Server
-from serving.session import ModelSession
 
 CALLERS = Path(__file__).with_name("soak_callers.py")  # in a process of their own, as callers are
 SOAK_S = 15.0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from serving.batcher import BatchStats
-from serving.statistics import Duration, ModelStats
+from serving.engine.batcher import BatchStats
+from serving.engine.statistics import Duration, ModelStats
 
 
 def test_a_batch_adds_queue_waits_per_image_and_its_run_once_per_image():

@@ -1,4 +1,4 @@
-"""Streams cannot take the server (serving.streams): 256 streams that open and send nothing leave
+"""Streams cannot take the server (serving.protocols.streams): 256 streams that open and send nothing leave
 Predict and the health check answering, those past --max-streams are refused at once, and a stream
 that waits past --stream-idle-s for its next request is closed."""
 

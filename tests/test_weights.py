@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from serving.bundle import CENTER, Preprocessing
-from serving.preprocess import load_views
+from serving.bundle.manifest import CENTER, Preprocessing
+from serving.bundle.preprocess import load_views
 from trainer.model import Normalize, WeightsNotFoundError, build_net, get_arch, load_state
 
 ANT, BEE = 310, 309  # ImageNet class indices

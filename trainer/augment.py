@@ -2,7 +2,7 @@
 
 Training images get fresh random augmentation every time they are read. Evaluation never does:
 validation uses the bundle's plain centre view and TTA its fixed list of named views, both computed
-by `serving.preprocess`, the implementation the server runs too.
+by `serving.bundle.preprocess`, the implementation the server runs too.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from serving.bundle import CENTER, Preprocessing, TTAView
-from serving.preprocess import make_views, resize_shorter
+from serving.bundle.manifest import CENTER, Preprocessing, TTAView
+from serving.bundle.preprocess import make_views, resize_shorter
 
 # --- Random transforms for training. Each takes and returns an 8-bit RGB PIL image or HWC array.
 

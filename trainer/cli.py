@@ -177,8 +177,8 @@ def cmd_demo(args) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The errors that are messages for the user (a file, a flag), printed without a traceback."""
-    from serving.bundle import BundleError
-    from serving.preprocess import ImageError
+    from serving.bundle.manifest import BundleError
+    from serving.bundle.preprocess import ImageError
     from trainer.data import DataError
     from trainer.distributed import DistributedError
     from trainer.export import ExportError

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from serving.bundle import BundleError, read_manifest
-from serving.repository import publish, staging_dir
+from serving.bundle.manifest import BundleError, read_manifest
+from serving.repository.layout import publish, staging_dir
 from trainer.assemble import make_data
 from trainer.config import RunConfig
 from trainer.data import DataError, ImageClassifierData, list_images

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from serving.preprocess import ImageError, decode_image
+from serving.bundle.preprocess import ImageError, decode_image
 from trainer.augment import Tfms
 from trainer.resize import resize_images
 

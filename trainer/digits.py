@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from serving.files import write_atomic
+from serving.bundle.files import write_atomic
 from trainer.data import get_cv_idxs
 
 # The 8x8 originals are upscaled so that the files look like digits to a person opening them.

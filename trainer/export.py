@@ -15,7 +15,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from serving.bundle import (
+from serving.bundle.files import make_temp_dir, sha256_file
+from serving.bundle.manifest import (
     CONTRACT_KEY,
     MODEL_NAME,
     TTA,
@@ -27,10 +28,9 @@ from serving.bundle import (
     now,
     write_manifest,
 )
+from serving.bundle.preprocess import load_views
+from serving.bundle.session import ModelSession
 from serving.evaluate import predict_files
-from serving.files import make_temp_dir, sha256_file
-from serving.preprocess import load_views
-from serving.session import ModelSession
 from trainer.calibrate import before_calibration, calibrated_metrics, scores
 from trainer.metrics import accuracy
 from trainer.model import EnsembleNet, InferenceNet, get_arch
@@ -54,7 +54,7 @@ class ExportError(RuntimeError):
 
 def export_onnx(net: torch.nn.Module, path: Path, input_size: int, contract: str, opset: int = OPSET) -> None:
     """Trace `net` (an InferenceNet on the CPU) into an ONNX file with a dynamic batch axis, carrying
-    `contract` (serving.bundle.contract_json) in its metadata so that the server can tell an edited manifest."""
+    `contract` (serving.bundle.manifest.contract_json) in its metadata so that the server can tell an edited manifest."""
     import onnx
 
     dummy = torch.zeros(2, input_size, input_size, 3, dtype=torch.uint8)

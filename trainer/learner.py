@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from serving.files import write_atomic
+from serving.bundle.files import write_atomic
 from trainer import distributed
 from trainer import precompute as activations
 from trainer.data import EpochSampler, ImageClassifierData
@@ -463,7 +463,7 @@ class ConvLearner:
     def TTA(self, name: str = "valid", *, views=None) -> tuple[np.ndarray, np.ndarray]:
         """Test-time augmentation: (mean probability over the bundle's views (n, classes), labels).
 
-        Uses the exported graph's own wrapper and `serving.preprocess`, the code the server runs."""
+        Uses the exported graph's own wrapper and `serving.bundle.preprocess`, the code the server runs."""
         return self.view_probs(name, views=views).mean(axis=1), np.asarray(self.labels(name))
 
     def view_probs(self, name: str = "valid", *, views=None, temperature: float | None = None) -> np.ndarray:

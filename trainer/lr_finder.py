@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from serving.files import write_atomic
+from serving.bundle.files import write_atomic
 from trainer.distributed import Dist
 from trainer.schedule import exponential_lrs
 

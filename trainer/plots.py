@@ -4,7 +4,7 @@ Plain lists and arrays in, PNG files out; no learner objects. Each plot is two f
 `*_figure` builder that draws a matplotlib Figure (what tests inspect: the lines, image and labels
 drawn) and a `plot_*` saver that writes it as a PNG. Figures are drawn on matplotlib's Agg canvas
 without pyplot (no global state, so it is thread-safe and needs no display) and written with
-`serving.files.write_atomic`, so a reader never sees half a PNG.
+`serving.bundle.files.write_atomic`, so a reader never sees half a PNG.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from serving.files import write_atomic
-from serving.preprocess import decode_image
+from serving.bundle.files import write_atomic
+from serving.bundle.preprocess import decode_image
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

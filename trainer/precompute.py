@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from serving.bundle import Preprocessing, TTAView
-from serving.files import write_atomic
+from serving.bundle.files import write_atomic
+from serving.bundle.manifest import Preprocessing, TTAView
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from serving.files import write_atomic
+from serving.bundle.files import write_atomic
 from trainer.calibrate import calibration_line
 
 REPORT_NAME = "report.html"

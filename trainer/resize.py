@@ -28,8 +28,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from serving.files import write_atomic
-from serving.preprocess import ImageError, decode_image, resize_shorter
+from serving.bundle.files import write_atomic
+from serving.bundle.preprocess import ImageError, decode_image, resize_shorter
 from trainer.workdir import default_work_dir
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def resize_images(
     """The cached copy of each of `files`, keyed by the path as given, made where missing or stale.
 
     Each image `data_path/<rel>` is cached at `cache_dir(data_path, target, tmp_name)/<rel>`: its
-    shorter side reduced to `target` pixels with `serving.preprocess.resize_shorter` (with
+    shorter side reduced to `target` pixels with `serving.bundle.preprocess.resize_shorter` (with
     `interpolation`, the data's) after EXIF-aware decoding, and encoded in the format its extension
     names (JPEG and WebP at quality 95). Images whose shorter side is already `target` or less are
     copied byte for byte: never upscaled. Up-to-date cache files are reused; see the module

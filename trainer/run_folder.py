@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from serving.bundle import MANIFEST_NAME
-from serving.files import write_atomic
+from serving.bundle.files import write_atomic
+from serving.bundle.manifest import MANIFEST_NAME
 from trainer.config import RunConfig
 from trainer.history import COLUMNS, EpochStats
 

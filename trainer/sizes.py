@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from serving.files import write_atomic
+from serving.bundle.files import write_atomic
 
 PERCENTILES = (5, 25, 50, 75, 95)
 # EXIF orientations 5-8 are quarter turns: the decoded (upright) image has width and height swapped.
@@ -20,7 +20,7 @@ _TRANSPOSED = {5, 6, 7, 8}
 
 
 def header_size(path: Path) -> tuple[int, int]:
-    """(width, height) of the upright image, as `serving.preprocess.decode_image` would return it,
+    """(width, height) of the upright image, as `serving.bundle.preprocess.decode_image` would return it,
     read from the header without decoding the pixels."""
     with warnings.catch_warnings():
         # Only the header is read, so a huge image costs nothing here.

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from serving.files import write_atomic
+from serving.bundle.files import write_atomic
 
 if TYPE_CHECKING:  # annotations only
     from trainer.learner import ConvLearner

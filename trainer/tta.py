@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from serving.bundle import Preprocessing, TTAView
-from serving.preprocess import load_views
+from serving.bundle.manifest import Preprocessing, TTAView
+from serving.bundle.preprocess import load_views
 
 
 @torch.no_grad()

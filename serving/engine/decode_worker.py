@@ -1,12 +1,12 @@
-"""The child side of serving.decoders: a process that turns encoded image bytes into a call's TTA
+"""The child side of serving.engine.decoders: a process that turns encoded image bytes into a call's TTA
 views, one image at a time, under a memory limit it cannot exceed.
 
-It runs the same `serving.preprocess.load_views` the trainer runs in-process, so served views equal
+It runs the same `serving.bundle.preprocess.load_views` the trainer runs in-process, so served views equal
 trained and evaluated ones. Everything an image can make a decoder do happens here: a parser bug, a
 tile that claims gigabytes, a flood of empty chunks. The server's process only sends bytes and
 reads back uint8 arrays; it kills this one when the call's deadline passes or its caller leaves.
 
-Workers are forked by a zygote (`python -m serving.decode_worker MEMORY_BYTES`, started once per
+Workers are forked by a zygote (`python -m serving.engine.decode_worker MEMORY_BYTES`, started once per
 pool): a single-threaded process that imported the decoders and nothing else (no grpc, no
 onnxruntime), so that starting a replacement worker costs a few milliseconds and never forks the
 server's own threads. multiprocessing's forkserver would too, but re-imports the parent's main
@@ -31,9 +31,9 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from serving import decoder_log
-from serving.bundle import Preprocessing, TTAView
-from serving.preprocess import ImageError, load_views
+from serving.bundle.manifest import Preprocessing, TTAView
+from serving.bundle.preprocess import ImageError, load_views
+from serving.engine import decoder_log
 
 # prctl(PR_SET_PDEATHSIG, SIGKILL): the kernel kills the worker when the server's process dies, even by
 # SIGKILL, so that no decoder outlives its server in the middle of a hostile image.
@@ -58,7 +58,7 @@ class Job:
 class Decoded:
     views: np.ndarray  # uint8 (n_views, size, size, 3)
     pixels: int  # width x height of the decoded image
-    warnings: dict[str, int]  # Pillow's and libtiff's complaints, by source (serving.decoder_log)
+    warnings: dict[str, int]  # Pillow's and libtiff's complaints, by source (serving.engine.decoder_log)
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ def zygote_main(control: socket.socket, memory_bytes: int) -> None:
 
 
 if __name__ == "__main__":
-    # Through the module's own name, so that what workers send pickles as serving.decode_worker's classes.
-    from serving import decode_worker
+    # Through the module's own name, so that what workers send pickles as serving.engine.decode_worker's classes.
+    from serving.engine import decode_worker
 
     decode_worker.zygote_main(socket.socket(fileno=int(sys.argv[1])), int(sys.argv[2]))

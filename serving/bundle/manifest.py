@@ -24,7 +24,7 @@ from typing import Annotated, Final, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serving.files import sha256_file, write_atomic
+from serving.bundle.files import sha256_file, write_atomic
 
 # Schema 2 added tta.default / tta.reason (whether a call that does not say gets TTA, and why) and
 # metrics_held_out. Every schema-1 manifest is still read, with the defaults those fields declare

@@ -2,7 +2,7 @@
 caller and pixels while its images are decoded (`CallGuard`).
 
 How many images are decoded at once, and what each may cost, is bounded by the decoding processes
-themselves (serving.decoders).
+themselves (serving.engine.decoders).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import grpc
 
-from serving.errors import CallFailed
+from serving.engine.errors import CallFailed
 
 __all__ = ["Admission", "CallFailed", "CallGuard"]
 
@@ -66,7 +66,7 @@ class Admission:
 
 class CallGuard:
     """One call's limits while it prepares its images: its deadline, its caller still being there,
-    and the pixels it decodes in total (counted by serving.calls, enforced in the decoding process)."""
+    and the pixels it decodes in total (counted by serving.engine.calls, enforced in the decoding process)."""
 
     def __init__(self, *, deadline: float | None, is_active: Callable[[], bool], max_pixels: int):
         self.deadline = deadline  # on time.monotonic()'s clock; None: the caller set none

@@ -1,7 +1,7 @@
 """The work behind Predict, as plain functions: bytes in, ranked probabilities out. No network.
 
 The server splits it in two: decoding and the TTA views run in a decoding process
-(serving.decoders); `run_batch` is the batch step the batcher calls with the views of
+(serving.engine.decoders); `run_batch` is the batch step the batcher calls with the views of
 several calls at once, so that all of them go through ONNX Runtime in one run.
 """
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from serving.bundle import Manifest
-from serving.preprocess import ImageError, make_views
-from serving.session import ModelSession
+from serving.bundle.manifest import Manifest
+from serving.bundle.preprocess import ImageError, make_views
+from serving.bundle.session import ModelSession
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from serving.bundle import CONTRACT_KEY, MANIFEST_NAME, BundleError, Manifest, Precision, check_contract, load_bundle
+from serving.bundle.manifest import (
+    CONTRACT_KEY,
+    MANIFEST_NAME,
+    BundleError,
+    Manifest,
+    Precision,
+    check_contract,
+    load_bundle,
+)
 
 
 def choose_providers(device: str = "auto") -> list[str]:

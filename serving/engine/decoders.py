@@ -3,7 +3,7 @@
 Pillow, libjpeg, libpng, libtiff and libwebp have more ways to spend memory and time on crafted
 bytes than any list of checks could name (a 64x64 TIFF whose one tile is 16384x16384; millions of
 empty JPEG segments). So the server's process never parses image bytes: each image goes to a worker
-process (serving.decode_worker) that runs under its own address-space limit, and the worker is
+process (serving.engine.decode_worker) that runs under its own address-space limit, and the worker is
 killed, and replaced, the moment the call's deadline passes, its caller leaves, the decode runs past
 `timeout_s` of CPU time, or the server stops. Any image then costs at most one worker's
 `memory_bytes` for at most the call's deadline and `timeout_s` of CPU, and the pool's size caps how many such
@@ -11,7 +11,7 @@ images are decoded at once, whatever the callers send. Chromium's and ImageMagic
 untrusted images work the same way.
 
 Workers are forked from a zygote process that imported the decoders and nothing else (see
-serving.decode_worker): starting one costs milliseconds and never forks the server's own threads.
+serving.engine.decode_worker): starting one costs milliseconds and never forks the server's own threads.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import grpc
 
-from serving import decode_worker
-from serving.decode_worker import Decoded, Job, Refused
-from serving.errors import ItemFailed
-from serving.preprocess import ImageError
+from serving.bundle.preprocess import ImageError
+from serving.engine import decode_worker
+from serving.engine.decode_worker import Decoded, Job, Refused
+from serving.engine.errors import ItemFailed
 
 log = logging.getLogger("serving")
 
@@ -51,7 +51,7 @@ class DecoderStartError(RuntimeError):
 
 
 class _Zygote:
-    """The process workers are forked from (serving.decode_worker's zygote_main)."""
+    """The process workers are forked from (serving.engine.decode_worker's zygote_main)."""
 
     def __init__(self, memory_bytes: int):
         ours, theirs = socket.socketpair()
@@ -60,7 +60,7 @@ class _Zygote:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "serving.decode_worker", str(theirs.fileno()), str(memory_bytes)],
+            [sys.executable, "-m", "serving.engine.decode_worker", str(theirs.fileno()), str(memory_bytes)],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             env=env,
@@ -113,7 +113,7 @@ class DecodePool:
 
     `on_replaced(reason)` is told each time a worker is killed or found dead ("deadline", "cancelled",
     "timeout", "memory", "crash"), and `on_warnings(counts)` of the decoders' complaints about each image
-    that had any (by source: serving.decoder_log), for the server's metrics."""
+    that had any (by source: serving.engine.decoder_log), for the server's metrics."""
 
     def __init__(
         self,

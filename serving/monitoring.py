@@ -2,7 +2,7 @@
 
 Each Server owns a Metrics with a dedicated CollectorRegistry (not prometheus_client's global
 one), so several servers can run in one process, as the tests do, without sharing counters.
-The calls are counted by serving.interceptor, including those gRPC refuses before a handler runs.
+The calls are counted by serving.protocols.interceptor, including those gRPC refuses before a handler runs.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
-from serving.batcher import BatchStats
-from serving.bundle import Manifest
+from serving.bundle.manifest import Manifest
+from serving.engine.batcher import BatchStats
 
 # Seconds: a tiny model on a CPU answers in milliseconds, a large one with TTA on a busy CPU in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -20,16 +20,16 @@ from pathlib import Path
 
 import grpc
 
-from serving.admission import CallFailed
-from serving.batcher import Batcher, BatchStats
-from serving.bundle import BundleError, load_bundle, model_file, read_manifest
+from serving.bundle.manifest import BundleError, load_bundle, model_file, read_manifest
+from serving.bundle.session import ModelSession, choose_providers
 from serving.config import ServerConfig, batch_views, decoders
-from serving.echo import echo
-from serving.metrics import Metrics
-from serving.predict import run_batch
-from serving.repository import VersionDir, changed_files
-from serving.session import ModelSession, choose_providers
-from serving.statistics import ModelStats
+from serving.engine.admission import CallFailed
+from serving.engine.batcher import Batcher, BatchStats
+from serving.engine.predict import run_batch
+from serving.engine.statistics import ModelStats
+from serving.monitoring import Metrics
+from serving.protocols.echo import echo
+from serving.repository.layout import VersionDir, changed_files
 
 log = logging.getLogger("serving")
 

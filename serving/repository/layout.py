@@ -16,7 +16,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("serving.repository")
+log = logging.getLogger("serving.repository.layout")
 
 LATEST = "latest"
 # (file name, size in bytes, mtime in ns) of every file of a version folder, sorted.

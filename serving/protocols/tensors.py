@@ -1,5 +1,5 @@
 """The Open Inference Protocol's tensors, as plain functions: a ModelInferRequest in, checked images
-and options out; probabilities in, a ModelInferResponse out. No network; serving.inference_protocol
+and options out; probabilities in, a ModelInferResponse out. No network; serving.protocols.inference
 serves them. Errors are CallFailed (INVALID_ARGUMENT) saying what was wrong and how to send it.
 
 A request is checked from what it declares (shape, datatype, element counts and length prefixes)
@@ -16,11 +16,11 @@ from itertools import islice
 import grpc
 import numpy as np
 
-from serving.admission import CallFailed
-from serving.echo import echo
+from serving.engine.admission import CallFailed
+from serving.engine.predict import top
 from serving.gen.inference import grpc_service_pb2 as pb
-from serving.models import ServedModel
-from serving.predict import top
+from serving.protocols.echo import echo
+from serving.repository.registry import ServedModel
 
 INPUT = "IMAGE"
 OUTPUT = "PROBABILITIES"

@@ -2,9 +2,9 @@
 model, its statistics, the batcher's arrival), decoding in the decoding processes within the call's
 limits, queueing with the batcher, and waiting no longer than its deadline.
 
-classifier.v1 (serving.servicer) and the Open Inference Protocol (serving.inference_protocol) both
+classifier.v1 (serving.protocols.classifier) and the Open Inference Protocol (serving.protocols.inference) both
 go through one `Calls`, so that they share the shutdown gate, the decoding processes and the
-batcher; serving.errors says with what status each failure ends a call.
+batcher; serving.engine.errors says with what status each failure ends a call.
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from serving.admission import Admission, CallGuard
-from serving.batcher import Arrival, DeadlineExpired, ShuttingDown
+from serving.bundle.preprocess import ImageError
 from serving.config import ServerConfig, decoders
-from serving.decode_worker import Job
-from serving.decoders import DecodePool
-from serving.errors import CallFailed, ItemFailed, status_for
-from serving.metrics import Metrics
-from serving.models import Registry, ServedModel
-from serving.predict import Prepared
-from serving.preprocess import ImageError
-from serving.statistics import Outcome
+from serving.engine.admission import Admission, CallGuard
+from serving.engine.batcher import Arrival, DeadlineExpired, ShuttingDown
+from serving.engine.decode_worker import Job
+from serving.engine.decoders import DecodePool
+from serving.engine.errors import CallFailed, ItemFailed, status_for
+from serving.engine.predict import Prepared
+from serving.engine.statistics import Outcome
+from serving.monitoring import Metrics
+from serving.repository.registry import Registry, ServedModel
 
 log = logging.getLogger("serving")
 
@@ -73,7 +73,7 @@ def wait_all(futures: list[Future], deadline: float | None) -> list[np.ndarray |
 @dataclass(frozen=True)
 class Call:
     """A call in progress: the model answering it, the Outcome its statistics will count (set its
-    `images` once known), and its Arrival, which the batcher waits for (serving.batcher)."""
+    `images` once known), and its Arrival, which the batcher waits for (serving.engine.batcher)."""
 
     model: ServedModel
     outcome: Outcome
@@ -100,7 +100,7 @@ class Calls:
     @contextmanager
     def opened(self, acquire: AbstractContextManager[ServedModel], images: int = 0) -> Iterator[Call]:
         """The one scope of a classifying call, whichever protocol it came by: admitted past the
-        shutdown gate, holding the model `acquire` finds (serving.models.Registry.acquire), counted
+        shutdown gate, holding the model `acquire` finds (serving.repository.registry.Registry.acquire), counted
         in its statistics (`images`, unless the call sets outcome.images), and announced to its
         batcher. Whatever the block raises ends the call; errors.status_for says with what status."""
         with (

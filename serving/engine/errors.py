@@ -7,8 +7,8 @@ from typing import NoReturn
 
 import grpc
 
-from serving.batcher import DeadlineExpired, QueueFull, ShuttingDown
-from serving.preprocess import ImageError
+from serving.bundle.preprocess import ImageError
+from serving.engine.batcher import DeadlineExpired, QueueFull, ShuttingDown
 
 
 class CallFailed(Exception):

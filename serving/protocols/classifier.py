@@ -1,4 +1,4 @@
-"""The classifier.v1 servicer: thin methods named after the RPCs; the work lives in serving.calls and serving.predict.
+"""The classifier.v1 servicer: thin methods named after the RPCs; the work lives in serving.engine.calls and serving.engine.predict.
 
 Each call decodes and preprocesses its images in its own handler thread, queues the views with the
 batcher, and waits for the probabilities no longer than the call's deadline allows.
@@ -9,15 +9,15 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from serving.admission import CallFailed, CallGuard
-from serving.calls import Calls
 from serving.config import ServerConfig
-from serving.errors import abort, status_for
+from serving.engine.admission import CallFailed, CallGuard
+from serving.engine.calls import Calls
+from serving.engine.errors import abort, status_for
+from serving.engine.predict import Prepared, top
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from serving.metrics import Metrics
-from serving.models import Registry, ServedModel
-from serving.predict import Prepared, top
+from serving.monitoring import Metrics
+from serving.repository.registry import Registry, ServedModel
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):

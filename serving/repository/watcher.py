@@ -14,8 +14,8 @@ import logging
 import threading
 from pathlib import Path
 
-from serving.models import Registry
-from serving.repository import RepositoryError, Scanner, VersionDir, wanted
+from serving.repository.layout import RepositoryError, Scanner, VersionDir, wanted
+from serving.repository.registry import Registry
 
 log = logging.getLogger("serving")
 

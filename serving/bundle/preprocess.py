@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager, nullcontext
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from serving.bundle import Preprocessing, TTAView
+from serving.bundle.manifest import Preprocessing, TTAView
 
 # A decompression bomb is refused before its pixels are decoded: 50 megapixels is a 8660x5773 photo.
 DEFAULT_MAX_PIXELS = 50_000_000

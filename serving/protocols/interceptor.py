@@ -25,8 +25,8 @@ from typing import NoReturn
 
 import grpc
 
-from serving.metrics import Metrics
-from serving.streams import StreamLimiter
+from serving.monitoring import Metrics
+from serving.protocols.streams import StreamLimiter
 
 
 class Malformed:

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger("serving.batcher")
+log = logging.getLogger("serving.engine.batcher")
 
 
 class QueueFull(Exception):

@@ -1,6 +1,6 @@
 """Per-model counts and cumulative durations, as the Open Inference Protocol's ModelStatistics reports them.
 
-Prometheus (serving.metrics) keeps histograms for the whole server; a client such as perf_analyzer
+Prometheus (serving.monitoring) keeps histograms for the whole server; a client such as perf_analyzer
 instead asks one model for running totals and divides the difference between two readings. These
 totals cover every call that reached the model, through either protocol.
 
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
-from serving.batcher import BatchStats
+from serving.engine.batcher import BatchStats
 
 
 @dataclass

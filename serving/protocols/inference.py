@@ -29,14 +29,18 @@ from itertools import islice
 import grpc
 import numpy as np
 
-from serving.admission import CallFailed, CallGuard
-from serving.calls import Calls, deadline_of
+from serving.bundle.preprocess import ImageError
 from serving.config import ServerConfig
-from serving.echo import echo
-from serving.errors import abort, status_for
+from serving.engine.admission import CallFailed, CallGuard
+from serving.engine.calls import Calls, deadline_of
+from serving.engine.errors import abort, status_for
+from serving.engine.predict import Prepared, prepare_pixels
+from serving.engine.statistics import Duration, Snapshot
 from serving.gen.inference import grpc_service_pb2 as pb
 from serving.gen.inference import grpc_service_pb2_grpc as pb_grpc
-from serving.inference_tensors import (
+from serving.protocols.echo import echo
+from serving.protocols.interceptor import Malformed
+from serving.protocols.tensors import (
     INPUT,
     OUTPUT,
     infer_response,
@@ -45,13 +49,9 @@ from serving.inference_tensors import (
     request_tta,
     requested_outputs,
 )
-from serving.interceptor import Malformed
-from serving.models import Registry, ServedModel
-from serving.predict import Prepared, prepare_pixels
-from serving.preprocess import ImageError
-from serving.repository import RepositoryError, Scanner, VersionDir
-from serving.statistics import Duration, Snapshot
-from serving.watcher import Watcher
+from serving.repository.layout import RepositoryError, Scanner, VersionDir
+from serving.repository.registry import Registry, ServedModel
+from serving.repository.watcher import Watcher
 
 PLATFORM = "onnxruntime_onnx"
 # Triton's names for the protocol extensions this server implements.

@@ -1,0 +1,2 @@
+"""What a call does whatever protocol it came by: its scope and errors, decoding in worker
+processes, admission, batching, statistics."""

@@ -1,0 +1,1 @@
+"""The models served: the repository's layout, the registry that switches versions, the watcher."""
