@@ -24,6 +24,8 @@ from serving.bundle.files import sha256_file
 from serving.bundle.manifest import MODEL_NAME, read_manifest, write_manifest
 from serving.client import Client
 from serving.config import ServerConfig
+from serving.gen.inference import grpc_service_pb2 as oip
+from serving.gen.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from serving.repository.registry import memory_estimate
 from serving.server import Server
 
@@ -335,6 +337,10 @@ class TestServedFilesEditedInPlace:
             after = c.predict(png())
             assert after.model_version == "2"
             np.testing.assert_allclose(after.probabilities, before.probabilities, atol=1e-6)
+            # RepositoryIndex says so too: the version answers (READY), with why its files were refused.
+            index = GRPCInferenceServiceStub(c.channel).RepositoryIndex(oip.RepositoryIndexRequest(), timeout=10)
+            [entry] = [m for m in index.models if m.version == "2"]
+            assert entry.state == "READY" and why in entry.reason and str(repo) not in entry.reason
 
             shutil.rmtree(served)  # put back as it was: changed again, checked again, nothing to load
             shutil.copytree(tiny_bundle, served)

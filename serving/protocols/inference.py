@@ -99,9 +99,21 @@ def repository_index(
     ready_only: bool,
 ) -> list[pb.RepositoryIndexResponse.ModelIndex]:
     """Every version folder of the repository (`scan`) and every served version: READY when it
-    answers calls, else UNAVAILABLE with the reason (`refusals`: why a (model, version) was refused)."""
+    answers calls, else UNAVAILABLE with the reason (`refusals`: why a (model, version) was refused).
+    A served version with a refusal is one whose files were edited in place into what cannot be
+    loaded: READY (the copy in memory answers), with that reason."""
     entry = pb.RepositoryIndexResponse.ModelIndex
-    index = [entry(name=m.name, version=m.version, state="READY") for m in served.values()]
+    index = [
+        entry(
+            name=m.name,
+            version=m.version,
+            state="READY",
+            reason=f"serving the copy loaded before its files changed; they were refused: {refusals[m.name, m.number]}"
+            if m.number is not None and (m.name, m.number) in refusals
+            else "",
+        )
+        for m in served.values()
+    ]
     listed = {(m.name, m.number) for m in served.values()}
     if not ready_only:
         index += [
