@@ -170,32 +170,24 @@ def _limited(handler: grpc.RpcMethodHandler, method: str, streams: StreamLimiter
         )
         raise AssertionError("context.abort returned")
 
+    def held(behaviour, *, watched: bool):
+        # `first` is the request iterator of a stream_stream call (its waits watched for idleness), or
+        # the one request of a unary_stream call.
+        def limited(first, context):
+            stream = streams.open(method, context)
+            if stream is None:
+                refuse(context)
+            try:
+                yield from behaviour(streams.requests(stream, first) if watched else first, context)
+            finally:
+                streams.close(stream)
+
+        return limited
+
     if handler.stream_stream is not None:
-        behaviour = handler.stream_stream
-
-        def stream_stream(requests, context):
-            stream = streams.open(method, context)
-            if stream is None:
-                refuse(context)
-            try:
-                yield from behaviour(streams.requests(stream, requests), context)
-            finally:
-                streams.close(stream)
-
-        wrap, limited = grpc.stream_stream_rpc_method_handler, stream_stream
+        wrap, limited = grpc.stream_stream_rpc_method_handler, held(handler.stream_stream, watched=True)
     elif handler.unary_stream is not None:  # a health Watch: long-lived by design, so counted, never idle
-        behaviour = handler.unary_stream
-
-        def unary_stream(request, context):
-            stream = streams.open(method, context)
-            if stream is None:
-                refuse(context)
-            try:
-                yield from behaviour(request, context)
-            finally:
-                streams.close(stream)
-
-        wrap, limited = grpc.unary_stream_rpc_method_handler, unary_stream
+        wrap, limited = grpc.unary_stream_rpc_method_handler, held(handler.unary_stream, watched=False)
     else:  # stream_unary: none of the services served has one
         return handler
     return wrap(
