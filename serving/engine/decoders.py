@@ -126,7 +126,6 @@ class DecodePool:
     ):
         if workers < 1:
             raise ValueError("the decode pool needs at least one worker")
-        self.size = workers
         self.memory_bytes = memory_bytes
         self.timeout_s = timeout_s
         self.on_replaced = on_replaced
@@ -145,10 +144,10 @@ class DecodePool:
     # The call side.
 
     def decode(self, job: Job, data: bytes, check: Callable[[], None]) -> Decoded:
-        """The views of the image in `data`, as `job` says. Raises ImageError (the bytes are not a usable image), ItemFailed
-        (the image needs more than a worker's memory or time, or crashed its decoder), or whatever
-        `check` raises: it is called every POLL_S seconds while waiting, to end the wait when the call's
-        deadline passed or its caller left, and the worker with it."""
+        """The views of the image in `data`, as `job` says. Raises ImageError (the bytes are not a
+        usable image), ItemFailed (the image needs more than a worker's memory or time, or crashed
+        its decoder), or whatever `check` raises: it is called every POLL_S seconds while waiting,
+        to end the wait when the call's deadline passed or its caller left, and the worker with it."""
         worker = self._acquire(check)
         outcome = "crash"
         try:
