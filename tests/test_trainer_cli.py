@@ -218,6 +218,7 @@ def test_full_trains_on_train_and_valid(data, tmp_path):
     proc = trainer("run", "--data", data, "--out", out, *TRAINER_RUN_FLAGS, "--unfreeze-cycles", "0", "--full")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data: 24 train, 8 valid" in proc.stdout  # 16 + 8 training images
+    assert "threads: " in proc.stdout and " for torch (from " in proc.stdout
     assert manifest_of(out / "bundle")["recipe"]["full"] is True
 
 

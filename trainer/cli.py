@@ -348,6 +348,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from trainer import threads  # torch, only once a subcommand runs
+
+    threads.configure()  # for every command; `run` says so in its log
     try:
         return args.func(args)
     except ValidationError as e:

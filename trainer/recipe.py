@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from trainer import distributed, training_state
+from trainer import distributed, threads, training_state
 from trainer.assemble import make_data
 from trainer.config import RunConfig
 from trainer.distributed import Dist
@@ -81,6 +81,7 @@ def run(
     main = dist.is_main
     if not main:
         log = _quiet
+    threads.configure(log)
     folder = RunFolder(cfg.out)
     if main:
         folder.path.mkdir(parents=True, exist_ok=True)
