@@ -96,7 +96,7 @@ def run_health(args) -> int:
         try:
             status = client.health(args.service)
         except grpc.RpcError as e:
-            print(f"{args.target}: {e.code().name}: {e.details()}", file=sys.stderr)
+            print(f"{args.target}: {_said(e)}", file=sys.stderr)
             return 1
     print(f"{args.target}: {status}")
     return 0 if status == "SERVING" else 1
@@ -126,7 +126,7 @@ def run_predict(args) -> int:
                 status = 1
                 continue
             except grpc.RpcError as e:
-                print(f"{path}: {e.code().name}: {e.details()}", file=sys.stderr)
+                print(f"{path}: {_said(e)}", file=sys.stderr)
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     return 2
                 status = 1
@@ -134,6 +134,20 @@ def run_predict(args) -> int:
             ranked = ", ".join(f"{p.label} {p.probability:.3f}" for p in reply.predictions)
             print(f"{path}: {ranked}  [{len(reply.tta_views)} views]")
     return status
+
+
+def _said(error) -> str:
+    """A failed call in one line for people: gRPC's own words for a server that is not there name the
+    transport's internals ('failed to connect to all addresses; last error: UNKNOWN: ipv4:...')."""
+    import grpc
+
+    details = error.details() or ""
+    if error.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details.lower():
+        return (
+            "UNAVAILABLE: no server answers there (connection refused or unreachable); start one with "
+            "`serving serve --bundle BUNDLE`, or pass its address with --target"
+        )
+    return f"{error.code().name}: {details}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,6 +101,11 @@ class TestManifest:
         with pytest.raises(BundleError, match="missing"):
             load_bundle(tmp_path)
 
+    def test_a_run_folder_points_at_its_bundle(self, tmp_path):
+        make_bundle(tmp_path / "bundle")  # what `trainer run --out tmp_path` leaves
+        with pytest.raises(BundleError, match=rf"did you mean {tmp_path / 'bundle'}\?"):
+            read_manifest(tmp_path)
+
     def test_not_json(self, tmp_path):
         make_bundle(tmp_path)
         (tmp_path / "manifest.json").write_text("{")

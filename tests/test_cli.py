@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -102,3 +103,20 @@ def test_user_errors_are_one_line_without_traceback(argv, message, tmp_path):
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.parametrize("command", ["predict", "health"])
+def test_no_server_there_is_said_in_one_line_with_the_fix(command, tmp_path, capsys):
+    """gRPC's own words for a refused connection name the transport's internals; ours say what to do."""
+    from serving.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    image = tmp_path / "x.png"
+    image.write_bytes(b"not read: the call fails first")
+    argv = [command, "--target", f"127.0.0.1:{port}", "--timeout", "5"]
+    assert main(argv + ([str(image)] if command == "predict" else [])) != 0
+    err = capsys.readouterr().err
+    assert "no server answers there" in err and "serving serve" in err
+    assert "ipv4:" not in err and len(err.strip().splitlines()) == 1

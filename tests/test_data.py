@@ -193,6 +193,18 @@ class TestBadCsv:
             ImageClassifierData.from_csv(root, csv_fname="labels.csv", tfms=TFMS, suffix=".png", **args)
 
 
+def test_a_missing_validation_folder_names_the_folders_there(tmp_path):
+    """hymenoptera has val/, the lesson's layout valid/: the message says which exist and the flag."""
+    for split in ("train", "val"):
+        for label in ("ants", "bees"):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / label / "a.png")
+    with pytest.raises(DataError) as e:
+        ImageClassifierData.from_paths(tmp_path, TFMS)
+    assert f"{tmp_path}/valid: no such folder" in str(e.value)
+    assert f"{tmp_path} holds train, val" in str(e.value) and "--val-name" in str(e.value)
+
+
 def test_get_cv_idxs_is_a_fixed_fifth():
     a = get_cv_idxs(100)
     assert len(a) == 20 and len(set(a.tolist())) == 20 and np.array_equal(a, get_cv_idxs(100))

@@ -130,7 +130,14 @@ class EpochSampler(Sampler):
 
 def _folder_dataset(root: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
     if not root.is_dir():
-        raise DataError(f"{root}: no such folder; expected one sub-folder of images per class")
+        beside = (
+            sorted(d.name for d in root.parent.iterdir() if d.is_dir() and not d.name.startswith("."))
+            if root.parent.is_dir()
+            else []
+        )
+        there = f"; {root.parent} holds {', '.join(beside)}" if beside else ""
+        hint = " (pick the validation folder with --val-name)" if beside and root.name in ("valid", "val") else ""
+        raise DataError(f"{root}: no such folder; expected one sub-folder of images per class{there}{hint}")
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     classes = classes or found
     if not classes:

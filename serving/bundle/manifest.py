@@ -264,6 +264,9 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     if not Path(bundle_dir).is_dir():
         raise BundleError(f"{bundle_dir}: no such bundle folder; pass the folder `trainer export` wrote")
     if not path.is_file():
+        inner = Path(bundle_dir) / "bundle"
+        if (inner / MANIFEST_NAME).is_file():  # a run folder: `trainer run` writes its bundle in bundle/
+            raise BundleError(f"{path}: missing; {bundle_dir} looks like a run folder: did you mean {inner}?")
         raise BundleError(f"{path}: missing; a bundle folder holds {MANIFEST_NAME} and {MODEL_NAME}")
     try:
         raw = json.loads(path.read_text())
