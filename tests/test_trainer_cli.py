@@ -228,7 +228,7 @@ class TestStepCommands:
         shutil.copytree(full_run, run)
         tta = trainer("tta", "--run", run)
         assert tta.returncode == 0, tta.stderr[-2000:]
-        assert "validation: accuracy" in tta.stdout and "accuracy_tta" in tta.stdout
+        assert "validation, calibrated: centre view accuracy" in tta.stdout and "; TTA (" in tta.stdout
         before = epochs(run)
         fit = trainer("fit", "--run", run, "--lr", "0.01", "--cycles", "2")
         assert fit.returncode == 0, fit.stderr[-2000:]

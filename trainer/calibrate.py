@@ -140,6 +140,6 @@ def calibration_line(metrics: Mapping[str, float]) -> str:
     return (
         f"temperature {metrics['temperature']:.3f} fitted on validation "
         f"{'after TTA' if tta else 'to the centre view (TTA is off by default)'}: expected calibration error "
-        f"{metrics[f'ece{k}_uncalibrated']:.4f} -> {metrics[f'ece{k}']:.4f}, log loss "
+        f"{metrics[f'ece{k}_uncalibrated']:.4f} -> {metrics[f'ece{k}']:.4f}, {'TTA' if tta else 'centre view'} log loss "
         f"{metrics[f'log_loss{k}_uncalibrated']:.4f} -> {metrics[f'log_loss{k}']:.4f}"
     )

@@ -31,9 +31,10 @@ def evaluate(
     metrics, tta = calibrated_metrics(per_view, y, tta=tta_default)
     learn.temperature = metrics["temperature"]
     what = "validation" if held_out else "validation (NOT held out: --full trained on these images)"
+    views = per_view.shape[1]
     log(
-        f"{what}: "
-        + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "log_loss", "accuracy_tta", "log_loss_tta"))
+        f"{what}, calibrated: centre view accuracy {metrics['accuracy']:.4f}, log loss {metrics['log_loss']:.4f}; "
+        f"TTA ({views} views) accuracy {metrics['accuracy_tta']:.4f}, log loss {metrics['log_loss_tta']:.4f}"
     )
     log(f"calibration: {calibration_line(metrics)}")
     return metrics, tta, per_view.mean(axis=1), y
