@@ -208,7 +208,7 @@ class Server:
             log.warning("calls still in progress after the %.1fs grace period are cancelled", grace)
         # Decoding ends now, whatever the images: the calls still decoding are answered UNAVAILABLE.
         self.calls.close()
-        self.streams.close_all()
+        self.streams.stop()
         # What is left are health watchers and reflection streams; calls past the grace are cancelled.
         self.grpc_server.stop(max(0.0, end - time.monotonic())).wait()
         # Only now: until the handlers are done, they wait on the batcher for their results.

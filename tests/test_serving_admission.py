@@ -14,8 +14,9 @@ import pytest
 
 from serving.bundle.manifest import Preprocessing
 from serving.bundle.preprocess import ImageError
-from serving.engine.admission import Admission, CallFailed, CallGuard
+from serving.engine.admission import Admission, CallGuard
 from serving.engine.decode_worker import Job, call_pixels_admit
+from serving.engine.errors import CallFailed
 
 
 def guard(*, deadline=None, active=True, limit=100) -> CallGuard:

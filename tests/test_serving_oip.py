@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 from serving.bundle.session import ModelSession
 from serving.client import Client
 from serving.config import ServerConfig
-from serving.engine.admission import CallFailed
+from serving.engine.errors import CallFailed
 from serving.gen.inference import grpc_service_pb2 as ours
 from serving.protocols.tensors import (
     classifications,

@@ -13,8 +13,8 @@ import pytest
 
 from serving.bundle.manifest import MANIFEST_NAME, read_manifest
 from serving.config import ConfigError, ServerConfig, load_config
-from serving.engine.admission import CallFailed
 from serving.engine.batcher import Batcher
+from serving.engine.errors import CallFailed
 from serving.monitoring import Metrics
 from serving.repository.layout import RepositoryError, Scanner, VersionDir, parse_policies, publish, staging_dir, wanted
 from serving.repository.registry import Registry, ServedModel, memory_estimate, open_model

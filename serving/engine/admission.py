@@ -16,11 +16,6 @@ import grpc
 
 from serving.engine.errors import CallFailed
 
-__all__ = ["Admission", "CallFailed", "CallGuard"]
-
-# While waiting for decode budget, how often to look whether the caller is still there, seconds.
-_POLL_S = 0.05
-
 
 class Admission:
     """Counts the calls in progress; once closed, refuses new ones so that shutdown can wait for the rest.

@@ -35,8 +35,9 @@ from serving.bundle.manifest import Preprocessing, TTAView
 from serving.bundle.preprocess import ImageError, load_views
 from serving.engine import decoder_log
 
-# prctl(PR_SET_PDEATHSIG, SIGKILL): the kernel kills the worker when the server's process dies, even by
-# SIGKILL, so that no decoder outlives its server in the middle of a hostile image.
+# prctl(PR_SET_PDEATHSIG, SIGKILL): the kernel kills a worker when its zygote dies, which it does as soon
+# as the server's end of its socket closes, even when the server was SIGKILLed: so no decoder outlives
+# its server in the middle of a hostile image.
 _PR_SET_PDEATHSIG = 1
 
 

@@ -162,9 +162,7 @@ class DecodePool:
             raise e.error from None
         except (EOFError, OSError):
             if self._closed:
-                raise ItemFailed(
-                    grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica"
-                ) from None
+                raise _shutting_down() from None
             raise ItemFailed(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "the image decoder crashed on this image; the server is unharmed, "
@@ -220,9 +218,7 @@ class DecodePool:
         while True:
             while not self._idle:
                 if self._closed:
-                    raise ItemFailed(
-                        grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica"
-                    )
+                    raise _shutting_down()
                 check()
                 self._cond.wait(POLL_S)
             worker = self._idle.pop()
@@ -345,6 +341,10 @@ def cpu_seconds(pid: int) -> float:
     # utime and stime are fields 14 and 15.
     fields = stat[stat.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _shutting_down() -> ItemFailed:
+    return ItemFailed(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
 
 
 def _reason(error: Exception) -> str:

@@ -10,9 +10,9 @@ import grpc
 import numpy as np
 
 from serving.config import ServerConfig
-from serving.engine.admission import CallFailed, CallGuard
+from serving.engine.admission import CallGuard
 from serving.engine.calls import Calls
-from serving.engine.errors import abort, status_for
+from serving.engine.errors import CallFailed, abort, status_for
 from serving.engine.predict import Prepared, top
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc

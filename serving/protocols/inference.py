@@ -31,9 +31,9 @@ import numpy as np
 
 from serving.bundle.preprocess import ImageError
 from serving.config import ServerConfig
-from serving.engine.admission import CallFailed, CallGuard
+from serving.engine.admission import CallGuard
 from serving.engine.calls import Calls, deadline_of
-from serving.engine.errors import abort, status_for
+from serving.engine.errors import CallFailed, abort, status_for
 from serving.engine.predict import Prepared, prepare_pixels
 from serving.engine.statistics import Duration, Snapshot
 from serving.gen.inference import grpc_service_pb2 as pb

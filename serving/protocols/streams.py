@@ -91,8 +91,8 @@ class StreamLimiter:
                 self.on_idle(stream.method)
                 stream.cancel()
 
-    def close_all(self) -> None:
-        """Stop watching (streams still open end with the server)."""
+    def stop(self) -> None:
+        """Stop the idle-stream watchdog (streams still open end with the server)."""
         self._stopped.set()
         if self._watchdog is not None:
             self._watchdog.join(5)

@@ -16,7 +16,7 @@ from itertools import islice
 import grpc
 import numpy as np
 
-from serving.engine.admission import CallFailed
+from serving.engine.errors import CallFailed
 from serving.engine.predict import top
 from serving.gen.inference import grpc_service_pb2 as pb
 from serving.protocols.echo import echo

@@ -23,8 +23,8 @@ import grpc
 from serving.bundle.manifest import BundleError, load_bundle, model_file, read_manifest
 from serving.bundle.session import ModelSession, choose_providers
 from serving.config import ServerConfig, batch_views, decoders
-from serving.engine.admission import CallFailed
 from serving.engine.batcher import Batcher, BatchStats
+from serving.engine.errors import CallFailed
 from serving.engine.predict import run_batch
 from serving.engine.statistics import ModelStats
 from serving.monitoring import Metrics
