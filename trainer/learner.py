@@ -73,9 +73,9 @@ class ConvLearner:
         self.work_dir = Path(work_dir) if work_dir is not None else default_work_dir(data.path)
         self._models_dir = Path(models_dir) if models_dir is not None else self.work_dir / "models"
         self.device = device or (self.dist.device() if self.dist.active else default_device())
-        self.net = net.to(self.device)
-        if self.device.type == "cuda":
-            self.net = self.net.to(memory_format=torch.channels_last)
+        # channels_last on every device: on a CPU it trains EfficientNet-Lite0 1.5-1.9x faster and
+        # precomputes 1.8x faster than the default layout (bench/README.md, "Training").
+        self.net = net.to(self.device).to(memory_format=torch.channels_last)
         self.opt_name = opt
         self.momentum = momentum
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -266,10 +266,7 @@ class ConvLearner:
         return distributed.gather_rows(mine, len(self._files(name)), self.dist)
 
     def _to_device(self, xb: torch.Tensor) -> torch.Tensor:
-        xb = xb.to(self.device, non_blocking=True).float()
-        if self.device.type == "cuda":
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        return xb
+        return xb.to(self.device, non_blocking=True).float().contiguous(memory_format=torch.channels_last)
 
     # --- batches
 
