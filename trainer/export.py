@@ -31,6 +31,7 @@ from serving.bundle.manifest import (
 from serving.bundle.preprocess import load_views
 from serving.bundle.session import ModelSession
 from serving.evaluate import predict_files
+from trainer import memory
 from trainer.calibrate import before_calibration, calibrated_metrics, scores
 from trainer.metrics import accuracy
 from trainer.model import EnsembleNet, InferenceNet, get_arch
@@ -147,6 +148,7 @@ def export(
         # The graph carries the manifest's meaning, so the sha256 taken below covers both.
         classes, tta = list(data.classes), TTA(views=list(tfms.tta_views), default=default, reason=reason)
         export_onnx(net, tmp / MODEL_NAME, tfms.sz, contract_json(classes, tfms.prep, tta))
+        memory.trim()  # the exporter's graph, before ONNX Runtime's sessions add theirs
         manifest = Manifest(
             name=name,
             version=version or created.strftime("%Y%m%d-%H%M%S"),

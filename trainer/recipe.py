@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from trainer import distributed, threads, training_state
+from trainer import distributed, memory, threads, training_state
 from trainer.assemble import make_data
 from trainer.config import RunConfig
 from trainer.distributed import Dist
@@ -210,8 +210,10 @@ def run(
         )
         learn.load(BEST)
     folder.save_final(learn)
+    memory.trim()  # training's freed pages back to the system before TTA and export add their own
     metrics, probs, uncalibrated, y = evaluate(learn, log, held_out=not cfg.full)  # every rank: TTA is shared
     if main:
+        memory.trim()
         with learn.alone():  # the other ranks wait at the barrier below
             export(
                 learn,
