@@ -16,6 +16,6 @@ def test_the_architecture_names_are_those_the_model_module_builds():
 
 def test_an_unknown_architecture_is_refused_with_the_known_ones_named():
     with pytest.raises(
-        ValidationError, match="unknown architecture 'vgg'; choose one of: efficientnet_lite0, resnet18"
+        ValidationError, match="unknown architecture 'vgg'; choose one of: efficientnet_lite0, efficientnet_lite1"
     ):
         RunConfig(arch="vgg")

