@@ -102,9 +102,11 @@ def colour_data(tmp_path_factory) -> Path:
 
 # Every stage of the recipe at 32 px in a few seconds an epoch: lr_find, the head (1 epoch), the head
 # with augmentation (1), lr_find unfrozen, then all layers for 2 SGDR cycles (1 + 2 epochs).
+# Every step the recipe can take, the unfrozen lr_find sweep included (the default derives that lr
+# from the head's instead: tests/test_recipe.py covers it).
 TRAINER_RUN_FLAGS = (
     *("--size", "32", "--bs", "4", "--num-workers", "0", "--name", "colours"),
-    *("--head-epochs", "1", "--aug-cycles", "1", "--unfreeze-cycles", "2"),
+    *("--head-epochs", "1", "--aug-cycles", "1", "--unfreeze-cycles", "2", "--lr-find-unfrozen"),
 )
 
 

@@ -12,13 +12,42 @@ from trainer.recipe import run, stages
 
 class TestPlan:
     def test_the_lessons_eight_steps(self):
+        """By default the unfrozen lr is derived from the head's (step 7 without a second sweep)."""
         plan = stages(RunConfig())
+        assert [s.name for s in plan] == ["lr_find", "head", "head_aug", "unfrozen_224"]
+        assert [s.precompute for s in plan] == [True, True, False, False]
+        assert plan[-1].cycles == 2 and plan[-1].cycle_mult == 2 and plan[-1].unfrozen
+
+    def test_the_unfrozen_sweep_on_request(self):
+        plan = stages(RunConfig(lr_find_unfrozen=True))
         assert [s.name for s in plan] == ["lr_find", "head", "head_aug", "lr_find_unfrozen", "unfrozen_224"]
-        assert [s.precompute for s in plan] == [True, True, False, False, False]
-        assert plan[-1].cycles == 3 and plan[-1].cycle_mult == 2 and plan[-1].unfrozen
+        assert plan[3].unfrozen and plan[3].kind == "lr_find"
 
     def test_given_lr_skips_the_finders(self):
         assert [s.name for s in stages(RunConfig(lr=0.01))] == ["head", "head_aug", "unfrozen_224"]
+        assert [s.name for s in stages(RunConfig(lr=0.01, lr_find_unfrozen=True))] == [
+            "head",
+            "head_aug",
+            "unfrozen_224",
+        ]
+
+
+def test_the_unfrozen_lr_is_the_heads_halved_spread_over_the_groups(colours, tmp_path):
+    """fastai's fine_tune rule: the last group trains at half the head's lr once all layers train,
+    each earlier group lr_ratio times slower; the log says where the figure came from."""
+    cfg = RunConfig(
+        data=colours, out=tmp_path / "run", size=32, bs=4, num_workers=0, lr=1e-2, head_epochs=1, aug_cycles=1,
+        unfreeze_cycles=1, lr_ratio=10,
+    )  # fmt: skip
+    logs: list[str] = []
+    learn, _ = run(cfg, log=logs.append)
+    assert learn is not None
+    steps = learn.steps_per_epoch()
+    head_aug, unfrozen = learn.lr_history[steps : 2 * steps], learn.lr_history[2 * steps :]
+    assert max(lrs[-1] for lrs in head_aug) == pytest.approx(1e-2)
+    peak = [max(lrs[g] for lrs in unfrozen) for g in range(3)]
+    assert peak == pytest.approx([5e-5, 5e-4, 5e-3])
+    assert any("the head's 1.00e-02 halved" in line for line in logs), logs
 
     def test_progressive_resizing_trains_all_layers_at_every_size(self):
         plan = stages(RunConfig(sizes="64,128"))

@@ -65,7 +65,12 @@ class RunConfig(BaseModel):
     crop_pct: float = Field(0.875, ge=0.5, le=1.0, description="centre crop as a fraction of the resized shorter side")
     aug: Literal["side_on", "top_down", "basic", "none"] = Field("side_on", description="training augmentation family")
     max_zoom: float = Field(1.1, ge=1.0, le=2.0, description="largest random zoom in training")
-    bs: int = Field(64, ge=2, description="mini-batch size, images")
+    bs: int = Field(
+        16,
+        ge=2,
+        description="mini-batch size, images; 16 trained fastest per image on a CPU and keeps the peak RSS of a "
+        "224 px run under 3.5 GB (64: 6.4-7.2 GB)",
+    )
     lr: float | None = Field(None, gt=0, description="lr of the head (last layer group); none: lr_find picks it")
     lr_ratio: float = Field(
         10.0, ge=1.0, description="each earlier layer group trains this many times slower (3 for satellite/medical)"
@@ -85,9 +90,15 @@ class RunConfig(BaseModel):
         "200 mini-batches, at least 2 (an epoch on cached activations takes a fraction of a second, and "
         "two epochs of a few hundred images leave the head far from trained)",
     )
-    aug_cycles: int = Field(3, ge=0, description="step 4: cycles (cycle_len=1) of the head with augmentation")
+    aug_cycles: int = Field(1, ge=0, description="step 4: cycles (cycle_len=1) of the head with augmentation")
+    lr_find_unfrozen: bool = Field(
+        False,
+        description="step 7: sweep lr_find again once unfrozen; by default the unfrozen lr is the head's halved "
+        "(fastai's fine_tune rule), which measured as accurate on the dev sets without the sweep's full-network "
+        "batches (bench/README.md)",
+    )
     unfreeze_cycles: int = Field(
-        3, ge=0, description="step 8: cycles of all layers, cycle_len=1, cycle_mult=2 (3 -> 7 epochs)"
+        2, ge=0, description="step 8: cycles of all layers, cycle_len=1, cycle_mult=2 (2 -> 3 epochs, 3 -> 7)"
     )
     num_workers: int = Field(2, ge=0, description="data-loading worker processes")
     seed: int = Field(42, description="seed for reproducible runs")

@@ -54,7 +54,7 @@ def stages(cfg: RunConfig) -> list[Stage]:
     if cfg.aug_cycles:
         plan.append(Stage("head_aug", first, "fit", cfg.aug_cycles))  # step 4
     if cfg.unfreeze_cycles:
-        if not cfg.lr:
+        if not cfg.lr and cfg.lr_find_unfrozen:
             plan.append(Stage("lr_find_unfrozen", first, "lr_find", unfrozen=True))  # steps 5-7
         for size in sizes:  # step 8, once per size: progressive resizing
             plan.append(Stage(f"unfrozen_{size}", size, "fit", cfg.unfreeze_cycles, 2, unfrozen=True))
@@ -184,9 +184,11 @@ def run(
             lr = found if lr is None else min(lr, found)
         else:
             assert lr is not None, "the plan starts with lr_find when no lr is given"
-            lrs = [lr * r for r in ratios]
+            derived = stage.unfrozen and not (cfg.lr_find_unfrozen and not cfg.lr)
+            lrs = [lr * (UNFROZEN_LR_SHARE if derived else 1.0) * r for r in ratios]
             cycles = stage.cycles or head_epochs(learn)
-            log(f"{stage.label}: {cycles} cycle(s), lrs {', '.join(f'{x:.2e}' for x in lrs)}")
+            how = f" (the head's {lr:.2e} halved, as fastai's fine_tune does)" if derived else ""
+            log(f"{stage.label}: {cycles} cycle(s), lrs {', '.join(f'{x:.2e}' for x in lrs)}{how}")
             learn.fit(
                 lrs,
                 cycles,
@@ -236,6 +238,11 @@ def run(
 def _quiet(message: str) -> None:
     """The log of ranks other than 0: the run speaks with one voice."""
 
+
+# The last group's lr once all layers train, as a share of the head's, when no second lr_find
+# measured it: a whole network is more fragile than a head on fixed activations. fastai's
+# fine_tune halves its base lr at the same point.
+UNFROZEN_LR_SHARE = 0.5
 
 HEAD_STEPS = 200  # mini-batches the head trains on precomputed activations unless --head-epochs says
 
