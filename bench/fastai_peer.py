@@ -123,10 +123,14 @@ def fit(args) -> dict:
 
 def recipe(args) -> dict:
     """fastai's fine_tune with its own data pipeline on our split, and our pretrained network."""
-    setup = training.Setup(args.data, args.val_name, args.size, args.bs, 1)
+    setup = training.Setup(args.data, args.val_name, args.size, args.bs, 1, csv=args.csv)
     work = Path(args.work)
     started = time.perf_counter()
     ours = training.make_learner(setup, work)  # our files, labels and split; our network
+    if args.layout == "contiguous":
+        # fastai's default: the network in PyTorch's default memory layout, as timm builds it. Our
+        # learner keeps it channels_last, which is one of our recipe's choices, not fastai's.
+        ours.net.to(memory_format=torch.contiguous_format)
     data = ours.data
     files = [*data.trn_files, *data.val_files]
     label = dict(zip(files, [data.classes[y] for y in (*data.trn_y, *data.val_y)], strict=True))
@@ -152,7 +156,20 @@ def recipe(args) -> dict:
 
     with peer.no_bar(), peer.no_logging():
         peer.fine_tune(args.epochs, cbs=[Curve()])
-    return {"seconds": time.perf_counter() - started, "accuracy": curve[-1][0], "curve": curve}
+        probs, targets = peer.get_preds(dl=dls.valid)  # softmax of the last epoch's model, uncalibrated
+    seconds = time.perf_counter() - started
+    from trainer.calibrate import expected_calibration_error
+    from trainer.metrics import accuracy as our_accuracy
+    from trainer.metrics import log_loss
+
+    p, y = probs.float().numpy(), targets.numpy()
+    return {
+        "seconds": seconds,
+        "accuracy": our_accuracy(p, y),
+        "log_loss": log_loss(p, y),
+        "ece": expected_calibration_error(p, y),
+        "curve": curve,
+    }
 
 
 def main() -> int:
@@ -160,10 +177,17 @@ def main() -> int:
     parser.add_argument("mode", choices=("fit", "recipe"))
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--val-name", default="val")
+    parser.add_argument("--csv", default=None, help="recipe: a labels CSV under --data (our random fifth validates)")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--bs", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=4, help="recipe: fine_tune's unfrozen epochs (after 1 frozen)")
+    parser.add_argument(
+        "--layout",
+        choices=("contiguous", "channels_last"),
+        default="contiguous",
+        help="recipe: the network's memory layout (fastai's default: contiguous)",
+    )
     parser.add_argument("--work", default=None, help="caches (default: a temporary folder)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()

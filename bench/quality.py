@@ -1,21 +1,27 @@
-"""Model quality: the default recipe against a linear probe on frozen features, measured in the same run.
+"""Model quality: the default recipe against a linear probe and fastai's fine_tune, in the same run.
 
-For each dev set the baseline is the cheapest model worth comparing with: the backbone's pooled
-ImageNet features of the centre view (no augmentation), standardised, and scikit-learn's
-logistic regression with the C of a grid that scores best on the validation images themselves (an
-optimistic baseline: its C is chosen on the data it is scored on). The recipe is `trainer run`
-started as a user starts it, with no flags but the data. Both see the same images and the same
-validation split.
+For each dev set, on the same images and validation split:
+
+- **linear probe**: the backbone's pooled ImageNet features of the centre view (no augmentation),
+  standardised, and scikit-learn's logistic regression. Twice: with the C of a grid that scores best
+  on the validation images themselves (optimistic: its C is chosen on what it is scored on), and
+  with the C that 5-fold cross-validation on the training images picks (an honest baseline).
+- **trainer run**: `trainer run` started as a user starts it, with no flags but the data, timed from
+  start to exit (training, TTA, calibration, export, report), its caches cold, its peak RSS polled.
+- **fastai fine_tune**: bench/fastai_peer.py's `recipe` (fastai 2.8's data pipeline and
+  `fine_tune(4)` on our split and pretrained network, in fastai's default memory layout), run with
+  the python of its own virtualenv (--fastai-python); skipped, saying so, where that is absent.
 
     python bench/quality.py                       # hymenoptera, catbreeds, digits (about 25 min on 2 cores)
     python bench/quality.py --sets hymenoptera    # one set
-    python bench/quality.py --quick               # digits only, under a minute
+    python bench/quality.py --quick               # digits only, about a minute
 
 Accuracy here is what the bundle serves to a call that does not say (TTA or not, as its manifest's
 tta.default chose); log loss and the expected calibration error (ECE, 15 bins) likewise, after the
-temperature the export fitted. Prints a table, then per set the ratios it exists for: the recipe's
-error rate over the baseline's (below 1 is better), its accuracy gain in points and its wall time
-over the baseline's. --json writes every figure.
+temperature the export fitted. fastai's are of its last epoch's softmax, uncalibrated, as
+`get_preds` returns them. Prints a table, then per set the ratios of issue 25's goal: accuracy
+against fastai's, wall time over fastai's, error rate over the cross-validated probe's, peak RSS.
+--json writes every figure.
 """
 
 from __future__ import annotations
@@ -25,10 +31,8 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,8 +41,14 @@ import numpy as np
 os.environ.setdefault("TQDM_DISABLE", "1")  # the probe's progress bars would bury the table
 
 ROOT = Path(__file__).resolve().parents[1]
+# `python bench/quality.py` puts bench/ first on sys.path, where bench/serving.py would hide the
+# serving package that trainer imports; the project root instead, for bench.training.
+sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench")]
 SHARED = ROOT.parent / "shared" / "data"
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+FOLDS = 5
+FASTAI_PYTHON = ROOT / "bench" / ".venv-fastai" / "bin" / "python"
+GOAL = {"wall": 0.5, "error": 0.9, "rss_gb": 3.5}  # issue 25: of fastai's wall, of the CV probe's error; GB
 
 
 @dataclass(frozen=True)
@@ -46,21 +56,43 @@ class DevSet:
     name: str
     flags: tuple[str, ...]  # what `trainer run` is given: the data, and nothing else
     needs: Path | None  # skipped, with a reason, where this is absent
+    peer: tuple[str, ...] = ()  # bench/fastai_peer.py's data flags; () runs no fastai
 
 
-# The digits run at the demo's size and augmentation (`trainer demo`; 8x8 scans are not flipped),
-# with the recipe's unfrozen stage kept but shortened: the defaults at 224 px would spend a quarter
-# of an hour on them.
-DIGITS_FLAGS = ("--size", "64", "--crop-pct", "1.0", "--aug", "basic", "--head-epochs", "3", "--aug-cycles", "1")
-SETS = {
-    "hymenoptera": DevSet(
-        "hymenoptera", ("--data", str(SHARED / "hymenoptera"), "--val-name", "val"), SHARED / "hymenoptera"
-    ),
-    "catbreeds": DevSet(
-        "catbreeds", ("--data", str(SHARED / "catbreeds"), "--csv", "labels.csv"), SHARED / "catbreeds"
-    ),
-    "digits": DevSet("digits", (*DIGITS_FLAGS, "--unfreeze-cycles", "2"), None),
-}
+def demo_flags() -> tuple[str, ...]:
+    """`trainer run`'s flags for the digits as `trainer demo` trains them (trainer.demo.demo_config)."""
+    from trainer.config import RunConfig
+    from trainer.demo import demo_config
+
+    demo, default = demo_config(Path("unused")).model_dump(), RunConfig().model_dump()
+    flags: list[str] = []
+    for name, value in demo.items():
+        if name != "out" and value != default[name]:
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, bool):
+                flags.append(flag if value else "--no-" + name.replace("_", "-"))
+            else:
+                flags += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return tuple(flags)
+
+
+def sets() -> dict[str, DevSet]:
+    hymenoptera, catbreeds = SHARED / "hymenoptera", SHARED / "catbreeds"
+    return {
+        "hymenoptera": DevSet(
+            "hymenoptera",
+            ("--data", str(hymenoptera), "--val-name", "val"),
+            hymenoptera,
+            ("--data", str(hymenoptera), "--val-name", "val"),
+        ),
+        "catbreeds": DevSet(
+            "catbreeds",
+            ("--data", str(catbreeds), "--csv", "labels.csv"),
+            catbreeds,
+            ("--data", str(catbreeds), "--csv", "labels.csv"),
+        ),
+        "digits": DevSet("digits", demo_flags(), None),
+    }
 
 
 @dataclass
@@ -70,6 +102,7 @@ class Score:
     ece: float
     seconds: float
     detail: str
+    peak_rss: float | None = None  # bytes: the largest RSS of the process (not of its loader workers)
 
 
 def run_config(dev: DevSet, out: Path):
@@ -79,10 +112,15 @@ def run_config(dev: DevSet, out: Path):
     return config(parser().parse_args(["run", *dev.flags, "--out", str(out)]))
 
 
-def linear_probe(dev: DevSet, work: Path) -> Score:
-    """Frozen pooled features of the centre view + logistic regression, best C on validation."""
+def linear_probes(dev: DevSet, work: Path) -> tuple[Score, Score]:
+    """Frozen pooled features of the centre view + logistic regression: the C best on validation,
+    and the C that cross-validation on the training images picks. Both times include the features."""
+    import time
+
     import torch
     from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     from trainer.assemble import make_data
@@ -102,33 +140,50 @@ def linear_probe(dev: DevSet, work: Path) -> Score:
     n = learn.net.n_pooled // 2
     x_trn, x_val = (learn._features[name][:, n:].numpy() for name in ("train", "valid"))
     y_trn, y_val = np.asarray(data.trn_y), np.asarray(data.val_y)
-    scaler = StandardScaler().fit(x_trn)
-    x_trn, x_val = scaler.transform(x_trn), scaler.transform(x_val)
-    best = None
-    for c in C_GRID:
-        probs = LogisticRegression(C=c, max_iter=5000).fit(x_trn, y_trn).predict_proba(x_val)
-        key = (accuracy(probs, y_val), -log_loss(probs, y_val))
-        if best is None or key > best[0]:
-            best = (key, c, probs)
-    assert best is not None
-    (_, c, probs) = best
-    return Score(
-        accuracy(probs, y_val),
-        log_loss(probs, y_val),
-        expected_calibration_error(probs, y_val),
-        time.perf_counter() - started,
-        f"C={c:g} of {len(C_GRID)}, {len(y_trn)} train / {len(y_val)} valid",
+    features = time.perf_counter() - started
+
+    def model(c: float):
+        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
+
+    def score(c: float, seconds: float, how: str) -> Score:
+        probs = model(c).fit(x_trn, y_trn).predict_proba(x_val)
+        return Score(
+            accuracy(probs, y_val),
+            log_loss(probs, y_val),
+            expected_calibration_error(probs, y_val),
+            features + seconds,
+            f"C={c:g} {how}, {len(y_trn)} train / {len(y_val)} valid",
+        )
+
+    t = time.perf_counter()
+    on_valid = max(C_GRID, key=lambda c: _valid_key(model(c).fit(x_trn, y_trn).predict_proba(x_val), y_val))
+    valid_seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    folds = StratifiedKFold(FOLDS, shuffle=True, random_state=cfg.seed)
+    cv = {c: cross_val_score(model(c), x_trn, y_trn, cv=folds, scoring="neg_log_loss").mean() for c in C_GRID}
+    by_cv = max(C_GRID, key=lambda c: cv[c])
+    cv_seconds = time.perf_counter() - t
+    return (
+        score(on_valid, valid_seconds, f"of {len(C_GRID)}, best on validation"),
+        score(by_cv, cv_seconds, f"of {len(C_GRID)} by {FOLDS}-fold CV log loss on train"),
     )
 
 
+def _valid_key(probs: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    from trainer.metrics import accuracy, log_loss
+
+    return accuracy(probs, y), -log_loss(probs, y)
+
+
 def recipe(dev: DevSet, work: Path) -> Score:
-    """`trainer run` with the set's data flags only, in a subprocess, timed from start to exit."""
+    """`trainer run` with the set's data flags only, in a subprocess with cold caches, timed from
+    start to exit, its peak RSS polled."""
+    from bench.training import cold_cache, peak_memory
+
     out = work / "run"
     cmd = [sys.executable, "-m", "trainer.cli", "run", *dev.flags, "--out", str(out)]
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - started
-    (work / "run.log").write_text(done.stdout + done.stderr)
+    done = peak_memory(cmd, env=cold_cache(work))
+    (work / "run.log").write_text(done.output)
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}); its output is in {work / 'run.log'}")
     metrics = json.loads((out / "metrics.json").read_text())
@@ -138,9 +193,28 @@ def recipe(dev: DevSet, work: Path) -> Score:
         metrics[f"accuracy{suffix}"],
         metrics[f"log_loss{suffix}"],
         metrics[f"ece{suffix}"],
-        seconds,
+        done.seconds,
         f"TTA {'on' if tta else 'off'}, T={metrics['temperature']:.2f}, ECE before T "
         f"{metrics[f'ece{suffix}_uncalibrated']:.3f}, {len(_epochs(out))} epochs",
+        done.main_rss,
+    )
+
+
+def fastai(dev: DevSet, work: Path, python: Path) -> Score:
+    """bench/fastai_peer.py's fine_tune in fastai's own virtualenv, timed from start to exit."""
+    from bench.training import peak_memory
+
+    out = work / "fastai.json"
+    peer = ROOT / "bench" / "fastai_peer.py"
+    cmd = [str(python), str(peer), "recipe", *dev.peer, f"--work={work / 'fastai'}", f"--json={out}"]
+    done = peak_memory(cmd)
+    (work / "fastai.log").write_text(done.output)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}); its output is in {work / 'fastai.log'}")
+    r = json.loads(out.read_text())
+    curve = ", ".join(f"{a:.3f}@{t:.0f}s" for a, t in r["curve"])
+    return Score(
+        r["accuracy"], r["log_loss"], r["ece"], done.seconds, f"fine_tune(4), per epoch {curve}", done.main_rss
     )
 
 
@@ -160,33 +234,52 @@ def machine() -> str:
     return f"{platform.node()}: {platform.processor() or platform.machine()}, {cpus} CPUs, {gpu}"
 
 
+LABELS = {
+    "probe_valid": "linear probe, C on valid",
+    "probe_cv": "linear probe, C by CV",
+    "recipe": "trainer run",
+    "fastai": "fastai fine_tune",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default="hymenoptera,catbreeds,digits", help="comma-separated dev sets")
-    parser.add_argument("--quick", action="store_true", help="digits only (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="digits only (about a minute)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--keep", type=Path, help="keep the runs under this folder (default: a temporary one)")
+    parser.add_argument(
+        "--fastai-python", type=Path, default=FASTAI_PYTHON, help="the python of fastai's virtualenv (bench/README.md)"
+    )
+    parser.add_argument("--no-fastai", action="store_true", help="skip fastai's fine_tune")
     args = parser.parse_args(argv)
+    known = sets()
     names = ["digits"] if args.quick else [s.strip() for s in args.sets.split(",") if s.strip()]
-    unknown = [n for n in names if n not in SETS]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        parser.error(f"unknown set(s) {', '.join(unknown)}; choose from {', '.join(SETS)}")
+        parser.error(f"unknown set(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="quality-"))
     results: dict[str, dict] = {}
     print(f"machine: {machine()}", flush=True)
     for name in names:
-        dev = SETS[name]
+        dev = known[name]
         if dev.needs is not None and not dev.needs.is_dir():
             print(f"{name}: skipped, {dev.needs} is absent", flush=True)
             continue
         work = root / name
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        print(f"{name}: linear probe ...", flush=True)
-        base = linear_probe(dev, work)
+        print(f"{name}: linear probes ...", flush=True)
+        on_valid, by_cv = linear_probes(dev, work)
+        results[name] = {"probe_valid": asdict(on_valid), "probe_cv": asdict(by_cv)}
         print(f"{name}: trainer run {' '.join(dev.flags)} ...", flush=True)
-        ours = recipe(dev, work)
-        results[name] = {"baseline": asdict(base), "recipe": asdict(ours)}
+        results[name]["recipe"] = asdict(recipe(dev, work))
+        if dev.peer and not args.no_fastai:
+            if args.fastai_python.exists():
+                print(f"{name}: fastai fine_tune ...", flush=True)
+                results[name]["fastai"] = asdict(fastai(dev, work, args.fastai_python))
+            else:
+                print(f"{name}: fastai skipped, {args.fastai_python} is absent (bench/README.md says how to make it)")
         print(_table({name: results[name]}), flush=True)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
@@ -194,25 +287,49 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(results))
     print()
     for name, r in results.items():
-        b, o = r["baseline"], r["recipe"]
-        print(
-            f"{name}: error rate ratio {(1 - o['accuracy']) / max(1 - b['accuracy'], 1e-9):.2f} (recipe/baseline), "
-            f"accuracy {100 * (o['accuracy'] - b['accuracy']):+.1f} points, "
-            f"wall time ratio {o['seconds'] / b['seconds']:.1f}x"
-        )
+        print("\n".join(goal_lines(name, r)))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "results": results}, indent=2) + "\n")
     return 0
 
 
+def goal_lines(name: str, r: dict) -> list[str]:
+    """Issue 25's goal, one line a measure, each with its target and whether this run met it."""
+    ours, cv = r["recipe"], r["probe_cv"]
+
+    def line(what: str, value: str, met: bool) -> str:
+        return f"{name}: {what}: {value} ({'met' if met else 'NOT met'})"
+
+    error = (1 - ours["accuracy"]) / max(1 - cv["accuracy"], 1e-9)
+    lines = [line("error rate / CV probe's", f"{error:.2f}, target <= {GOAL['error']}", error <= GOAL["error"])]
+    if "fastai" in r:
+        peer = r["fastai"]
+        points = 100 * (ours["accuracy"] - peer["accuracy"])
+        wall = ours["seconds"] / peer["seconds"]
+        lines += [
+            line("accuracy - fastai's", f"{points:+.1f} points, target >= 0", points >= 0),
+            line("wall time / fastai's", f"{wall:.2f}, target <= {GOAL['wall']}", wall <= GOAL["wall"]),
+        ]
+    if ours["peak_rss"] is not None and name != "digits":
+        gb = ours["peak_rss"] / 1e9
+        lines.append(line("peak RSS", f"{gb:.2f} GB, target <= {GOAL['rss_gb']}", gb <= GOAL["rss_gb"]))
+    return lines
+
+
 def _table(results: dict[str, dict]) -> str:
-    rows = ["| set | model | accuracy | log loss | ECE | wall s | detail |", "|---|---|---:|---:|---:|---:|---|"]
+    rows = [
+        "| set | model | accuracy | log loss | ECE | wall s | peak RSS GB | detail |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     for name, r in results.items():
-        for label, key in (("linear probe", "baseline"), ("trainer run", "recipe")):
+        for key, label in LABELS.items():
+            if key not in r:
+                continue
             s = r[key]
+            rss = f"{s['peak_rss'] / 1e9:.2f}" if s.get("peak_rss") else ""
             rows.append(
                 f"| {name} | {label} | {s['accuracy']:.4f} | {s['log_loss']:.4f} | {s['ece']:.4f} | "
-                f"{s['seconds']:.0f} | {s['detail']} |"
+                f"{s['seconds']:.0f} | {rss} | {s['detail']} |"
             )
     return "\n".join(rows)
 

@@ -66,10 +66,12 @@ class Setup:
     bs: int
     reps: int  # timed runs of each side of a comparison
     quick: bool = False
+    csv: str | None = None  # a labels CSV under data (its random fifth validates), else train/ and val_name/
 
     def flags(self) -> list[str]:
         """The `trainer run` flags that choose this data, size and batch."""
-        return ["--data", str(self.data), "--val-name", self.val_name, "--size", str(self.size), "--bs", str(self.bs)]
+        split = ["--csv", self.csv] if self.csv else ["--val-name", self.val_name]
+        return ["--data", str(self.data), *split, "--size", str(self.size), "--bs", str(self.bs)]
 
 
 @dataclass
