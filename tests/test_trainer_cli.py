@@ -96,6 +96,24 @@ def test_run_calibrates_its_probabilities_and_says_so_everywhere(full_run):
     assert f"temperature {t:.3f} fitted on validation" in html and "reliability diagram" in html
 
 
+def test_the_report_opens_with_what_the_bundle_serves(trainer_run):
+    """One line first, in words: the served accuracy, with or without TTA as the bundle's default
+    chose, calibrated, and on how many held-out images; before any table of raw keys."""
+    run = trainer_run.path
+    metrics, manifest = metrics_of(run), manifest_of(run / "bundle")
+    tta = manifest["tta"]["default"]
+    served = "_tta" if tta else ""
+    n_valid = len([f for f in (trainer_run.data / "valid").rglob("*") if f.is_file()])
+    html = (run / "report.html").read_text()
+    line = (
+        f"served accuracy {100 * metrics[f'accuracy{served}']:.1f}% {'with' if tta else 'without'} TTA "
+        f"(the bundle&#x27;s default), calibrated: log loss {metrics[f'log_loss{served}']:.3f}, "
+        f"ECE {metrics[f'ece{served}']:.3f}, on {n_valid} held-out validation images"
+    )
+    assert line in html, html[:2000]
+    assert html.index(line) < html.index("<h2>")
+
+
 def test_run_files_are_readable_by_other_users(full_run):
     """A server in a container runs as another user than the trainer: bundle, report, plots and CSVs
     must be 0644 and folders 0755 under umask 022, as files written with plain open() would be."""

@@ -28,7 +28,7 @@ _MIME = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg"}
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em; color: #222; }
-h1 { font-size: 1.6em; } h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+h1 { font-size: 1.6em; } .summary { font-size: 1.15em; } h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 0.5em 0; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; font-variant-numeric: tabular-nums; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
@@ -123,10 +123,11 @@ def write_report(
     tables: Mapping[str, Sequence[Sequence]] | None = None,
     data_summary: Mapping | None = None,
     most_confused: Sequence[tuple[str, str, int]] | None = None,
+    summary: str | None = None,
 ) -> Path:
     """Write `run_dir/report.html` (atomically; the folder is created if needed) and return its path.
 
-    The page shows, in order: `title`; `data_summary` when given, as rows: "classes" (a list of
+    The page shows, in order: `title`; `summary`, one line a person reads first, when given; `data_summary` when given, as rows: "classes" (a list of
     names, or a count; the names are listed when there are at most MAX_LISTED_CLASSES), "images" (a mapping split ->
     count, shown train, valid, test, then any others), "held_out" and any other keys as they are;
     `metrics` as a name/value table, headed by a plain warning when `data_summary["held_out"]` is
@@ -146,6 +147,8 @@ def write_report(
         f"<style>{_CSS}</style></head><body>",
         f"<h1>{_esc(title)}</h1>",
     ]
+    if summary:
+        parts.append(f'<p class="summary"><strong>{_esc(summary)}</strong></p>')
     if data_summary is not None:
         parts += ["<h2>Data</h2>", _table(("data", "value"), _data_rows(data_summary))]
     parts.append("<h2>Metrics</h2>")

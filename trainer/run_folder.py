@@ -287,7 +287,26 @@ class RunFolder:
             images=[(caption, png) for png, caption in FIGURES.items() if self.figure(png).is_file()],
             data_summary={"classes": data.classes, "images": images, "held_out": not cfg.full},
             most_confused=_most_confused(probs, y, data.classes),
+            summary=self.served_summary(metrics, len(data.val_files), held_out=not cfg.full),
         )
+
+    def served_summary(self, metrics: Mapping[str, float], n_valid: int, *, held_out: bool) -> str | None:
+        """The report's first line: what the bundle serves to a call that does not say, scored on
+        validation, e.g. "served accuracy 94.8% without TTA (the bundle's default), calibrated: log
+        loss 0.145, ECE 0.035, on 153 held-out validation images". None before there is a bundle."""
+        manifest = self.bundle_dir / MANIFEST_NAME
+        if not manifest.is_file() or "accuracy" not in metrics:
+            return None
+        tta = bool(json.loads(manifest.read_text())["tta"]["default"])
+        suffix = "_tta" if tta else ""
+        if f"accuracy{suffix}" not in metrics:
+            return None
+        scores = f"served accuracy {100 * metrics[f'accuracy{suffix}']:.1f}% {'with' if tta else 'without'} TTA"
+        scores += " (the bundle's default)"
+        if "temperature" in metrics and f"log_loss{suffix}" in metrics and f"ece{suffix}" in metrics:
+            scores += f", calibrated: log loss {metrics[f'log_loss{suffix}']:.3f}, ECE {metrics[f'ece{suffix}']:.3f}"
+        where = "held-out validation images" if held_out else "validation images it also trained on (--full)"
+        return f"{scores}, on {n_valid} {where}"
 
     # --- what is out of date
 
