@@ -266,7 +266,8 @@ class ConvLearner:
         return distributed.gather_rows(mine, len(self._files(name)), self.dist)
 
     def _to_device(self, xb: torch.Tensor) -> torch.Tensor:
-        return xb.to(self.device, non_blocking=True).float().contiguous(memory_format=torch.channels_last)
+        xb = xb.to(self.device, non_blocking=True).float()
+        return xb.contiguous(memory_format=torch.channels_last) if xb.dim() == 4 else xb  # images: NCHW
 
     # --- batches
 
