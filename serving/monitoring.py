@@ -7,10 +7,13 @@ The calls are counted by serving.protocols.interceptor, including those gRPC ref
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from wsgiref.simple_server import WSGIServer
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 
 from serving.bundle.manifest import Manifest
 from serving.engine.batcher import BatchStats
@@ -134,13 +137,18 @@ class Metrics:
 
     def serve_http(self, host: str, port: int) -> int:
         """Serve /metrics over HTTP; returns the port bound (useful with port=0)."""
+        addr = host.strip("[]")
+        server_class = _ThreadingServer6 if ":" in addr else _ThreadingServer
         try:
-            self._http, _ = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
+            self._http = make_server(
+                addr, port, only_metrics(make_wsgi_app(self.registry)), server_class, handler_class=_QuietHandler
+            )
         except OSError as e:
             raise OSError(
                 f"cannot serve metrics on {host}:{port}: {e.strerror or e}; pick another --metrics-port "
                 "(0 for a free one) or turn metrics off with --metrics-port off"
             ) from None
+        threading.Thread(target=self._http.serve_forever, name="metrics-http", daemon=True).start()
         return int(self._http.server_port)
 
     def close(self) -> None:
@@ -148,3 +156,30 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def only_metrics(app: Callable) -> Callable:
+    """The metrics app at /metrics, and 404 on every other path: prometheus_client's own server
+    answers 200 with the metrics everywhere, so an HTTP health check pointed at this port
+    (/v2/health/ready, /healthz) would pass whatever the server's state."""
+
+    def routed(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "") in ("/metrics", "/metrics/"):
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: this port serves Prometheus metrics at /metrics only\n"]
+
+    return routed
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds up the process's exit
+
+
+class _ThreadingServer6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes are not news: no line per request on stderr."""

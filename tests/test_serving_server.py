@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import grpc
@@ -201,6 +202,16 @@ def test_reflection_lists_the_services(server):
         service = DescriptorPool(db).FindServiceByName("classifier.v1.Classifier")
         assert {m.name for m in service.methods} == {"Predict", "PredictBatch", "ModelInfo"}
         assert service.methods_by_name["PredictBatch"].output_type.full_name == "classifier.v1.PredictBatchResponse"
+
+
+@pytest.mark.parametrize("path", ["/", "/v2/health/ready", "/v2/models/no_such_model/ready", "/healthz"])
+def test_the_metrics_port_answers_404_off_metrics(server, path):
+    """An HTTP health check aimed at the metrics port must not pass whatever the server's state
+    (prometheus_client's own server answered 200 with the metrics text on every path)."""
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}{path}", timeout=10)
+    assert e.value.code == 404 and b"/metrics" in e.value.read()
+    assert scrape(server.metrics_port)  # /metrics itself still answers, and parses
 
 
 def scrape(port: int) -> dict[tuple, float]:
