@@ -126,6 +126,7 @@ def export(
     PyTorch TTA accuracy on the validation set exactly. Raises ExportError when any check fails."""
     import onnx
 
+    memory.trim()  # what training and evaluation freed, before the exporter and ONNX Runtime allocate
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     data, tfms, arch = learn.data, learn.data.tfms, get_arch(learn.net.arch_name)

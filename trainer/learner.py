@@ -74,7 +74,7 @@ class ConvLearner:
         self._models_dir = Path(models_dir) if models_dir is not None else self.work_dir / "models"
         self.device = device or (self.dist.device() if self.dist.active else default_device())
         # channels_last on every device: on a CPU it trains EfficientNet-Lite0 1.5-1.9x faster and
-        # precomputes 1.8x faster than the default layout (bench/README.md, "Training").
+        # precomputes 1.8x faster than the default layout (bench/README.md, "Model quality").
         self.net = net.to(self.device).to(memory_format=torch.channels_last)
         self.opt_name = opt
         self.momentum = momentum

@@ -99,6 +99,7 @@ def run(
         if main:
             folder.write_config(cfg)
     plan = stages(cfg)
+    swept_unfrozen = any(s.kind == "lr_find" and s.unfrozen for s in plan)  # else its lr is derived
     done_stage, done_epochs = (state["stage"], state["epochs"]) if state else (0, 0)
     lr = state["lr"] if state else cfg.lr
     size = plan[min(done_stage, len(plan) - 1)].size if plan else cfg.size
@@ -184,7 +185,7 @@ def run(
             lr = found if lr is None else min(lr, found)
         else:
             assert lr is not None, "the plan starts with lr_find when no lr is given"
-            derived = stage.unfrozen and not (cfg.lr_find_unfrozen and not cfg.lr)
+            derived = stage.unfrozen and not swept_unfrozen
             lrs = [lr * (UNFROZEN_LR_SHARE if derived else 1.0) * r for r in ratios]
             cycles = stage.cycles or head_epochs(learn)
             how = f" (the head's {lr:.2e} halved, as fastai's fine_tune does)" if derived else ""
@@ -215,7 +216,6 @@ def run(
     memory.trim()  # training's freed pages back to the system before TTA and export add their own
     metrics, probs, uncalibrated, y = evaluate(learn, log, held_out=not cfg.full)  # every rank: TTA is shared
     if main:
-        memory.trim()
         with learn.alone():  # the other ranks wait at the barrier below
             export(
                 learn,

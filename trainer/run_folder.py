@@ -293,20 +293,18 @@ class RunFolder:
     def served_summary(self, metrics: Mapping[str, float], n_valid: int, *, held_out: bool) -> str | None:
         """The report's first line: what the bundle serves to a call that does not say, scored on
         validation, e.g. "served accuracy 94.8% without TTA (the bundle's default), calibrated: log
-        loss 0.145, ECE 0.035, on 153 held-out validation images". None before there is a bundle."""
-        manifest = self.bundle_dir / MANIFEST_NAME
-        if not manifest.is_file() or "accuracy" not in metrics:
+        loss 0.145, ECE 0.035, on 153 held-out validation images". The temperature was fitted to
+        that default (temperature_for_tta, the export's own rule); None for uncalibrated metrics."""
+        if "temperature_for_tta" not in metrics:
             return None
-        tta = bool(json.loads(manifest.read_text())["tta"]["default"])
-        suffix = "_tta" if tta else ""
-        if f"accuracy{suffix}" not in metrics:
-            return None
-        scores = f"served accuracy {100 * metrics[f'accuracy{suffix}']:.1f}% {'with' if tta else 'without'} TTA"
-        scores += " (the bundle's default)"
-        if "temperature" in metrics and f"log_loss{suffix}" in metrics and f"ece{suffix}" in metrics:
-            scores += f", calibrated: log loss {metrics[f'log_loss{suffix}']:.3f}, ECE {metrics[f'ece{suffix}']:.3f}"
+        tta = bool(metrics["temperature_for_tta"])
+        k = "_tta" if tta else ""
         where = "held-out validation images" if held_out else "validation images it also trained on (--full)"
-        return f"{scores}, on {n_valid} {where}"
+        return (
+            f"served accuracy {100 * metrics[f'accuracy{k}']:.1f}% {'with' if tta else 'without'} TTA (the bundle's "
+            f"default), calibrated: log loss {metrics[f'log_loss{k}']:.3f}, ECE {metrics[f'ece{k}']:.3f}, "
+            f"on {n_valid} {where}"
+        )
 
     # --- what is out of date
 
