@@ -484,8 +484,8 @@ def bench_memory(setup: Setup, work: Path) -> tuple[list[Row], list[Ratio]]:
 
 
 def recipe_cmd(setup: Setup, out: Path, *, short: bool) -> list[str]:
-    """`trainer run` on the setup's data. short: every stage once (a fixed lr instead of the two
-    lr_find sweeps, one epoch of the head with augmentation, one unfrozen): the same peaks, in
+    """`trainer run` on the setup's data. short: every stage once (a fixed lr instead of lr_find's
+    sweeps, one epoch of the head with augmentation, one unfrozen): the same peaks, in
     minutes; else the default recipe."""
     cmd = [sys.executable, "-m", "trainer.cli", "run", *setup.flags(), "--out", str(out)]
     if short:
