@@ -161,7 +161,20 @@ class ServerConfig(BaseModel):
         ge=4096,
         description="largest request message, bytes; gRPC refuses larger ones with RESOURCE_EXHAUSTED",
     )
+    max_json_bytes: int = Field(
+        8 * 2**20,
+        ge=4096,
+        description="largest JSON part of an HTTP request, bytes (parsed, JSON takes several times its size), "
+        "within --max-message-bytes; send images as binary tensor data, or base64 within it",
+    )
     # Operations.
+    http_port: int | None = Field(
+        8000,
+        ge=0,
+        le=65535,
+        description="the Open Inference Protocol's HTTP/REST port (/v2/...), with the page to try the model at /; "
+        "0 picks a free one, off disables",
+    )
     metrics_port: int | None = Field(
         9464, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free one, off disables"
     )
@@ -190,6 +203,7 @@ class ServerConfig(BaseModel):
 
     @field_validator(
         "metrics_port",
+        "http_port",
         "max_model_bytes",
         "bundle",
         "model_repository",
@@ -289,6 +303,10 @@ def batch_views(config: ServerConfig, views_per_image: int, cuda: bool) -> int:
         return config.max_batch_views
     return AUTO_CUDA_BATCH_VIEWS if cuda else views_per_image
 
+
+# HTTP requests whose JSON is parsed at once (serving/protocols/http.py): parsing holds the GIL anyway,
+# so more would add memory (README, "What a request may cost"), not speed.
+JSON_PARSERS = 2
 
 # max_batch_views=0 on CUDA: a GPU runs 64 views in about the time of a few, so gathering calls pays.
 AUTO_CUDA_BATCH_VIEWS = 64

@@ -30,6 +30,13 @@ class Metrics:
         self.requests = Counter(
             "classifier_requests", "Calls answered, by RPC method and gRPC status code", ["method", "code"], registry=r
         )
+        self.http_requests = Counter(
+            "classifier_http_requests",
+            "HTTP/REST calls answered, by method (the Open Inference Protocol's, as in classifier_requests_total) "
+            "and HTTP status",
+            ["method", "status"],
+            registry=r,
+        )
         self.latency = Histogram(
             "classifier_request_seconds",
             "Time from a call's arrival in its handler to its answer, seconds",

@@ -19,8 +19,10 @@ from collections.abc import Mapping
 from concurrent import futures
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from serving.bundle.session import ModelSession
 from serving.config import ServerConfig, max_streams
@@ -32,6 +34,7 @@ from serving.gen.inference import grpc_service_pb2 as oip_pb
 from serving.gen.inference import grpc_service_pb2_grpc as oip_grpc
 from serving.monitoring import Metrics
 from serving.protocols.classifier import ClassifierServicer
+from serving.protocols.http import HttpApp, HttpServer
 from serving.protocols.inference import InferenceServicer
 from serving.protocols.interceptor import EdgeInterceptor
 from serving.protocols.streams import StreamLimiter
@@ -43,9 +46,9 @@ from serving.signals import Signals
 log = logging.getLogger("serving")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Classifier"].full_name  # classifier.v1.Classifier
-# Health is reported for the whole server ("") and for the classifier by name, as the protocol suggests.
-HEALTH_NAMES = ("", SERVICE)
 OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPCInferenceService
+# Health is reported for the whole server ("") and for each inference service by name, as the protocol suggests.
+HEALTH_NAMES = ("", SERVICE, OIP_SERVICE)
 
 
 # Calls gRPC core holds for the server before a handler takes them, at least (see the options below).
@@ -111,14 +114,19 @@ class Server:
         pb_grpc.add_ClassifierServicer_to_server(self.servicer, self.grpc_server)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        # Not the Open Inference Protocol: its descriptors live in a pool of their own (scripts/gen_protos.py),
-        # and its clients know it without reflection, as Triton, which offers none, expects.
-        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
+        reflection.enable_server_reflection(
+            (SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server, reflection_pool()
+        )
         self.metrics_port: int | None = None
+        self.http: HttpServer | None = None
         self._stopped = False
         try:
             self.port = self._bind()
             self.grpc_server.start()
+            if config.http_port is not None:
+                self.http = HttpServer(
+                    HttpApp(config, self.inference, self.metrics, self.inference.ready), config, config.http_port
+                )
             if config.metrics_port is not None:
                 self.metrics_port = self.metrics.serve_http(config.host, config.metrics_port)
             if load:
@@ -156,7 +164,9 @@ class Server:
         c = self.config
         if c.model_repository is None:
             assert c.bundle is not None  # ServerConfig holds exactly one of the two
-            self.models.install(open_model(c, self.metrics, c.bundle, session=session))
+            # Version 1: the Open Inference Protocol's clients expect an integer (the manifest's own
+            # version, an export timestamp, is in the model's configuration as bundle_version).
+            self.models.install(open_model(c, self.metrics, c.bundle, session=session, number=1))
         else:
             self.watcher = Watcher(self.models, c.model_repository, parse_policies(c.version_policy), poll_s=c.poll_s)
             self.watcher.poll()
@@ -209,11 +219,18 @@ class Server:
         # Decoding ends now, whatever the images: the calls still decoding are answered UNAVAILABLE.
         self.calls.close()
         self.streams.stop()
+        if self.http is not None:
+            self.http.stop()
         # What is left are health watchers and reflection streams; calls past the grace are cancelled.
         self.grpc_server.stop(max(0.0, end - time.monotonic())).wait()
         # Only now: until the handlers are done, they wait on the batcher for their results.
         self.models.close()
         self.metrics.close()
+
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP/REST port bound, None when --http-port is off."""
+        return None if self.http is None else self.http.port
 
     def wait(self) -> None:
         self.grpc_server.wait_for_termination()
@@ -223,6 +240,28 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop(0)
+
+
+def reflection_pool() -> descriptor_pool.DescriptorPool:
+    """The descriptors of every service the server answers, for reflection. The Open Inference
+    Protocol's live in a pool of their own (scripts/gen_protos.py says why), so reflection gets a
+    pool holding copies of all of them and their imports."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.Add(proto)
+        added.add(file.name)
+
+    for file in (pb.DESCRIPTOR, oip_pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        add(file)
+    return pool
 
 
 def _grpc_active_calls(server: grpc.Server) -> int | None:
@@ -243,12 +282,14 @@ def serve(config: ServerConfig, signals: Signals | None = None) -> int:
     try:
         if not signals.stop.is_set():
             server.load()
+            scheme = "https" if config.tls_cert is not None else "http"
+            http = "" if server.http_port is None else f", HTTP/REST on {scheme}://{config.host}:{server.http_port}/"
             metrics = (
                 ""
                 if server.metrics_port is None
                 else f", metrics on http://{config.host}:{server.metrics_port}/metrics"
             )
-            print(f"serving on {config.host}:{server.port}{metrics}", flush=True)
+            print(f"serving on {config.host}:{server.port}{http}{metrics}", flush=True)
         # The kernel may hand the signal to any thread (gRPC's, ONNX Runtime's) while Python runs the
         # handler only in the main thread, once it runs bytecode again: so wake it, never block for good.
         while not signals.stop.wait(0.1):

@@ -51,7 +51,7 @@ def test_serve_predict_and_sigterm(trainer_run):
     bundle = trainer_run.path / "bundle"
     views = len(read_manifest(bundle).tta.views)
     server = subprocess.Popen(
-        [SERVING, "serve", "--bundle", str(bundle), "--port", "0", "--metrics-port", "0"],
+        [SERVING, "serve", "--bundle", str(bundle), "--port", "0", "--http-port", "0", "--metrics-port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -26,7 +26,7 @@ def trained(trainer_run):
 @pytest.fixture(scope="module")
 def server(trained):
     _, folder, _ = trained
-    srv = Server(ServerConfig(bundle=folder.bundle_dir, port=0, device="cpu", metrics_port=None))
+    srv = Server(ServerConfig(bundle=folder.bundle_dir, port=0, device="cpu", metrics_port=None, http_port=0))
     yield srv
     srv.stop(0)
 
@@ -71,7 +71,8 @@ def test_tta_off_runs_only_the_centre_view(trained, client):
 def test_model_info(trained, client):
     learn, folder, manifest = trained
     info = client.model_info()
-    assert info.model_name == "colours" and info.model_version == manifest.version
+    # Version 1, as the Open Inference Protocol's clients expect; the bundle's own beside it.
+    assert (info.model_name, info.model_version, info.bundle_version) == ("colours", "1", manifest.version)
     assert list(info.classes) == learn.data.classes == ["blue", "red"]
     assert info.input_size == 32 and info.model_sha256 == manifest.model.sha256
     assert dict(info.metrics) == manifest.metrics

@@ -249,7 +249,7 @@ def reset_peak_rss() -> None:
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, decode_workers=2)
+    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, http_port=0, decode_workers=2)
     with Server(cfg) as srv:
         yield srv
 
@@ -316,6 +316,7 @@ def test_a_tile_bomb_over_the_workers_limit_is_refused(tiny_bundle):
         port=0,
         device="cpu",
         metrics_port=None,
+        http_port=0,
         decode_workers=1,
         max_image_pixels=1_000_000,
         decode_worker_memory_mb=400,
@@ -328,7 +329,7 @@ def test_a_tile_bomb_over_the_workers_limit_is_refused(tiny_bundle):
 
 
 def test_the_server_stops_its_workers(tiny_bundle):
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, decode_workers=2)
+    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, http_port=0, decode_workers=2)
     srv = Server(cfg)
     pids = [*srv.calls.decoders.pids, srv.calls.decoders.zygote_pid]
     assert all(alive(pid) for pid in pids)
@@ -338,7 +339,7 @@ def test_the_server_stops_its_workers(tiny_bundle):
 
 def test_stopping_ends_a_decode_that_has_no_deadline(tiny_bundle):
     """A call without a deadline decoding a slow image does not hold up shutdown past the grace."""
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, decode_timeout_s=60)
+    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, http_port=0, decode_timeout_s=60)
     image = jpeg_segment_flood()  # seconds of header parsing
     srv = Server(cfg)
     outcome: list[grpc.StatusCode] = []

@@ -30,7 +30,7 @@ def requests_total(srv: Server, method: str, code: str) -> float:
 def test_calls_over_max_concurrent_calls_are_counted(tiny_bundle):
     gated = GatedSession(ModelSession(tiny_bundle, device="cpu"))
     cfg = ServerConfig(
-        bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, max_concurrent_calls=2, max_delay_us=0
+        bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, http_port=0, max_concurrent_calls=2, max_delay_us=0
     )
     with Server(cfg, session=gated) as srv, Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
         gated.hold()
@@ -51,7 +51,13 @@ def test_calls_over_max_concurrent_calls_are_counted(tiny_bundle):
 
 def test_a_message_over_the_size_limit_is_counted_as_not_run(tiny_bundle):
     cfg = ServerConfig(
-        bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, max_image_bytes=4096, max_message_bytes=8192
+        bundle=tiny_bundle,
+        port=0,
+        device="cpu",
+        metrics_port=None,
+        http_port=0,
+        max_image_bytes=4096,
+        max_message_bytes=8192,
     )
     with Server(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
         for _ in range(3):
@@ -64,7 +70,7 @@ def test_a_message_over_the_size_limit_is_counted_as_not_run(tiny_bundle):
 
 
 def test_a_malformed_request_is_invalid_argument_without_a_traceback(tiny_bundle, caplog):
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None)
+    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, http_port=0)
     with Server(cfg) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
         raw = channel.unary_unary("/classifier.v1.Classifier/Predict")  # bytes in, bytes out
         with caplog.at_level("DEBUG"), pytest.raises(grpc.RpcError) as err:
@@ -102,6 +108,8 @@ def test_decoder_warnings_are_counted_not_logged(tiny_bundle):
         str(tiny_bundle),
         "--port",
         "0",
+        "--http-port",
+        "0",
         "--device",
         "cpu",
         "--metrics-port",
@@ -112,7 +120,7 @@ def test_decoder_warnings_are_counted_not_logged(tiny_bundle):
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
-        ports = re.search(r"serving on [\d.]+:(\d+), metrics on http://[\d.]+:(\d+)/metrics", line)
+        ports = re.search(r"serving on [\d.]+:(\d+), HTTP/REST on \S+, metrics on http://[\d.]+:(\d+)/metrics", line)
         assert ports, line + proc.stderr.read()
         with Client(f"127.0.0.1:{ports[1]}", timeout=30) as c:
             codes = {r.status.code for r in c.predict_batch(hostile_tiffs(60)).results}

@@ -64,7 +64,15 @@ def put_version(bundle: Path, repo: Path, number: int) -> Path:
 
 
 def repository_config(repo: Path, **kw) -> ServerConfig:
-    settings = {"port": 0, "device": "cpu", "metrics_port": 0, "max_batch_views": 16, "poll_s": 0.05, **kw}
+    settings = {
+        "port": 0,
+        "device": "cpu",
+        "metrics_port": 0,
+        "http_port": 0,
+        "max_batch_views": 16,
+        "poll_s": 0.05,
+        **kw,
+    }
     return ServerConfig(model_repository=repo, **settings)
 
 
@@ -236,7 +244,7 @@ def test_sighup_loads_a_new_version_in_a_running_serve(tmp_path, tiny_bundle):
     shutil.copytree(tiny_bundle, repo / MODEL / "1")
     # --poll-s 0: the repository is scanned only when SIGHUP asks.
     argv = [sys.executable, "-m", "serving.cli", "serve", "--model-repository", str(repo), "--poll-s", "0"]
-    argv += ["--port", "0", "--metrics-port", "off", "--device", "cpu", "--max-batch-views", "8"]
+    argv += ["--port", "0", "--http-port", "0", "--metrics-port", "off", "--device", "cpu", "--max-batch-views", "8"]
     server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
         line = server.stdout.readline()

@@ -95,6 +95,7 @@ def server(tiny_bundle):
         port=0,
         device="cpu",
         metrics_port=None,
+        http_port=0,
         max_image_bytes=MAX_IMAGE_BYTES,
         max_message_bytes=MAX_MESSAGE_BYTES,
     )
@@ -187,7 +188,9 @@ def test_an_eps_that_ghostscript_would_render_is_refused(client):
 
 
 def test_the_format_list_is_configurable(tiny_bundle):
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, allowed_formats="png, webp")
+    cfg = ServerConfig(
+        bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, http_port=0, allowed_formats="png, webp"
+    )
     with Server(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
         assert c.predict(encode(photo(), "WEBP")).predictions
         with pytest.raises(grpc.RpcError) as err:
@@ -201,6 +204,7 @@ def test_pixels_per_call_are_bounded(tiny_bundle):
         port=0,
         device="cpu",
         metrics_port=None,
+        http_port=0,
         max_image_pixels=48 * 32,
         max_call_pixels=2 * 48 * 32,
     )
@@ -220,7 +224,7 @@ def test_decoding_stops_at_the_deadline(tiny_bundle):
     side = 3000
     ramp = (np.arange(side)[None, :] + np.arange(side)[:, None]).astype(np.uint8)
     big = encode(Image.fromarray(np.stack([ramp] * 3, -1)), "PNG", compress_level=1)
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, max_call_pixels=10**10)
+    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, http_port=0, max_call_pixels=10**10)
     with Server(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=120) as c:
         start = time.monotonic()
         assert c.predict(big).predictions

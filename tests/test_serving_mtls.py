@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import shutil
+import ssl
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -81,6 +85,7 @@ def server(tiny_bundle, pki):
         port=0,
         device="cpu",
         metrics_port=None,
+        http_port=0,
         tls_cert=cert,
         tls_key=key,
         tls_client_ca=pki["ca"][0],
@@ -118,6 +123,30 @@ class TestHandshake:
         assert main(["predict", "--target", f"127.0.0.1:{server.port}", *flags, str(image)]) == 0
         out = capsys.readouterr().out
         assert out.startswith(f"{image}: ") and "views]" in out
+
+
+class TestHttps:
+    """The HTTP/REST port has the gRPC port's TLS: the same certificate, the same client CA."""
+
+    def context(self, pki, identity: str | None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(pki["ca"][0]))
+        if identity:
+            context.load_cert_chain(*map(str, pki[identity]))
+        return context
+
+    def test_a_client_with_a_trusted_certificate_is_served(self, server, pki):
+        url = f"https://127.0.0.1:{server.http_port}/v2/health/ready"
+        assert urllib.request.urlopen(url, context=self.context(pki, "client"), timeout=10).status == 200
+
+    @pytest.mark.parametrize("identity", [None, "stranger"], ids=["no certificate", "certificate from another CA"])
+    def test_other_clients_are_refused_in_the_handshake(self, server, pki, identity):
+        url = f"https://127.0.0.1:{server.http_port}/v2/health/ready"
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(url, context=self.context(pki, identity), timeout=10).read()
+
+    def test_plain_http_gets_no_answer(self, server):
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v2/health/ready", timeout=10).read()
 
 
 @pytest.mark.parametrize("flags", [{"tls_cert": "c.pem"}, {"tls_key": "k.pem"}], ids=["cert only", "key only"])

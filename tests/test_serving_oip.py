@@ -4,6 +4,7 @@ through tritonclient from PyPI (nothing of ours on the client side), compared wi
 from __future__ import annotations
 
 import io
+import json
 import queue
 import shutil
 import tracemalloc
@@ -190,7 +191,7 @@ class TestHealthAndMetadata:
 
     @pytest.mark.parametrize(
         ("name", "version", "ready"),
-        [("colours", "", True), ("colours", "test-1", True), ("colours", "7", False), ("nope", "", False)],
+        [("colours", "", True), ("colours", "1", True), ("colours", "test-1", False), ("nope", "", False)],
     )
     def test_model_ready(self, tc, name, version, ready):
         assert tc.is_model_ready(name, version) is ready
@@ -202,37 +203,50 @@ class TestHealthAndMetadata:
 
     def test_model_metadata(self, tc):
         meta = tc.get_model_metadata("colours")
-        assert (meta.name, list(meta.versions), meta.platform) == ("colours", ["test-1"], "onnxruntime_onnx")
-        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("IMAGE", "BYTES", [-1, 1])]
+        assert (meta.name, list(meta.versions), meta.platform) == ("colours", ["1"], "onnxruntime_onnx")
+        # The pixels Triton's image clients send; BYTES files are accepted too (the configuration says so).
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("IMAGE", "UINT8", [-1, SIZE, SIZE, 3])]
         assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("PROBABILITIES", "FP32", [-1, 2])]
 
     def test_model_config_says_what_the_server_does(self, tc, server):
         c = tc.get_model_config("colours").config
         assert c.name == "colours" and c.max_batch_size == server.config.max_batch_images
-        assert [(i.name, i.data_type, list(i.dims)) for i in c.input] == [("IMAGE", model_config_pb2.TYPE_STRING, [1])]
+        assert [(i.name, i.data_type, i.format, list(i.dims)) for i in c.input] == [
+            ("IMAGE", model_config_pb2.TYPE_UINT8, model_config_pb2.ModelInput.FORMAT_NHWC, [SIZE, SIZE, 3])
+        ]
         assert [(o.name, o.data_type, list(o.dims)) for o in c.output] == [
             ("PROBABILITIES", model_config_pb2.TYPE_FP32, [2])
         ]
         assert c.WhichOneof("scheduling_choice") == "dynamic_batching"
         assert c.dynamic_batching.max_queue_delay_microseconds == server.config.max_delay_us
 
+    def test_model_config_says_what_is_done_to_an_image(self, tc, server):
+        p = {key: value.string_value for key, value in tc.get_model_config("colours").config.parameters.items()}
+        m = server.models.default().session.manifest
+        assert p["tta_views"] == ",".join(v.name for v in m.tta.views) and p["tta_default"] == "true"
+        assert json.loads(p["classes"]) == CLASSES and p["bundle_version"] == "test-1"
+        assert f"resized to {m.preprocessing.resize_size} px" in p["preprocessing"]
+        assert p["image_bytes"].startswith("IMAGE also takes BYTES")
+
     @pytest.mark.parametrize("call", ["get_model_metadata", "get_model_config"])
     def test_unknown_model_is_not_found(self, tc, call):
         with pytest.raises(InferenceServerException) as err:
             getattr(tc, call)("nope")
-        assert status(err) == "StatusCode.NOT_FOUND" and "no model 'nope' is served" in err.value.message()
+        assert (
+            status(err) == "StatusCode.NOT_FOUND"
+            and "Request for unknown model: 'nope' is not found" in err.value.message()
+        )
 
-    @pytest.mark.parametrize(
-        ("call", "message"),
-        [
-            ("unload_model", "remove the version folder from --model-repository instead"),  # declared, not answered
-            ("get_system_shared_memory_status", "Method not found"),  # not declared: gRPC's own answer
-        ],
-    )
-    def test_what_is_not_implemented_says_so(self, tc, call, message):
+    def test_what_is_not_implemented_says_so(self, tc):
         with pytest.raises(InferenceServerException) as err:
-            getattr(tc, call)(*(["colours"] if call == "unload_model" else []))
-        assert status(err) == "StatusCode.UNIMPLEMENTED" and message in err.value.message()
+            tc.get_system_shared_memory_status()  # not declared: gRPC's own answer
+        assert status(err) == "StatusCode.UNIMPLEMENTED" and "Method not found" in err.value.message()
+
+    @pytest.mark.parametrize("call", ["load_model", "unload_model"])
+    def test_a_bundle_server_says_it_loads_nothing_else(self, tc, call):
+        with pytest.raises(InferenceServerException) as err:
+            getattr(tc, call)("colours")
+        assert status(err) == "StatusCode.FAILED_PRECONDITION" and "serve a --model-repository" in err.value.message()
 
 
 def index(tc) -> list[tuple[str, str, str]]:
@@ -242,12 +256,14 @@ def index(tc) -> list[tuple[str, str, str]]:
 def repository_server(repo: Path) -> Server:
     """A server on `repo` that scans it only when asked (poll_s 3600), so that a test sees what a
     RepositoryModelLoad did rather than what a poll did."""
-    return Server(ServerConfig(model_repository=repo, port=0, device="cpu", metrics_port=None, poll_s=3600))
+    return Server(
+        ServerConfig(model_repository=repo, port=0, device="cpu", metrics_port=None, http_port=0, poll_s=3600)
+    )
 
 
 class TestRepositoryIndex:
     def test_a_bundle_server_lists_its_model(self, tc):
-        assert index(tc) == [("colours", "test-1", "READY")]
+        assert index(tc) == [("colours", "1", "READY")]
 
     def test_a_repository_lists_every_version_and_which_is_served(self, tiny_bundle, tmp_path):
         for n in (1, 2):
@@ -316,10 +332,41 @@ class TestRepositoryModelLoad:
             assert "put the bundle in the model repository's folder 'pets' as <version>/" in err.value.message()
             assert str(tmp_path) not in err.value.message()
 
-    def test_a_bundle_server_loads_nothing(self, tc):
-        with pytest.raises(InferenceServerException) as err:
-            tc.load_model("colours")
-        assert status(err) == "StatusCode.FAILED_PRECONDITION" and "one --bundle" in err.value.message()
+    def test_unload_stops_serving_until_a_load(self, tiny_bundle, tmp_path):
+        repo = tmp_path / "repo"
+        shutil.copytree(tiny_bundle, repo / "pets" / "1")
+        shutil.copytree(tiny_bundle, repo / "cats" / "1")
+        with repository_server(repo) as srv, triton.InferenceServerClient(f"127.0.0.1:{srv.port}") as c:
+            c.unload_model("pets")
+            assert not c.is_model_ready("pets") and c.is_model_ready("cats")
+            assert srv.watcher is not None and srv.watcher.scan_now(30)  # polls leave it unloaded
+            assert not c.is_model_ready("pets")
+            (pets,) = [m for m in c.get_model_repository_index().models if m.name == "pets"]
+            assert pets.state == "UNAVAILABLE" and pets.reason.startswith("unloaded by RepositoryModelUnload")
+            with pytest.raises(InferenceServerException) as err:
+                c.infer("pets", [image_input(IMAGES[:1])])
+            assert status(err) == "StatusCode.NOT_FOUND"
+            c.load_model("pets")
+            assert c.is_model_ready("pets", "1")
+
+    def test_unloading_an_unknown_model_is_not_found(self, tiny_bundle, tmp_path):
+        shutil.copytree(tiny_bundle, tmp_path / "repo" / "pets" / "1")
+        with repository_server(tmp_path / "repo") as srv, triton.InferenceServerClient(f"127.0.0.1:{srv.port}") as c:
+            with pytest.raises(InferenceServerException) as err:
+                c.unload_model("dogs")
+            assert status(err) == "StatusCode.NOT_FOUND" and "Request for unknown model: 'dogs'" in err.value.message()
+
+    def test_a_request_laid_out_as_kserve_lays_it_out_loads(self, tiny_bundle, tmp_path):
+        """KServe's RepositoryModelLoadRequest has one field, model_name, numbered 1: where Triton's
+        has repository_name. (KServe's compiled stubs cannot share a process with tritonclient's, so
+        its bytes are written here: field 1, length-delimited.)"""
+        repo = tmp_path / "repo"
+        shutil.copytree(tiny_bundle, repo / "pets" / "1")
+        with repository_server(repo) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            shutil.copytree(tiny_bundle, repo / "cats" / "1")
+            load = channel.unary_unary("/inference.GRPCInferenceService/RepositoryModelLoad")
+            assert load(b"\x0a\x04cats", timeout=30) == b""
+            assert "cats" in srv.models.served()
 
 
 class TestModelInfer:
@@ -329,7 +376,7 @@ class TestModelInfer:
         assert probs.dtype == np.float32 and probs.shape == (1, 2)
         np.testing.assert_allclose(probs[0], predicted[0], atol=1e-6)
         response = result.get_response()
-        assert (response.model_name, response.model_version) == ("colours", "test-1")
+        assert (response.model_name, response.model_version) == ("colours", "1")
 
     def test_a_batch_equals_predict_image_by_image(self, tc, predicted):
         result = tc.infer("colours", [image_input(IMAGES)], request_id="batch-1")
@@ -528,7 +575,7 @@ class TestErrors:
         with pytest.raises(InferenceServerException) as err:
             getattr(tc, call)(LONG, *([[image_input(IMAGES[:1])]] if call == "infer" else []))
         assert status(err) == "StatusCode.NOT_FOUND" and len(err.value.message()) < 300
-        assert err.value.message().startswith("no model 'xxx")
+        assert err.value.message().startswith("Request for unknown model: 'xxx")
 
 
 class TestStatistics:

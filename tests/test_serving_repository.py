@@ -184,7 +184,7 @@ def fake_registry(tmp_path, manifest, fail: set[int] = frozenset(), default_mode
             raise ValueError(f"cannot load {v.version}")
         return fake_model(manifest, v.model, v.version)
 
-    cfg = ServerConfig(model_repository=tmp_path, port=0, metrics_port=None, default_model=default_model)
+    cfg = ServerConfig(model_repository=tmp_path, port=0, metrics_port=None, http_port=0, default_model=default_model)
     return Registry(cfg, Metrics(), load=load)
 
 
@@ -311,6 +311,7 @@ class TestMemoryBudget:
             max_batch_views=8,
             model_instances=2,
             metrics_port=None,
+            http_port=0,
             max_model_bytes=one * 3 // 2,
         )
         metrics = Metrics()

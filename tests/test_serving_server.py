@@ -37,7 +37,14 @@ def png(rgb=(200, 50, 40), size=(40, 30), seed=0) -> bytes:
 
 
 def config(bundle, **kw) -> ServerConfig:
-    return ServerConfig(bundle=bundle, port=0, device="cpu", metrics_port=kw.pop("metrics_port", None), **kw)
+    return ServerConfig(
+        bundle=bundle,
+        port=0,
+        device="cpu",
+        metrics_port=kw.pop("metrics_port", None),
+        http_port=kw.pop("http_port", 0),
+        **kw,
+    )
 
 
 def wait_until(condition, timeout: float = 10.0) -> None:
@@ -194,14 +201,29 @@ class TestHealth:
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_reflection_lists_the_services(server):
+def test_reflection_lists_every_service_answered(server):
+    """What `grpcurl list` and `grpcurl describe` read: every service, the Open Inference Protocol's
+    included (its descriptors live in a pool of their own), with its methods and their messages."""
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         db = ProtoReflectionDescriptorDatabase(channel)
-        services = set(db.get_services())
-        assert {"classifier.v1.Classifier", "grpc.health.v1.Health"} <= services
-        service = DescriptorPool(db).FindServiceByName("classifier.v1.Classifier")
+        assert set(db.get_services()) == {
+            "classifier.v1.Classifier",
+            "inference.GRPCInferenceService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        }
+        pool = DescriptorPool(db)
+        service = pool.FindServiceByName("classifier.v1.Classifier")
         assert {m.name for m in service.methods} == {"Predict", "PredictBatch", "ModelInfo"}
         assert service.methods_by_name["PredictBatch"].output_type.full_name == "classifier.v1.PredictBatchResponse"
+        oip = pool.FindServiceByName("inference.GRPCInferenceService")
+        assert oip.methods_by_name["ModelInfer"].input_type.full_name == "inference.ModelInferRequest"
+        assert "RepositoryModelUnload" in oip.methods_by_name
+
+
+def test_health_knows_every_service_name(client):
+    for name in ("", "classifier.v1.Classifier", "inference.GRPCInferenceService", "colours"):
+        assert client.health(name) == "SERVING", name
 
 
 @pytest.mark.parametrize("path", ["/", "/v2/health/ready", "/v2/models/no_such_model/ready", "/healthz"])

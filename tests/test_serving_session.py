@@ -181,6 +181,8 @@ class TestServeCommand:
             str(bundle),
             "--port",
             "0",
+            "--http-port",
+            "0",
             "--device",
             "cpu",
             "--metrics-port",

@@ -81,7 +81,14 @@ def gated_server(tiny_bundle, session):
     gated = GatedSession(session)
     # One model run at a time: holding the gate holds the whole model, and later calls queue behind it.
     config = ServerConfig(
-        bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, max_delay_us=0, grace_s=GRACE_S, model_instances=1
+        bundle=tiny_bundle,
+        port=0,
+        device="cpu",
+        metrics_port=None,
+        http_port=0,
+        max_delay_us=0,
+        grace_s=GRACE_S,
+        model_instances=1,
     )
     srv = Server(config, session=gated)
     try:
@@ -227,6 +234,8 @@ def serving_process(tiny_bundle):
         str(tiny_bundle),
         "--port",
         "0",
+        "--http-port",
+        "0",
         "--device",
         "cpu",
         "--metrics-port",
@@ -329,7 +338,20 @@ class TestSignalsWhileStarting:
         repo = tmp_path / "repo"
         shutil.copytree(tiny_bundle, repo / "colours" / "1")
         argv = [sys.executable, "-c", SIGNAL_DURING_IMPORTS, signame, "serve", "--model-repository", str(repo)]
-        argv += ["--poll-s", "0", "--port", "0", "--metrics-port", "off", "--device", "cpu", "--drain-s", "0"]
+        argv += [
+            "--poll-s",
+            "0",
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--metrics-port",
+            "off",
+            "--device",
+            "cpu",
+            "--drain-s",
+            "0",
+        ]
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def test_sighup_is_survived_and_the_server_comes_up(self, tmp_path, tiny_bundle):

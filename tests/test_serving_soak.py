@@ -38,7 +38,7 @@ def rss_mb() -> float:
 def soak_config(bundle, **kw) -> ServerConfig:
     # Small limits, so that the soak reaches every refusal: queue full, too many calls, deadlines.
     limits = dict(workers=4, max_concurrent_calls=8, max_queue=8, max_batch_images=4, max_delay_us=1000)
-    return ServerConfig(bundle=bundle, port=0, device="cpu", metrics_port=None, **{**limits, **kw})
+    return ServerConfig(bundle=bundle, port=0, device="cpu", metrics_port=None, http_port=0, **{**limits, **kw})
 
 
 def sample(srv: Server, name: str, **labels) -> float:

@@ -57,7 +57,18 @@ def test_hostile_soak_holds_the_memory_formula_health_and_deadlines(tiny_bundle,
     if not Path("/proc/self/smaps_rollup").exists():
         pytest.skip("no /proc/PID/smaps_rollup (Linux 4.14+): PSS cannot be read here")
     log = tmp_path / "server.log"
-    argv = [sys.executable, "-m", "serving.cli", "serve", "--bundle", str(tiny_bundle), "--port", "0"]
+    argv = [
+        sys.executable,
+        "-m",
+        "serving.cli",
+        "serve",
+        "--bundle",
+        str(tiny_bundle),
+        "--port",
+        "0",
+        "--http-port",
+        "0",
+    ]
     argv += ["--device", "cpu", "--metrics-port", "off", "--drain-s", str(DRAIN_S), "--grace-s", str(GRACE_S)]
     argv += [x for kv in FLAGS.items() for x in kv]
     with log.open("w") as stderr:

@@ -47,7 +47,7 @@ def timed_calls(stub, health, image: bytes, n: int) -> tuple[list[float], list[f
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, stream_idle_s=600)
+    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, http_port=0, stream_idle_s=600)
     with Server(cfg) as srv:
         yield srv
 
@@ -102,7 +102,7 @@ def test_streams_past_the_limit_are_refused_at_once(server):
 
 
 def test_a_stream_idle_past_its_limit_is_closed_and_a_busy_one_is_not(tiny_bundle):
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, stream_idle_s=0.4)
+    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, http_port=0, stream_idle_s=0.4)
     image = png()
     request = oip.ModelInferRequest(
         inputs=[oip.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[1])],

@@ -90,6 +90,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             tta_default=m.tta.default,
             tta_reason=m.tta.reason,
             metrics_held_out=m.metrics_held_out,
+            bundle_version=m.version,
         )
 
     # Helpers shared by the RPCs.

@@ -20,6 +20,7 @@ as Triton's do: a full queue is UNAVAILABLE, an unknown model or version NOT_FOU
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -55,11 +56,15 @@ from serving.repository.watcher import Watcher
 
 PLATFORM = "onnxruntime_onnx"
 # Triton's names for the protocol extensions this server implements.
-EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics", "parameters")
-
-
-def unimplemented(message: str) -> CallFailed:
-    return CallFailed(grpc.StatusCode.UNIMPLEMENTED, message)
+EXTENSIONS = (
+    "classification",
+    "model_configuration",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "statistics",
+    "parameters",
+    "binary_tensor_data",  # HTTP/REST only (serving/protocols/rest.py)
+)
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -91,12 +96,39 @@ def model_statistics(model: ServedModel, s: Snapshot) -> pb.ModelStatistics:
     )
 
 
+def pixel_dims(model: ServedModel) -> list[int]:
+    """IMAGE's dimensions as UINT8 pixels, without the batch: [size, size, 3], NHWC."""
+    size = model.session.manifest.preprocessing.input_size
+    return [size, size, 3]
+
+
+def config_parameters(model: ServedModel, config: ServerConfig) -> dict[str, str]:
+    """What ModelConfig's parameters tell a client beyond the tensors: the other form IMAGE takes,
+    what is done to an image before the model sees it, the TTA views, the classes, the bundle."""
+    m = model.session.manifest
+    p = m.preprocessing
+    return {
+        "image_bytes": f"IMAGE also takes BYTES, shape [batch, 1]: one encoded file per element "
+        f"({', '.join(config.allowed_formats)}; at most {config.max_image_bytes} bytes each)",
+        "preprocessing": f"an image (decoded file, or the UINT8 pixels as sent) has its shorter side resized to "
+        f"{p.resize_size} px ({p.interpolation}), then each TTA view is a {p.input_size} px crop of it; "
+        "normalization is in the graph",
+        "tta_views": ",".join(v.name for v in m.tta.views),
+        "tta_default": "true" if m.tta.default else "false",
+        "classes": json.dumps(m.classes),
+        "architecture": m.architecture,
+        "bundle_version": m.version,
+        "model_sha256": m.model.sha256,
+    }
+
+
 def repository_index(
     scan: Mapping[str, Mapping[int, VersionDir]],
     served: Mapping[str, ServedModel],
     refusals: Mapping[tuple[str, int], str],
     *,
     ready_only: bool,
+    unloaded: frozenset[str] = frozenset(),
 ) -> list[pb.RepositoryIndexResponse.ModelIndex]:
     """Every version folder of the repository (`scan`) and every served version: READY when it
     answers calls, else UNAVAILABLE with the reason (`refusals`: why a (model, version) was refused).
@@ -121,7 +153,9 @@ def repository_index(
                 name=name,
                 version=str(number),
                 state="UNAVAILABLE",
-                reason=f"refused: {refusals[name, number]}"
+                reason="unloaded by RepositoryModelUnload; RepositoryModelLoad serves it again"
+                if name in unloaded
+                else f"refused: {refusals[name, number]}"
                 if (name, number) in refusals
                 else "not served: its model's version policy serves another version",
             )
@@ -182,7 +216,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 name=model.name,
                 versions=[model.version],
                 platform=PLATFORM,
-                inputs=[tensor(name=INPUT, datatype="BYTES", shape=[-1, 1])],
+                # One datatype only, as the protocol allows: the pixels Triton's image clients send. IMAGE
+                # also takes BYTES, encoded files, as the configuration's parameters say.
+                inputs=[tensor(name=INPUT, datatype="UINT8", shape=[-1, *pixel_dims(model)])],
                 outputs=[tensor(name=OUTPUT, datatype="FP32", shape=[-1, len(model.session.manifest.classes)])],
             )
 
@@ -194,12 +230,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     platform=PLATFORM,
                     backend="onnxruntime",
                     max_batch_size=self.config.max_batch_images,
-                    # Each batch item is one encoded image: a BYTES tensor of one element (Triton's TYPE_STRING).
-                    input=[pb.ModelInput(name=INPUT, data_type=pb.TYPE_STRING, dims=[1])],
+                    input=[
+                        pb.ModelInput(
+                            name=INPUT,
+                            data_type=pb.TYPE_UINT8,
+                            format=pb.ModelInput.FORMAT_NHWC,
+                            dims=pixel_dims(model),
+                        )
+                    ],
                     output=[
                         pb.ModelOutput(name=OUTPUT, data_type=pb.TYPE_FP32, dims=[len(model.session.manifest.classes)])
                     ],
                     dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=self.config.max_delay_us),
+                    parameters={
+                        key: pb.ModelParameter(string_value=value)
+                        for key, value in config_parameters(model, self.config).items()
+                    },
                 )
             )
 
@@ -239,52 +285,83 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             watcher = self.watcher()
             refusals = {} if watcher is None else {(m, n): why for m in scan for n, why in watcher.refusals(m).items()}
             return pb.RepositoryIndexResponse(
-                models=repository_index(scan, self.models.served(), refusals, ready_only=request.ready)
+                models=repository_index(
+                    scan,
+                    self.models.served(),
+                    refusals,
+                    ready_only=request.ready,
+                    unloaded=frozenset() if watcher is None else frozenset(watcher.unloaded),
+                )
             )
 
     def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
         """Scan the repository now and answer once that scan has loaded or refused what it found:
-        OK when `model_name` is served, else why not. What is loaded is what the version policy
-        wants of the folders on disk, as at every poll; the request cannot pass a model itself."""
+        OK when the model is served, else why not. What is loaded is what the version policy wants
+        of the folders on disk, as at every poll; the request cannot pass a model itself. A model
+        unloaded by RepositoryModelUnload is served again."""
         with self._answering(context), self.calls.admission.admitted():
-            watcher = self.watcher()
-            if self.config.model_repository is None or watcher is None:
-                raise CallFailed(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    "this server serves one --bundle and loads nothing else"
-                    if self.config.model_repository is None
-                    else "the server is still loading the repository; retry shortly",
-                )
-            if not request.model_name:
-                raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, "name the model to load (model_name)")
+            watcher, name = self._repository_request(request, context, "load")
             if request.parameters:
                 named = ", ".join(echo(p) for p in islice(request.parameters, 3))
                 raise CallFailed(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"load parameters ({named}) are not supported: put the bundle in the model repository's "
-                    f"folder {echo(request.model_name)} as <version>/ and load again",
+                    f"folder {echo(name)} as <version>/ and load again",
                 )
-            deadline = deadline_of(context)
-            if not watcher.scan_now(None if deadline is None else max(0.0, deadline - time.monotonic())):
-                raise CallFailed(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    "the repository scan did not end before the deadline; the model may still load: see ModelReady",
-                )
-            if request.model_name not in self.models.served():
-                raise self._not_loaded(watcher, request.model_name)
+            watcher.unloaded.discard(name)
+            self._scan_before(watcher, context)
+            if name not in self.models.served():
+                raise self._not_loaded(watcher, name)
             return pb.RepositoryModelLoadResponse()
 
     def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
-        abort(
-            context,
-            unimplemented(
-                "RepositoryModelUnload is not implemented: remove the version folder from --model-repository instead"
-            ),
-        )
+        """Stop serving the model once the calls holding it are done; later polls leave it unloaded
+        (its folders stay on disk) until a RepositoryModelLoad names it."""
+        with self._answering(context), self.calls.admission.admitted():
+            watcher, name = self._repository_request(request, context, "unload")
+            unknown = {p for p in request.parameters if p != "unload_dependents"}  # no dependents here: a no-op
+            if unknown:
+                named = ", ".join(echo(p) for p in islice(sorted(unknown), 3))
+                raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"unload parameters ({named}) are not supported")
+            if name not in self.models.served() and name not in self._scan():
+                raise CallFailed(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: {echo(name)} is not found")
+            watcher.unloaded.add(name)
+            self._scan_before(watcher, context)
+            return pb.RepositoryModelUnloadResponse()
+
+    def _repository_request(
+        self,
+        request: pb.RepositoryModelLoadRequest | pb.RepositoryModelUnloadRequest,
+        context: grpc.ServicerContext,
+        verb: str,
+    ) -> tuple[Watcher, str]:
+        """The repository's watcher and the model a load or unload names: `model_name` as Triton
+        lays the request out, or the first field alone (`repository_name` here), as KServe does."""
+        watcher = self.watcher()
+        if self.config.model_repository is None or watcher is None:
+            raise CallFailed(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this server serves one --bundle and cannot {verb} models; serve a --model-repository for that"
+                if self.config.model_repository is None
+                else "the server is still loading the repository; retry shortly",
+            )
+        name = request.model_name or request.repository_name
+        if not name:
+            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"name the model to {verb} (model_name)")
+        return watcher, name
+
+    def _scan_before(self, watcher: Watcher, context: grpc.ServicerContext) -> None:
+        """Scan the repository now, and wait for that scan to end within the call's deadline."""
+        deadline = deadline_of(context)
+        if not watcher.scan_now(None if deadline is None else max(0.0, deadline - time.monotonic())):
+            raise CallFailed(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "the repository scan did not end before the deadline; it goes on: see ModelReady",
+            )
 
     # Helpers shared by the RPCs.
 
@@ -356,7 +433,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 rows.append(r)
             start = time.perf_counter()
             probabilities = np.stack(rows).astype(np.float32)
-            response = infer_response(model, request, probabilities, ks)
+            response = infer_response(model, request, probabilities, ks, prepared[0].names)
             for row in probabilities:
                 self.calls.metrics.predicted.labels(m.classes[int(np.argmax(row))]).inc()
             self.calls.metrics.answers.labels(model.name, model.version).inc(len(probabilities))

@@ -251,12 +251,15 @@ def classifications(probabilities: np.ndarray, classes: list[str], k: int) -> li
 
 
 def infer_response(
-    model: ServedModel, request: pb.ModelInferRequest, probabilities: np.ndarray, ks: list[int]
+    model: ServedModel, request: pb.ModelInferRequest, probabilities: np.ndarray, ks: list[int], views: list[str]
 ) -> pb.ModelInferResponse:
-    """The response for `probabilities` (batch, classes), one output per entry of `ks`."""
+    """The response for `probabilities` (batch, classes), one output per entry of `ks`; its
+    parameters say which TTA `views` every image's probabilities were averaged over."""
     classes = model.session.manifest.classes
     batch = probabilities.shape[0]
     response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+    response.parameters["tta"].bool_param = len(views) > 1
+    response.parameters["tta_views"].string_param = ",".join(views)
     for k in ks:
         if k == 0:
             response.outputs.add(name=OUTPUT, datatype="FP32", shape=[batch, len(classes)])

@@ -22,7 +22,7 @@ import grpc
 
 from serving.bundle.manifest import BundleError, load_bundle, model_file, read_manifest
 from serving.bundle.session import ModelSession, choose_providers
-from serving.config import ServerConfig, batch_views, decoders
+from serving.config import JSON_PARSERS, ServerConfig, batch_views, decoders
 from serving.engine.batcher import Batcher, BatchStats
 from serving.engine.errors import CallFailed
 from serving.engine.predict import run_batch
@@ -49,15 +49,24 @@ ACTIVATION_BYTES = 300  # arena bytes per input pixel (size x size) per view of 
 # field), measured in tests/test_serving_decoders.py.
 BASE_BYTES = 400 * 2**20
 REQUEST_COPIES = 5
+# HTTP/REST (serving/protocols/http.py): each of its --workers places holds a body and its copies as a
+# gRPC handler does, and at most JSON_PARSERS requests have their JSON parsed at once, which takes up
+# to JSON_EXPANSION times its size in Python objects (24x measured, for a list of empty objects).
+JSON_EXPANSION = 25
 
 
 def memory_bound(config: ServerConfig, model_costs: Iterable[int]) -> int:
     """The most the whole server (its process, the zygote and the decoding processes, as PSS) may
     use, in bytes, with versions of these estimated costs loaded: the README's formula."""
+    http = 0
+    if config.http_port is not None:
+        http = config.workers * REQUEST_COPIES * config.max_message_bytes
+        http += JSON_PARSERS * JSON_EXPANSION * min(config.max_json_bytes, config.max_message_bytes)
     return (
         BASE_BYTES
         + sum(model_costs)
         + config.workers * REQUEST_COPIES * config.max_message_bytes
+        + http
         + decoders(config) * config.decode_worker_memory_mb * 2**20
     )
 
@@ -226,7 +235,10 @@ class Registry:
             name = self.config.default_model if len(self._served) > 1 else next(iter(self._served))
         model = self._served.get(name)
         if model is None:
-            raise CallFailed(grpc.StatusCode.NOT_FOUND, f"no model {echo(name)} is served; served: {what}")
+            # Triton's words, which its users search for.
+            raise CallFailed(
+                grpc.StatusCode.NOT_FOUND, f"Request for unknown model: {echo(name)} is not found; served: {what}"
+            )
         if version and model.number != version:
             raise CallFailed(
                 grpc.StatusCode.NOT_FOUND,
@@ -343,6 +355,12 @@ class Registry:
         self._on_change(served)
         if old is not None:
             self._retire(old)
+
+    def unserve(self, name: str, why: str) -> None:
+        """Stop serving `name`, if it is served; calls holding it finish first."""
+        model = self.served().get(name)
+        if model is not None:
+            self._unserve(model, why)
 
     def _unserve(self, model: ServedModel, why: str) -> None:
         with self._lock:

@@ -30,6 +30,8 @@ class Watcher:
         self._edits: dict[VersionDir, str] = {}  # served versions' folders refused after an edit in place -> why
         self._over_budget: dict[VersionDir, tuple[int, str]] = {}  # refused for memory -> (registry.unloads then, why)
         self._missing_pins: set[tuple[str, int]] = set()  # warned about once
+        # Models unloaded by RepositoryModelUnload: polls leave them unserved until a load names them.
+        self.unloaded: set[str] = set()
         self.polls = 0  # scans completed, for tests and logs
         self._wake = threading.Event()
         self._scans = threading.Condition()  # guards the two counts below
@@ -44,6 +46,10 @@ class Watcher:
         except (RepositoryError, OSError) as e:
             log.error("cannot scan the model repository: %s; what is served keeps serving", e)
             return
+        unloaded = frozenset(self.unloaded)  # a copy: calls change the set while this runs
+        for name in unloaded:
+            self.registry.unserve(name, "unloaded by RepositoryModelUnload; RepositoryModelLoad serves it again")
+        scan = {model: versions for model, versions in scan.items() if model not in unloaded}
         present = {(model, n) for model, versions in scan.items() for n in versions}
         # Fingerprints of versions gone from disk need not be remembered; a version refused for the memory
         # budget is tried again once a version was unloaded since.

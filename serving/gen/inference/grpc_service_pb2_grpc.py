@@ -168,14 +168,16 @@ class GRPCInferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RepositoryModelLoad(self, request, context):
-        """Answered UNIMPLEMENTED: versions are loaded and unloaded by adding and removing their folders.
+        """Scans --model-repository now and answers once the named model is served, or why it is not.
+        What loads is what the version policy wants of the folders on disk, as at every poll.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RepositoryModelUnload(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stops serving the named model until a RepositoryModelLoad for it; polls leave it unloaded.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

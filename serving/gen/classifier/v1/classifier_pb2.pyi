@@ -85,7 +85,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "architecture", "classes", "input_size", "tta_views", "metrics", "model_sha256", "schema_version", "precision", "providers", "tta_default", "tta_reason", "metrics_held_out")
+    __slots__ = ("model_name", "model_version", "architecture", "classes", "input_size", "tta_views", "metrics", "model_sha256", "schema_version", "precision", "providers", "tta_default", "tta_reason", "metrics_held_out", "bundle_version")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class ModelInfoResponse(_message.Message):
     TTA_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     TTA_REASON_FIELD_NUMBER: _ClassVar[int]
     METRICS_HELD_OUT_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     architecture: str
@@ -121,4 +122,5 @@ class ModelInfoResponse(_message.Message):
     tta_default: bool
     tta_reason: str
     metrics_held_out: bool
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., architecture: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., tta_views: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., model_sha256: _Optional[str] = ..., schema_version: _Optional[int] = ..., precision: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., tta_default: _Optional[bool] = ..., tta_reason: _Optional[str] = ..., metrics_held_out: _Optional[bool] = ...) -> None: ...
+    bundle_version: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., architecture: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., tta_views: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., model_sha256: _Optional[str] = ..., schema_version: _Optional[int] = ..., precision: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., tta_default: _Optional[bool] = ..., tta_reason: _Optional[str] = ..., metrics_held_out: _Optional[bool] = ..., bundle_version: _Optional[str] = ...) -> None: ...
