@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Two images from one file (README, "Docker"):
-#   docker build --target serving -t lesson2/serving:0.1.0 .   ONNX Runtime + gRPC, no torch
+#   docker build --target serving -t lesson2/serving:0.1.0 .   ONNX Runtime, gRPC + HTTP, no torch
 #   docker build --target trainer -t lesson2/trainer:0.1.0 .   PyTorch (CUDA wheels from PyPI)
 # Both run as uid/gid 10001, which deploy/ names in volumes and Kubernetes' runAsUser.
 
@@ -27,12 +27,14 @@ RUN if [ "$CUDA" = "1" ]; then python -m pip install . "onnxruntime-gpu[cuda,cud
     else python -m pip install .; fi
 ENV SERVING_HOST=0.0.0.0 \
     SERVING_PORT=50051 \
+    SERVING_HTTP_PORT=8000 \
     SERVING_METRICS_PORT=9464 \
     SERVING_BUNDLE=/models/bundle
 # Mount the bundle folder written by `trainer export` (or `trainer run`'s bundle/) here, read-only.
 VOLUME ["/models"]
 USER 10001:10001
-EXPOSE 50051 9464
+# gRPC, HTTP/REST (the Open Inference Protocol's /v2 routes, a page at /) and /metrics.
+EXPOSE 50051 8000 9464
 # Asks the standard grpc.health.v1 service on SERVING_PORT: healthy only once the model is warm,
 # unhealthy while it drains.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 CMD ["serving", "health"]

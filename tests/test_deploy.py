@@ -3,9 +3,11 @@
 No Docker engine or cluster is needed. The compose file is checked against the Compose Specification's
 JSON schema as check-jsonschema vendors it (`check-jsonschema --builtin-schema vendor.compose-spec`);
 the manifests against Kubernetes' own schemas as kubernetes-validate ships them, strictly (an unknown
-field is an error), for the oldest and the newest Kubernetes we support. Then the numbers that several
-files must agree on are compared with their one source: serving/config.py for what the server does
-with its settings, and the Dockerfile's serving stage for what the image sets and exposes.
+field is an error), for the oldest and the newest Kubernetes we support; the custom resources (KServe's
+InferenceService, Kubeflow's PyTorchJob), which it has no schemas for, by their pods and by hand. Then
+the numbers that several files must agree on are compared with their one source: serving/config.py for
+what the server does with its settings, and the Dockerfile's serving stage for what the image sets and
+exposes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import pytest
 import yaml
 
 from serving.config import ENV_PREFIX, ServerConfig, load_config
+from serving.repository.registry import memory_bound
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -32,9 +35,10 @@ COMPOSE = DEPLOY / "compose.yaml"
 PROMETHEUS = DEPLOY / "prometheus.yml"
 KUBE = DEPLOY / "kubernetes"
 BUNDLE_LOADER = KUBE / "tools" / "bundle-loader.yaml"
-# Native gRPC probes are GA from 1.27; 1.30 is the oldest release we claim, 1.37 the newest the pinned
-# kubernetes-validate knows.
+# 1.30 is the oldest release we claim, 1.37 the newest the pinned kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
+# The Open Inference Protocol's REST health routes, fixed by the protocol (KServe v2 / Triton).
+LIVE_PATH, READY_PATH = "/v2/health/live", "/v2/health/ready"
 APP_USER = 10001  # the uid the Dockerfile creates and runs as
 COMMON_LABELS = (
     "app.kubernetes.io/name",
@@ -146,6 +150,22 @@ def seconds(duration: str) -> float:
     return sum(float(n) * units[u] for n, u in parts)
 
 
+def probed(container: dict, probe: str) -> tuple[str, int, str]:
+    """An HTTP probe's (path, port number, scheme), a named port looked up among the container's ports."""
+    get = container[probe]["httpGet"]
+    ports = {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
+    return get["path"], ports.get(get["port"], get["port"]), get.get("scheme", "HTTP")
+
+
+def published(service: dict) -> dict[int, tuple[str, int]]:
+    """A compose service's `ports`, short syntax ("[ip:]host:container"), as container port -> (ip, host port)."""
+    out = {}
+    for entry in service.get("ports", []):
+        *ip, host, container = str(entry).split(":")
+        out[int(container)] = (ip[0] if ip else "", int(host))
+    return out
+
+
 def under(path: str, folder: str) -> bool:
     return PurePosixPath(folder) in PurePosixPath(path).parents
 
@@ -200,6 +220,14 @@ class TestComposeFile:
         assert int(str(serving["user"]).split(":")[0]) == image_uid("serving") == APP_USER
         assert serving["read_only"] is True and "/tmp" in serving["tmpfs"]
         assert serving["healthcheck"]["test"] == ["CMD", "serving", "health"]
+
+    def test_serving_publishes_grpc_and_http_and_metrics_on_loopback(self):
+        ports = published(compose_services()["serving"])
+        cfg = compose_config()
+        assert ports.keys() == {cfg.port, cfg.http_port, cfg.metrics_port}
+        assert all(host == container for container, (_, host) in ports.items()), ports
+        assert ports[cfg.port][0] == ports[cfg.http_port][0] == "", "gRPC and HTTP are for every client"
+        assert ports[cfg.metrics_port][0] == "127.0.0.1"
 
     def test_images_carry_the_project_version(self):
         for name in ("trainer", "serving"):
@@ -288,21 +316,34 @@ class TestAgreesWithTheServer:
     def test_the_server_listens_on_every_interface_on_the_ports_the_image_exposes(self):
         for cfg in (kube_config(), compose_config()):
             assert cfg.host == "0.0.0.0"
-            assert {cfg.port, cfg.metrics_port} == image_exposed("serving")
+            assert {cfg.port, cfg.http_port, cfg.metrics_port} == image_exposed("serving")
+
+    @pytest.mark.parametrize("name", ["port", "http_port", "metrics_port"])
+    def test_the_image_keeps_the_servers_default_ports(self, name):
+        """So that `serving serve --help`, the image and every manifest name the same numbers."""
+        assert int(image_env("serving")[f"{ENV_PREFIX}{name.upper()}"]) == ServerConfig.model_fields[name].default
 
     def test_container_and_service_ports(self):
         ports = {p["name"]: p["containerPort"] for p in self.container["ports"]}
-        assert ports == {"grpc": kube_config().port, "metrics": kube_config().metrics_port}
-        for p in kube_object("Service")["spec"]["ports"]:
+        cfg = kube_config()
+        assert ports == {"grpc": cfg.port, "http": cfg.http_port, "metrics": cfg.metrics_port}
+        service_ports = kube_object("Service")["spec"]["ports"]
+        for p in service_ports:
             assert ports.get(p["targetPort"], p["targetPort"]) == ports[p["name"]]
-        assert {p["name"]: p.get("appProtocol") for p in kube_object("Service")["spec"]["ports"]}["grpc"] == "grpc"
+        protocols = {p["name"]: p.get("appProtocol") for p in service_ports}
+        assert protocols["grpc"] == "grpc" and protocols["http"] == "http"
         annotations = deployment()["spec"]["template"]["metadata"]["annotations"]
-        assert int(annotations["prometheus.io/port"]) == kube_config().metrics_port
+        assert int(annotations["prometheus.io/port"]) == cfg.metrics_port
 
-    @pytest.mark.parametrize("probe", ["startupProbe", "readinessProbe", "livenessProbe"])
-    def test_probes_ask_the_grpc_health_service(self, probe):
-        assert self.container[probe]["grpc"]["port"] == kube_config().port
-        assert self.container[probe]["grpc"].get("service", "") in ("", "classifier.v1.Classifier")
+    @pytest.mark.parametrize(
+        "probe, path",
+        [("startupProbe", READY_PATH), ("readinessProbe", READY_PATH), ("livenessProbe", LIVE_PATH)],
+    )
+    def test_probes_ask_the_http_health_routes(self, probe, path):
+        """Ready (200 once the model is warm, 503 while it loads or drains) for startup and readiness;
+        live for liveness; in the scheme the port speaks."""
+        scheme = "HTTPS" if kube_config().tls_cert else "HTTP"
+        assert probed(self.container, probe) == (path, kube_config().http_port, scheme)
 
     def test_kubernetes_waits_out_the_drain_and_the_grace(self):
         shutdown_s = kube_config().drain_s + kube_config().grace_s
@@ -348,6 +389,160 @@ class TestAgreesWithTheServer:
             [promtool, "check", "config", str(PROMETHEUS)], capture_output=True, text=True, check=False
         )
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- KServe: deploy/kserve/inferenceservice.yaml -------------------------------------------------
+
+INFERENCE_SERVICE = DEPLOY / "kserve" / "inferenceservice.yaml"
+# KServe's own predictor fields (its ComponentExtensionSpec) that the file uses; the rest of
+# spec.predictor is a Kubernetes PodSpec, inlined.
+KSERVE_PREDICTOR_FIELDS = {"minReplicas", "maxReplicas"}
+# The container KServe treats as the predictor, and where it mounts that container's STORAGE_URI.
+KSERVE_CONTAINER, KSERVE_MODELS = "kserve-container", "/mnt/models"
+# What Knative Serving (KServe's Serverless mode) refuses, with its default feature flags: the ports its
+# queue-proxy, autoscaler and profiler hold, port names other than these (they choose HTTP/1.1 or
+# HTTP/2), environment from the downward API, and these pod fields.
+KNATIVE_RESERVED_PORTS = {8008, 8012, 8013, 8022, 9090, 9091}
+KNATIVE_PORT_NAMES = {"", "http1", "h2c"}
+KNATIVE_REFUSED_POD_FIELDS = {"securityContext", "terminationGracePeriodSeconds", "initContainers"}
+# Kubernetes' default terminationGracePeriodSeconds, which KServe's RawDeployment (Standard) mode keeps.
+DEFAULT_TERMINATION_GRACE_S = 30
+
+
+@cache
+def inference_service() -> dict:
+    return load_yaml(INFERENCE_SERVICE)
+
+
+def predictor() -> dict:
+    return inference_service()["spec"]["predictor"]
+
+
+def predictor_container() -> dict:
+    [container] = predictor()["containers"]
+    return container
+
+
+@cache
+def kserve_config() -> ServerConfig:
+    return server_config(container_env(predictor_container()))
+
+
+# What the README's memory formula takes for the model: an EfficientNet-Lite0 bundle at 224 px, rounded up.
+MODEL_BYTES = 100 * 2**20
+
+
+def memory_limit(container: dict) -> int:
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi"), limit
+    return int(limit[:-2]) * 2**20
+
+
+@pytest.mark.parametrize("manifest", ["deployment", "inferenceservice"])
+def test_the_memory_limit_holds_the_servers_bound(manifest):
+    """The server's worst case by its flags (serving.repository.registry.memory_bound, the README's
+    formula), both ports answering, fits the container's limit."""
+    if manifest == "deployment":
+        container, cfg = serving_container(deployment()["spec"]["template"]["spec"]), kube_config()
+    else:
+        container, cfg = predictor_container(), kserve_config()
+    assert cfg.http_port is not None
+    assert memory_bound(cfg, [MODEL_BYTES]) <= memory_limit(container)
+
+
+class TestInferenceService:
+    """KServe's InferenceService has no schema in kubernetes-validate: its predictor is validated as the
+    Pod it becomes, and the fields KServe requires (serving.kserve.io/v1beta1, a custom predictor's one
+    container) by hand. It must run the server as the Deployment does, but for what Knative forbids."""
+
+    @property
+    def deployment_pod(self) -> dict:
+        return deployment()["spec"]["template"]["spec"]
+
+    def test_is_a_custom_predictor_of_the_deployments_image(self):
+        isvc = inference_service()
+        assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", isvc["metadata"]["name"]), "KServe wants a DNS-1035 label"
+        assert predictor_container()["name"] == KSERVE_CONTAINER
+        assert predictor_container()["image"] == serving_container(self.deployment_pod)["image"]
+        labels = isvc["metadata"]["labels"]
+        assert all(label in labels for label in COMMON_LABELS)
+        assert labels["app.kubernetes.io/version"] == project_version()
+        # KServe gives its pods these labels: the Deployment's Service must not send calls to them.
+        assert not deployment()["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+    @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+    def test_predictor_pod_matches_the_kubernetes_schemas(self, version):
+        kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[dev]' brings it")
+        spec = {k: v for k, v in predictor().items() if k not in KSERVE_PREDICTOR_FIELDS}
+        name = f"{inference_service()['metadata']['name']}-predictor"
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
+        try:
+            kubernetes_validate.validate(pod, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            where = ".".join(["spec.predictor", *map(str, list(e.path)[1:])])  # the Pod's spec is the predictor
+            pytest.fail(f"{INFERENCE_SERVICE.relative_to(ROOT)}: {where}: {e.message} (Kubernetes {version})")
+
+    def test_serves_http_on_the_one_port_kserve_routes_to(self):
+        [port] = predictor_container()["ports"]
+        assert port["containerPort"] == kserve_config().http_port == kube_config().http_port
+        assert kserve_config().host == "0.0.0.0"
+        env = container_env(predictor_container())
+        assert env["PROTOCOL"] == "v2", "the Open Inference Protocol, as KServe names it"
+
+    @pytest.mark.parametrize(
+        "probe, path",
+        [("startupProbe", READY_PATH), ("readinessProbe", READY_PATH), ("livenessProbe", LIVE_PATH)],
+    )
+    def test_probes_are_the_deployments(self, probe, path):
+        container, deployed = predictor_container(), serving_container(self.deployment_pod)
+        assert probed(container, probe) == (path, kserve_config().http_port, "HTTP")
+        timing = {k: v for k, v in container[probe].items() if k != "httpGet"}
+        assert timing == {k: v for k, v in deployed[probe].items() if k != "httpGet"}
+
+    def test_runs_the_server_as_the_deployment_does(self):
+        assert kserve_config().model_dump(exclude={"bundle"}) == kube_config().model_dump(exclude={"bundle"})
+        assert predictor_container()["resources"] == serving_container(self.deployment_pod)["resources"]
+        assert kserve_config().drain_s + kserve_config().grace_s < DEFAULT_TERMINATION_GRACE_S
+
+    def test_runs_locked_down_as_the_image_user(self):
+        """The Deployment's pod and container security settings, on the container alone; fsGroup has
+        no container-level equivalent, and the bundle's files are readable by any user."""
+        pod = {k: v for k, v in self.deployment_pod["securityContext"].items() if not k.startswith("fsGroup")}
+        expected = pod | serving_container(self.deployment_pod)["securityContext"]
+        assert predictor_container()["securityContext"] == expected
+        assert expected["runAsUser"] == image_uid("serving") == APP_USER
+        assert predictor()["automountServiceAccountToken"] is False
+        assert any(m["mountPath"] == "/tmp" for m in predictor_container()["volumeMounts"])
+
+    def test_reads_the_bundle_from_the_deployments_volume(self):
+        uri = container_env(predictor_container())["STORAGE_URI"]
+        assert uri.startswith("pvc://"), uri
+        claim, _, folder = uri.removeprefix("pvc://").partition("/")
+        container = serving_container(self.deployment_pod)
+        mount = next(m for m in container["volumeMounts"] if under(str(kube_config().bundle), m["mountPath"]))
+        volume = next(v for v in self.deployment_pod["volumes"] if v["name"] == mount["name"])
+        assert claim == volume["persistentVolumeClaim"]["claimName"] and kube_object("PersistentVolumeClaim", claim)
+        assert PurePosixPath(folder) == PurePosixPath(kube_config().bundle).relative_to(mount["mountPath"])
+        assert PurePosixPath(kserve_config().bundle) == PurePosixPath(KSERVE_MODELS)
+
+    def test_knative_accepts_it(self):
+        container = predictor_container()
+        [port] = container["ports"]
+        assert port.get("name", "") in KNATIVE_PORT_NAMES and port["containerPort"] not in KNATIVE_RESERVED_PORTS
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"]["port"] in (port["containerPort"], port.get("name")), probe
+        downward = [
+            v["name"] for v in container["env"] if {"fieldRef", "resourceFieldRef"} & v.get("valueFrom", {}).keys()
+        ]
+        assert not downward, f"{downward}: Knative refuses the downward API in env unless a cluster enables it"
+        assert not KNATIVE_REFUSED_POD_FIELDS & predictor().keys()
+
+    def test_prometheus_scrapes_the_metrics_port(self):
+        annotations = inference_service()["metadata"]["annotations"]
+        assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
+        assert int(annotations["prometheus.kserve.io/port"]) == kserve_config().metrics_port
+        assert annotations["prometheus.kserve.io/path"] == "/metrics"
 
 
 # --- distributed training: deploy/training/pytorchjob.yaml ---------------------------------------

@@ -3,7 +3,8 @@
 No Docker engine runs on these machines, so the serving stage's own instructions are read from the
 Dockerfile and replayed on this one: its COPY lines into a fresh folder, its RUN lines with a fresh
 virtual environment's python, then its exact ENTRYPOINT with its ENV, as another user than the
-one who exported the bundle (as in a container), and finally its HEALTHCHECK command.
+one who exported the bundle (as in a container), and finally its HEALTHCHECK command and the HTTP
+probes the Kubernetes Deployment sends it.
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import dockerfile
 import pytest
+import yaml
 from test_serving_server import png
 
 from serving.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = dockerfile.DOCKERFILE
+DEPLOYMENT = ROOT / "deploy" / "kubernetes" / "deployment.yaml"
 NOBODY = 65534
 
 
@@ -80,6 +84,13 @@ def runs_as(uid: int, python: Path) -> bool:
         subprocess.run([str(python), "-c", "pass"], user=uid, group=uid, capture_output=True, check=False).returncode
         == 0
     )
+
+
+def probe_paths() -> set[str]:
+    """The paths the Kubernetes Deployment's HTTP probes ask the serving container."""
+    pod = yaml.safe_load(DEPLOYMENT.read_text())["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "serving")
+    return {container[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")}
 
 
 def free_port() -> int:
@@ -160,7 +171,7 @@ def test_the_image_serves_a_bundle_written_by_another_user(image, tiny_bundle):
             p.stat().st_mode & (0o555 if p.is_dir() else 0o444) == (0o555 if p.is_dir() else 0o444)
             for p in [bundle, *bundle.rglob("*")]
         )
-    ports = {"SERVING_PORT": str(free_port()), "SERVING_METRICS_PORT": str(free_port())}
+    ports = {name: str(free_port()) for name in ("SERVING_PORT", "SERVING_HTTP_PORT", "SERVING_METRICS_PORT")}
     # `docker run -v .../bundle:/models/bundle -e SERVING_PORT=...`: the image's ENV with what a run overrides.
     run_env = {
         "PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin",
@@ -195,6 +206,11 @@ def test_the_image_serves_a_bundle_written_by_another_user(image, tiny_bundle):
         assert "SERVING" in check.stdout
         with Client(f"127.0.0.1:{ports['SERVING_PORT']}", timeout=30) as c:
             assert c.predict(png()).predictions
+        # Once HEALTHCHECK passes, the model is warm: every probe must pass too. No proxy for loopback.
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        for path in probe_paths():
+            with direct.open(f"http://127.0.0.1:{ports['SERVING_HTTP_PORT']}{path}", timeout=30) as reply:
+                assert reply.status == 200, path
     finally:
         proc.terminate()
         proc.wait(timeout=30)
