@@ -11,11 +11,16 @@ concurrency pass by pass, so that the machine's drift lands on both sides alike.
     python bench/serving.py               # fp32 and int8, batching on and off, 1/4/16 callers (~6 min on 2 cores)
     python bench/serving.py --quick       # fp32, batching on, 24 images: under a minute
     python bench/serving.py --threads     # also the in-process thread settings (spinning, intra-op threads)
+    python bench/serving.py --quick --protocols grpc,http-binary,http-json --concurrency 1,16
+                                          # the HTTP/REST binding beside gRPC: tritonclient.http with binary
+                                          # tensors, and the whole request in JSON (the file in base64)
 
 Prints a table per setting (p50/p90/p99 latency and throughput, with the limit beside it), the
 time from process start to SERVING, and last the ratios the benchmark exists for: server p50 at
 concurrency 1 over the in-process p50 (target at most 1.05), and throughput with 16 callers over
-the in-process serial rate (target at least 1.3). --json writes every figure.
+the in-process serial rate (target at least 1.3). --json writes every figure. With --protocols,
+each setting is measured once per protocol against the same in-process limit, so the bindings can
+be compared through their ratios.
 """
 
 from __future__ import annotations
@@ -53,6 +58,10 @@ PAUSE_S = 0.01  # between the two sides' turns: ONNX Runtime's threads stop spin
 
 
 Precision = Literal["fp32", "fp16", "int8"]
+# How the server is called: classifier.v1 Predict through our Client; the Open Inference Protocol's
+# HTTP binding through tritonclient.http with binary tensors; or with the whole request in JSON, the
+# image in base64, as curl sends it.
+PROTOCOLS = ("grpc", "http-binary", "http-json")
 
 
 @dataclass(frozen=True)
@@ -151,11 +160,12 @@ class ServerProcess:
     def __init__(self, bundle: Path, flags: Sequence[str], device: str, log: Path):
         from serving.client import Client
 
-        self.port = _free_port()
+        self.port, self.http_port = _free_port(), _free_port()
         command = [
             sys.executable, "-m", "serving.cli", "serve", "--bundle", str(bundle), "--port", str(self.port),
-            "--metrics-port", "off", "--device", device, *flags,
+            "--http-port", str(self.http_port), "--metrics-port", "off", "--device", device, *flags,
         ]  # fmt: skip
+        self._local = threading.local()  # each caller thread's HTTP client: neither kind is shared safely
         self._log = log.open("w")
         start = time.perf_counter()
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -180,6 +190,45 @@ class ServerProcess:
         for p in reply.predictions:
             probs[p.index] = p.probability
         return probs
+
+    def caller(self, protocol: str) -> Callable[[bytes], np.ndarray]:
+        """The function that sends one image by `protocol` and returns its probabilities."""
+        return {"grpc": self.predict, "http-binary": self.predict_http_binary, "http-json": self.predict_http_json}[
+            protocol
+        ]
+
+    def predict_http_binary(self, data: bytes) -> np.ndarray:
+        import tritonclient.http as triton_http
+
+        client = getattr(self._local, "triton", None)
+        if client is None:
+            client = self._local.triton = triton_http.InferenceServerClient(f"127.0.0.1:{self.http_port}")
+        tensor = triton_http.InferInput("IMAGE", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([data], dtype=np.object_).reshape(1, 1))
+        model = self.model_name()
+        return client.infer(model, [tensor]).as_numpy("PROBABILITIES")[0]
+
+    def predict_http_json(self, data: bytes) -> np.ndarray:
+        import base64
+        import http.client
+
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=60)
+        image = {"name": "IMAGE", "datatype": "BYTES", "shape": [1, 1], "parameters": {"content_type": "base64"}}
+        body = json.dumps({"inputs": [image | {"data": [base64.b64encode(data).decode()]}]})
+        connection.request("POST", f"/v2/models/{self.model_name()}/infer", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {answer}")
+        return np.array(answer["outputs"][0]["data"], dtype=np.float32)
+
+    def model_name(self) -> str:
+        name = getattr(self, "_model_name", None)
+        if name is None:
+            name = self._model_name = self.client.model_info().model_name
+        return name
 
     def close(self) -> None:
         self.client.close()
@@ -240,7 +289,12 @@ def measure(
     images: list[bytes],
     concurrencies: Sequence[int],
     rounds: int,
+    protocol: str = "grpc",
 ) -> list[Row]:
+    """The server called by `protocol` against the in-process limit, round by round, at each concurrency;
+    rows are named after the setting, and the protocol unless it is gRPC."""
+    row_name = setting.name if protocol == "grpc" else f"{setting.name}, {protocol}"
+    call = server.caller(protocol)
     rows = []
     for c in concurrencies:
         server_lat: list[float] = []
@@ -253,7 +307,7 @@ def measure(
                 # Image by image, alternating which side goes first from round to round.
                 wall_s = wall_l = 0.0
                 for data in images:
-                    sides = [("limit", limit.predict), ("server", server.predict)]
+                    sides = [("limit", limit.predict), ("server", call)]
                     for name, fn in sides if r % 2 == 0 else sides[::-1]:
                         time.sleep(PAUSE_S)
                         seconds, out = timed(fn, data)
@@ -271,7 +325,7 @@ def measure(
             else:
                 passes = [
                     ("limit", partial(serial_pass, limit.predict, images)),
-                    ("server", partial(concurrent_pass, server.predict, images, c)),
+                    ("server", partial(concurrent_pass, call, images, c)),
                 ]
                 outs = {}
                 for name, run in passes if r % 2 == 0 else passes[::-1]:
@@ -288,7 +342,7 @@ def measure(
         ratio_rate = statistics.median(s / b for s, b in zip(rates, limit_rates, strict=True))
         rows.append(
             Row(
-                setting=setting.name,
+                setting=row_name,
                 concurrency=c,
                 calls=len(server_lat),
                 p50_ms=float(p50),
@@ -373,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", default="", help="comma-separated (default fp32,int8; --quick fp32)")
     parser.add_argument("--batching", default="", help="on, off or on,off (default on,off; --quick on)")
     parser.add_argument("--concurrency", default="1,4,16", help="callers at once, comma-separated")
+    parser.add_argument(
+        "--protocols", default="grpc", help=f"how the server is called, comma-separated: {', '.join(PROTOCOLS)}"
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--threads", action="store_true", help="also compare ONNX Runtime thread settings in-process")
     parser.add_argument("--server-flag", action="append", default=[], help="extra `serving serve` flag (repeatable)")
@@ -387,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     precisions = (args.precisions or ("fp32" if args.quick else "fp32,int8")).split(",")
     batching = (args.batching or ("on" if args.quick else "on,off")).split(",")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    protocols = args.protocols.split(",")
+    if unknown := set(protocols) - set(PROTOCOLS):
+        parser.error(f"unknown protocol(s) {', '.join(sorted(unknown))}; choose from {', '.join(PROTOCOLS)}")
     files = sorted(p for p in args.photos.rglob("*") if p.is_file())
     # Every n-th photo, so that a short run still sees both classes and varied sizes.
     step = max(1, len(files) // min(n_images, len(files)))
@@ -427,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 try:
                     result.startup_s[setting.name] = server.startup_s
-                    result.rows += measure(setting, limit, server, images, concurrencies, rounds)
+                    for protocol in protocols:
+                        result.rows += measure(setting, limit, server, images, concurrencies, rounds, protocol)
                 finally:
                     server.close()
             del limit
