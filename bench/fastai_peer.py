@@ -158,9 +158,9 @@ def recipe(args) -> dict:
         peer.fine_tune(args.epochs, cbs=[Curve()])
         probs, targets = peer.get_preds(dl=dls.valid)  # softmax of the last epoch's model, uncalibrated
     seconds = time.perf_counter() - started
-    from trainer.calibrate import expected_calibration_error
-    from trainer.metrics import accuracy as our_accuracy
-    from trainer.metrics import log_loss
+    from trainer.evaluate.calibrate import expected_calibration_error
+    from trainer.evaluate.metrics import accuracy as our_accuracy
+    from trainer.evaluate.metrics import log_loss
 
     p, y = probs.float().numpy(), targets.numpy()
     return {

@@ -123,10 +123,10 @@ def linear_probes(dev: DevSet, work: Path) -> tuple[Score, Score]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from trainer.assemble import make_data
-    from trainer.calibrate import expected_calibration_error
-    from trainer.learner import ConvLearner
-    from trainer.metrics import accuracy, log_loss
+    from trainer.data.assemble import make_data
+    from trainer.evaluate.calibrate import expected_calibration_error
+    from trainer.evaluate.metrics import accuracy, log_loss
+    from trainer.learn.learner import ConvLearner
 
     started = time.perf_counter()
     cfg = run_config(dev, work / "probe")

@@ -118,10 +118,10 @@ def make_bundle(out: Path, *, int8: bool = True, fp16: bool = False, size: int =
     `size` px, TTA on by default. The head is untrained: speed does not depend on the weights."""
     import torch
 
-    from trainer.augment import tfms_from_model, transforms_side_on
-    from trainer.data import ImageClassifierData
-    from trainer.export import export
-    from trainer.learner import ConvLearner
+    from trainer.data.augment import tfms_from_model, transforms_side_on
+    from trainer.data.loaders import ImageClassifierData
+    from trainer.learn.learner import ConvLearner
+    from trainer.outputs.export import export
 
     tfms = tfms_from_model("efficientnet_lite0", size, aug_tfms=transforms_side_on, max_zoom=1.1)
     data = ImageClassifierData.from_paths(VAL.parent, tfms, val_name="val", bs=16, num_workers=0, seed=0)

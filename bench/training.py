@@ -117,8 +117,8 @@ def make_learner(setup: Setup, work: Path, *, precompute: bool = False):
     """A ConvLearner as `trainer run` makes one (pretrained, bn_freeze, label smoothing), its caches under `work`."""
     import torch
 
-    from trainer.assemble import make_data
-    from trainer.learner import ConvLearner
+    from trainer.data.assemble import make_data
+    from trainer.learn.learner import ConvLearner
 
     cfg = run_config(setup, work / "run")
     data = make_data(cfg, cfg.size, cfg.out)
@@ -132,7 +132,7 @@ def make_learner(setup: Setup, work: Path, *, precompute: bool = False):
 
 
 def recipe_lrs(learn) -> list[float]:
-    from trainer.schedule import lr_spread
+    from trainer.learn.schedule import lr_spread
 
     return [LR * r for r in lr_spread(1.0, 10.0, len(learn.layer_groups()))]
 
@@ -250,14 +250,14 @@ def bench_precompute(setup: Setup, work: Path) -> tuple[list[Row], list[Ratio]]:
 
 
 def decode_pass(files: list[Path]) -> None:
-    from trainer.data import read_image
+    from trainer.data.loaders import read_image
 
     for f in files:
         read_image(f).load()
 
 
 def loader_pass(loader) -> None:
-    from trainer.data import EpochSampler
+    from trainer.data.loaders import EpochSampler
 
     if isinstance(loader.sampler, EpochSampler):
         loader.sampler.set_epoch(0)
@@ -266,7 +266,7 @@ def loader_pass(loader) -> None:
 
 
 def bench_pipeline(setup: Setup, work: Path) -> tuple[list[Row], list[Ratio]]:
-    from trainer.resize import cache_dir
+    from trainer.data.resize import cache_dir
 
     learn = make_learner(setup, work)
     data = learn.data
@@ -417,7 +417,7 @@ def training_steps(size: int, bs: int, steps: int = 3) -> dict[str, float]:
     import torch
     from torch.nn import functional as F
 
-    from trainer.model import build_net
+    from trainer.learn.model import build_net
 
     torch.manual_seed(0)
     net = build_net("efficientnet_lite0", 2)

@@ -12,9 +12,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from serving.bundle.cpus import usable_cpus
 from serving.bundle.manifest import Precision
 from serving.bundle.preprocess import DEFAULT_FORMATS, PEAK_BYTES_PER_PIXEL
-from serving.cpus import usable_cpus
 from serving.repository.layout import RepositoryError, parse_policies
 
 ENV_PREFIX = "SERVING_"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,36 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"
+
+
+def serve_args(source: Path, *flags: str, repository: bool = False, metrics: bool = False) -> list[str]:
+    """The arguments after `serving serve` as the tests start it: `source` a bundle (or, with
+    repository=True, a model repository), on free ports (gRPC and HTTP; metrics only when asked),
+    on the CPU, then `flags`."""
+    where = "--model-repository" if repository else "--bundle"
+    ports = ["--port", "0", "--http-port", "0", "--metrics-port", "0" if metrics else "off"]
+    return [where, str(source), *ports, "--device", "cpu", *flags]
+
+
+def serve_argv(source: Path, *flags: str, repository: bool = False, metrics: bool = False) -> list[str]:
+    """`serving serve` as a process of this Python (serve_args says with what)."""
+    return [
+        sys.executable,
+        "-m",
+        "serving.cli",
+        "serve",
+        *serve_args(source, *flags, repository=repository, metrics=metrics),
+    ]
+
+
+def served_ports(line: str) -> dict[str, int]:
+    """The ports in the line a started server prints first ("serving on HOST:PORT, HTTP/REST on ...,
+    metrics on ..."): grpc, and http and metrics when they are on; empty when the line is not it."""
+    found = re.match(r"serving on \S+:(\d+)(?:, HTTP/REST on \S+:(\d+)/)?(?:, metrics on \S+:(\d+)/metrics)?", line)
+    if not found:
+        return {}
+    named = zip(("grpc", "http", "metrics"), found.groups(), strict=True)
+    return {name: int(port) for name, port in named if port is not None}
 
 
 def hymenoptera_or_skip() -> Path:
@@ -147,7 +178,7 @@ def trainer_run(tmp_path_factory, colour_data) -> TrainerRun:
 def epochs_as_trained(run: Path) -> list[dict]:
     """A run's history.csv, one dict per epoch, less each epoch's wall time: what two runs that
     trained the same way share exactly."""
-    from trainer.run_folder import RunFolder
+    from trainer.outputs.run_folder import RunFolder
 
     return [{k: v for k, v in vars(s).items() if k != "seconds"} for s in RunFolder(run).read_history()]
 
@@ -166,10 +197,10 @@ def tiny_bundle(tmp_path_factory) -> Path:
     the tests need a real graph and manifest, not a good model."""
     import torch
 
-    from trainer.augment import tfms_from_model, transforms_side_on
-    from trainer.data import ImageClassifierData
-    from trainer.export import export
-    from trainer.learner import ConvLearner
+    from trainer.data.augment import tfms_from_model, transforms_side_on
+    from trainer.data.loaders import ImageClassifierData
+    from trainer.learn.learner import ConvLearner
+    from trainer.outputs.export import export
 
     root = tmp_path_factory.mktemp("tiny_bundle")
     data_dir = write_colour_dataset(root / "colours", {"train": 4, "valid": 2})

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer import distributed
-from trainer.augment import tfms_from_model, transforms_side_on
-from trainer.data import ImageClassifierData
-from trainer.learner import ConvLearner
-from trainer.metrics import accuracy
+from trainer.data.augment import tfms_from_model, transforms_side_on
+from trainer.data.loaders import ImageClassifierData
+from trainer.evaluate.metrics import accuracy
+from trainer.learn import distributed
+from trainer.learn.learner import ConvLearner
 
 
 def main(data_dir: Path, out: Path, bs: int, exact: bool) -> None:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from serving.bundle.preprocess import resize_shorter
-from trainer.augment import (
+from trainer.data.augment import (
     TTA_BASIC,
     TTA_SIDE_ON,
     TTA_TOP_DOWN,

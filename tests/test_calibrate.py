@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer.calibrate import (
+from trainer.evaluate.calibrate import (
     before_calibration,
     calibrated_metrics,
     calibration_line,
@@ -17,7 +17,7 @@ from trainer.calibrate import (
     scale,
     scores,
 )
-from trainer.metrics import log_loss
+from trainer.evaluate.metrics import log_loss
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ from trainer.config import ARCH_NAMES, RunConfig
 
 
 def test_the_architecture_names_are_those_the_model_module_builds():
-    from trainer.model import ARCHS
+    from trainer.learn.model import ARCHS
 
     assert list(ARCH_NAMES) == list(ARCHS)
 

@@ -1,4 +1,4 @@
-"""trainer.data: ImageClassifierData.from_csv on real files (a labels CSV and one folder of images), and dataset items."""
+"""trainer.data.loaders: ImageClassifierData.from_csv on real files (a labels CSV and one folder of images), and dataset items."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.augment import tfms_from_model
 from trainer.config import RunConfig
-from trainer.data import DataError, ImageClassifierData, ImageDataset, get_cv_idxs
+from trainer.data.augment import tfms_from_model
+from trainer.data.loaders import DataError, ImageClassifierData, ImageDataset, get_cv_idxs
 
 TFMS = tfms_from_model("efficientnet_lite0", 16)
 LABELS = ["husky", "beagle", "pug"]

@@ -15,10 +15,10 @@ import torch
 from conftest import TRAINER_RUN_FLAGS, epochs_as_trained, write_colour_dataset
 
 from serving.bundle.manifest import read_manifest
-from trainer import distributed
-from trainer.data import EpochSampler
-from trainer.distributed import Dist, DistributedError, from_env
-from trainer.run_folder import RunFolder
+from trainer.data.loaders import EpochSampler
+from trainer.learn import distributed
+from trainer.learn.distributed import Dist, DistributedError, from_env
+from trainer.outputs.run_folder import RunFolder
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 

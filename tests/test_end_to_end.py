@@ -13,7 +13,7 @@ from serving.bundle.manifest import read_manifest
 from serving.client import Client
 from serving.config import ServerConfig
 from serving.server import Server
-from trainer.run_folder import RunFolder
+from trainer.outputs.run_folder import RunFolder
 
 
 @pytest.fixture(scope="module")

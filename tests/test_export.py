@@ -13,18 +13,18 @@ import pytest
 import torch
 from conftest import write_colour_dataset
 
+from serving.bundle.evaluate import predict_files
 from serving.bundle.files import sha256_file
 from serving.bundle.manifest import CONTRACT_KEY, MODEL_NAME, BundleError, contract_json, load_bundle, read_manifest
 from serving.bundle.preprocess import load_views
 from serving.bundle.session import ModelSession
-from serving.evaluate import predict_files
-from trainer import export as export_module
-from trainer.augment import tfms_from_model, transforms_side_on
-from trainer.calibrate import before_calibration
-from trainer.data import ImageClassifierData
-from trainer.export import ExportError, check_parity, choose_tta_default, export, quantize_int8
-from trainer.learner import ConvLearner
-from trainer.metrics import accuracy
+from trainer.data.augment import tfms_from_model, transforms_side_on
+from trainer.data.loaders import ImageClassifierData
+from trainer.evaluate.calibrate import before_calibration
+from trainer.evaluate.metrics import accuracy
+from trainer.learn.learner import ConvLearner
+from trainer.outputs import export as export_module
+from trainer.outputs.export import ExportError, check_parity, choose_tta_default, export, quantize_int8
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ class TestQuietQuantization:
             "import logging, sys\n"
             "from pathlib import Path\n"
             "from serving.bundle.manifest import read_manifest\n"
-            "from trainer.export import quantize_int8\n"
+            "from trainer.outputs.export import quantize_int8\n"
             "b, files = Path(sys.argv[1]), [Path(f) for f in sys.argv[3:]]\n"
             "quantize_int8(b / 'model.onnx', Path(sys.argv[2]), read_manifest(b), files)\n"
             "print('root handlers', len(logging.getLogger().handlers))\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from trainer.history import COLUMNS, EpochStats, header
+from trainer.learn.history import COLUMNS, EpochStats, header
 
 
 def test_each_value_sits_under_its_column_name():

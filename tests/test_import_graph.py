@@ -88,7 +88,27 @@ def test_the_import_graph_has_no_circles():
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
 
 
-@pytest.mark.parametrize("lazy_importer", ["trainer.learner", "trainer.data"])
+@pytest.mark.parametrize("lazy_importer", ["trainer.learn.learner", "trainer.data.loaders"])
 def test_the_modules_that_once_dodged_a_circle_import_nothing_that_imports_them(lazy_importer):
     edges = graph()
     assert all(lazy_importer not in edges[m] for m in edges[lazy_importer])
+
+
+# What the trainer may import from serving: the bundle it writes and the server loads (serving.bundle:
+# manifest, files, preprocessing, the ONNX session and probabilities through it, the CPU count both
+# size their threads by) and the model repository's layout it publishes into.
+CONTRACT = ("serving.bundle", "serving.repository.layout")
+# trainer.demo's last step serves the model it trained, in-process: the one place that runs both.
+MAY_SERVE = {"trainer.demo"}
+
+
+def test_the_trainer_imports_only_the_contract_from_serving():
+    edges = graph()
+    beyond = {
+        f"{module} imports {target}"
+        for module, targets in edges.items()
+        if module.startswith("trainer") and module not in MAY_SERVE
+        for target in targets
+        if target.startswith("serving") and not target.startswith(CONTRACT)
+    }
+    assert not beyond, sorted(beyond)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.augment import tfms_from_model, transforms_side_on
-from trainer.data import ImageClassifierData
-from trainer.evaluate import snapshot_ensemble
-from trainer.learner import ConvLearner
-from trainer.submission import write_submission
+from trainer.data.augment import tfms_from_model, transforms_side_on
+from trainer.data.loaders import ImageClassifierData
+from trainer.evaluate.scoring import snapshot_ensemble
+from trainer.evaluate.submission import write_submission
+from trainer.learn.learner import ConvLearner
 
 
 def make_learner(path, *, sz=32, precompute=True, bs=4) -> ConvLearner:

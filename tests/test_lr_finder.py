@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from trainer.learner import ConvLearner
-from trainer.lr_finder import LRFinderResult, SmoothedLoss, longest_descent, lr_find, suggest_lr
+from trainer.learn.learner import ConvLearner
+from trainer.learn.lr_finder import LRFinderResult, SmoothedLoss, longest_descent, lr_find, suggest_lr
 
 N_IN, N_FEATURES, N_TRAIN, N_VALID, BS = 8, 16, 64, 16, 8
 

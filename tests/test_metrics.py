@@ -1,4 +1,4 @@
-"""trainer.metrics: accuracy, log loss, confusion matrix and most confused pairs on tiny exact arrays."""
+"""trainer.evaluate.metrics: accuracy, log loss, confusion matrix and most confused pairs on tiny exact arrays."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer.metrics import EPS, accuracy, confusion_matrix, log_loss, most_confused
+from trainer.evaluate.metrics import EPS, accuracy, confusion_matrix, log_loss, most_confused
 
 CLASSES = ["cat", "dog", "fox"]
 # true:      cat cat cat dog dog dog dog fox fox

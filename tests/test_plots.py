@@ -1,4 +1,4 @@
-"""trainer.plots: each figure draws exactly its data (read back from the matplotlib Figure), every plot
+"""trainer.outputs.plots: each figure draws exactly its data (read back from the matplotlib Figure), every plot
 writes a non-blank PNG of that figure, edge cases included; the lesson's selections pick exact rows."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.plots import (
+from trainer.learn.schedule import sgdr_lrs
+from trainer.outputs.plots import (
     DPI,
     MAX_ANNOTATED_CLASSES,
     RESTART_GID,
@@ -27,7 +28,6 @@ from trainer.plots import (
     restart_steps,
     schedule_figure,
 )
-from trainer.schedule import sgdr_lrs
 
 
 def assert_png(path, min_side: int = 100) -> tuple[int, int]:

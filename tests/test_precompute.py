@@ -1,4 +1,4 @@
-"""trainer.precompute: the activation cache reuses what fits and says in one line why it recomputes."""
+"""trainer.learn.precompute: the activation cache reuses what fits and says in one line why it recomputes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from serving.bundle.manifest import CENTER, Preprocessing, TTAView
-from trainer.precompute import cache_key, cached, files_fingerprint, load, save
+from trainer.learn.precompute import cache_key, cached, files_fingerprint, load, save
 
 PREP = Preprocessing(input_size=16, resize_size=18)
 WEIGHTS = "a" * 64
@@ -165,6 +165,6 @@ class TestDamaged:
     def test_without_log_the_line_is_a_logged_warning(self, tmp_path, files, caplog):
         path = tmp_path / "cache.pt"
         cached(path, key(files), 3, Recorder(3).compute)
-        with caplog.at_level(logging.WARNING, logger="trainer.precompute"):
+        with caplog.at_level(logging.WARNING, logger="trainer.learn.precompute"):
             cached(path, key(files, weights="b" * 64), 3, Recorder(3).compute)
         assert "backbone weights changed" in caplog.text

@@ -82,8 +82,8 @@ def test_a_last_epoch_worse_than_an_earlier_one_is_not_what_the_run_keeps(colour
     end on the best epoch's weights (models/best.pt), say so, and score them."""
     import torch
 
-    from trainer.learner import ConvLearner
-    from trainer.run_folder import RunFolder
+    from trainer.learn.learner import ConvLearner
+    from trainer.outputs.run_folder import RunFolder
 
     real_step = ConvLearner.train_step
 
@@ -115,9 +115,9 @@ def test_a_last_epoch_worse_than_an_earlier_one_is_not_what_the_run_keeps(colour
 
 
 def test_full_adds_the_validation_images_to_training(colours):
-    from trainer.assemble import train_on_validation_too
-    from trainer.augment import tfms_from_model
-    from trainer.data import ImageClassifierData
+    from trainer.data.assemble import train_on_validation_too
+    from trainer.data.augment import tfms_from_model
+    from trainer.data.loaders import ImageClassifierData
 
     data = ImageClassifierData.from_paths(colours, tfms_from_model("efficientnet_lite0", 32))
     full = train_on_validation_too(data)

@@ -1,4 +1,4 @@
-"""trainer.report: one self-contained, escaped HTML page with metrics, epochs, images and config."""
+"""trainer.outputs.report: one self-contained, escaped HTML page with metrics, epochs, images and config."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 import pytest
 from PIL import Image
 
-from trainer.report import write_report
+from trainer.outputs.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""trainer.report in a real browser: headless Chromium opens report.html from disk, every embedded plot
+"""trainer.outputs.report in a real browser: headless Chromium opens report.html from disk, every embedded plot
 decodes to its real size, and a screenshot of the page is written beside the test's output.
 
 Chromium's command line only, no Python dependency: `--dump-dom` prints a probe page that frames the
@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import plots
-from trainer.report import write_report
+from trainer.outputs import plots
+from trainer.outputs.report import write_report
 
 WINDOW = (1280, 2400)  # px; the screenshot is this viewport
 TIMEOUT_S = 90  # one launch takes about a second; a loaded CI machine may take far longer

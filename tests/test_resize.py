@@ -1,4 +1,4 @@
-"""trainer.resize and ImageClassifierData.resize: the resized-image cache, where it goes, its reuse
+"""trainer.data.resize and ImageClassifierData.resize: the resized-image cache, where it goes, its reuse
 and every way it must notice it is stale."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import trainer.resize
+import trainer.data.resize
 from serving.bundle.preprocess import decode_image, resize_shorter
-from trainer.augment import tfms_from_model
 from trainer.config import RunConfig
-from trainer.data import DataError, ImageClassifierData
-from trainer.resize import INDEX_NAME, ResizeError, cache_dir, resize_images
-from trainer.workdir import default_work_dir
+from trainer.data.augment import tfms_from_model
+from trainer.data.loaders import DataError, ImageClassifierData
+from trainer.data.resize import INDEX_NAME, ResizeError, cache_dir, resize_images
+from trainer.data.workdir import default_work_dir
 
 TARGET = 24
 
@@ -248,7 +248,7 @@ class TestCacheReuse:
 
 class TestInterrupted:
     def test_interrupted_run_leaves_only_valid_files_and_resumes(self, data, monkeypatch):
-        real_encode, calls = trainer.resize._encode, []
+        real_encode, calls = trainer.data.resize._encode, []
 
         def encode_then_crash(im, fmt):
             calls.append(fmt)
@@ -256,7 +256,7 @@ class TestInterrupted:
                 raise KeyboardInterrupt
             return real_encode(im, fmt)
 
-        monkeypatch.setattr(trainer.resize, "_encode", encode_then_crash)
+        monkeypatch.setattr(trainer.data.resize, "_encode", encode_then_crash)
         with pytest.raises(KeyboardInterrupt):
             resize(data, workers=1)
         cache = cache_dir(data.path, TARGET)
@@ -265,7 +265,7 @@ class TestInterrupted:
         assert 0 < len(entries) < len(IMAGES)
         recorded = stamps([cache / rel for rel in entries])
 
-        monkeypatch.setattr(trainer.resize, "_encode", real_encode)
+        monkeypatch.setattr(trainer.data.resize, "_encode", real_encode)
         small = resize(data, workers=1)
         assert stamps(list(recorded)) == recorded  # what the index vouched for is reused
         for f in cached_files(small):

@@ -12,7 +12,7 @@ from conftest import differing_tensors, epochs_as_trained, write_colour_dataset
 
 from trainer.cli import main as trainer_main
 from trainer.config import RunConfig
-from trainer.learner import ConvLearner
+from trainer.learn.learner import ConvLearner
 from trainer.recipe import run
 
 # 16 training images in batches of 4 at 32 px. A fixed lr skips both lr_finds; epochs: 0 the head on
@@ -136,7 +136,7 @@ class TestResumingAFinishedRun:
         whole, _, whole_metrics = uninterrupted
         cfg = RunConfig(data=data, out=tmp_path / "run", **SMALL)
         with monkeypatch.context() as m:
-            m.setattr("trainer.export.export", lambda *a, **k: (_ for _ in ()).throw(Interrupted()))
+            m.setattr("trainer.outputs.export.export", lambda *a, **k: (_ for _ in ()).throw(Interrupted()))
             with pytest.raises(Interrupted):
                 run(cfg, log=quiet)
         assert not (cfg.out / "bundle").exists()

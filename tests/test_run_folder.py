@@ -13,8 +13,8 @@ import pytest
 
 from serving.bundle.manifest import MANIFEST_NAME
 from trainer.config import RunConfig
-from trainer.history import EpochStats
-from trainer.run_folder import RunFolder
+from trainer.learn.history import EpochStats
+from trainer.outputs.run_folder import RunFolder
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from trainer.schedule import cycle_boundaries, cycle_epochs, lr_spread, sgdr_lrs
+from trainer.learn.schedule import cycle_boundaries, cycle_epochs, lr_spread, sgdr_lrs
 
 
 class TestSGDR:

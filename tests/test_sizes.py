@@ -1,11 +1,11 @@
-"""trainer.sizes: size statistics from image headers, and the histogram PNG."""
+"""trainer.data.sizes: size statistics from image headers, and the histogram PNG."""
 
 from __future__ import annotations
 
 import pytest
 from PIL import Image
 
-from trainer.sizes import image_size_stats, plot_size_histogram
+from trainer.data.sizes import image_size_stats, plot_size_histogram
 
 # (width, height): widths 10..90 and heights 20..100 in steps of 20, one repeated size.
 SIZES = [(10, 20), (30, 40), (50, 60), (70, 80), (90, 100), (30, 40)]

@@ -1,4 +1,4 @@
-"""trainer.submission.write_predictions_csv: Kaggle-style CSVs, read back with the csv module."""
+"""trainer.evaluate.submission.write_predictions_csv: Kaggle-style CSVs, read back with the csv module."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.submission import write_predictions_csv
+from trainer.evaluate.submission import write_predictions_csv
 
 FILES = [Path("data/test/0042.jpg"), Path("data/test/abc.png")]
 CLASSES = ["cats", "dogs", "hot,dogs"]

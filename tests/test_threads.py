@@ -1,4 +1,4 @@
-"""Thread counts follow the CPUs a process may use (serving.cpus, trainer.threads): the affinity
+"""Thread counts follow the CPUs a process may use (serving.bundle.cpus, trainer.threads): the affinity
 mask, the cgroup's CPU quota (v2 and v1 files, made here), OMP_NUM_THREADS and torchrun's processes."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from serving.cpus import cgroup_quota, usable_cpus
+from serving.bundle.cpus import cgroup_quota, usable_cpus
 from trainer import threads
 
 

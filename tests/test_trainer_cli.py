@@ -135,7 +135,7 @@ PAUSING_TRAINER = f"""
 import sys
 
 from trainer.cli import main
-from trainer.learner import ConvLearner
+from trainer.learn.learner import ConvLearner
 
 after = int(sys.argv[1])
 fit = ConvLearner.fit
@@ -342,8 +342,8 @@ def test_fit_trains_and_validates_without_the_old_temperature(full_run, tmp_path
     """The run's temperature belongs to the weights `trainer fit` changes: the new epochs' validation
     loss is that of the plain softmax, as the run's own epochs' were."""
     from trainer import commands
-    from trainer.metrics import log_loss
-    from trainer.run_folder import RunFolder
+    from trainer.evaluate.metrics import log_loss
+    from trainer.outputs.run_folder import RunFolder
 
     run = tmp_path / "run"
     shutil.copytree(full_run, run)

@@ -10,7 +10,7 @@ import torch
 
 from serving.bundle.manifest import CENTER, Preprocessing
 from serving.bundle.preprocess import load_views
-from trainer.model import Normalize, WeightsNotFoundError, build_net, get_arch, load_state
+from trainer.learn.model import Normalize, WeightsNotFoundError, build_net, get_arch, load_state
 
 ANT, BEE = 310, 309  # ImageNet class indices
 LITES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]

@@ -1,10 +1,10 @@
-"""trainer.workdir: derived files go beside the data, or to the user's cache when it is read-only."""
+"""trainer.data.workdir: derived files go beside the data, or to the user's cache when it is read-only."""
 
 from __future__ import annotations
 
 import pytest
 
-from trainer.workdir import default_work_dir
+from trainer.data.workdir import default_work_dir
 
 
 @pytest.fixture

@@ -6,23 +6,20 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from serving.bundle.manifest import BundleError, read_manifest
 from serving.repository.layout import publish, staging_dir
-from trainer.assemble import make_data
-from trainer.config import RunConfig
-from trainer.data import DataError, ImageClassifierData, list_images
-from trainer.evaluate import evaluate
-from trainer.export import ExportError, export, snapshots_at_input_size
-from trainer.learner import ConvLearner
+from trainer.config import Log, RunConfig
+from trainer.data.assemble import make_data
+from trainer.data.loaders import DataError, ImageClassifierData, list_images
+from trainer.evaluate.scoring import evaluate
+from trainer.evaluate.submission import write_submission
+from trainer.learn.learner import ConvLearner
+from trainer.learn.schedule import lr_spread
+from trainer.outputs.export import ExportError, export, snapshots_at_input_size
+from trainer.outputs.run_folder import RunFolder
 from trainer.recipe import bundle_recipe, find_lr
-from trainer.run_folder import RunFolder
-from trainer.schedule import lr_spread
-from trainer.submission import write_submission
-
-Log = Callable[[str], None]
 
 
 def _stderr(msg: str) -> None:
@@ -199,7 +196,7 @@ def predict(run: Path, test: Path, csv: Path | None, *, tta: bool, top_label: bo
 
 def sizes(cfg: RunConfig, out: Path, log: Log = print) -> Path:
     """Image-size statistics of the dataset, and a histogram at out/sizes.png."""
-    from trainer.sizes import image_size_stats, plot_size_histogram
+    from trainer.data.sizes import image_size_stats, plot_size_histogram
 
     data = dataset(cfg)
     stats = image_size_stats([*data.trn_files, *data.val_files])

@@ -5,12 +5,16 @@ and configuration errors answer at once instead of after loading PyTorch."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# The backbones trainer.model can build, named here too so that --help lists them and a misspelt
+# Where a run's progress lines go: print, or a run folder's log (trainer.outputs.run_folder).
+Log = Callable[[str], None]
+
+# The backbones trainer.learn.model can build, named here too so that --help lists them and a misspelt
 # --arch is refused without loading torch (tests/test_config.py checks the two lists agree).
 ARCH_NAMES = (
     "efficientnet_lite0",
@@ -150,3 +154,94 @@ class RunConfig(BaseModel):
         if arch not in ARCH_NAMES:
             raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCH_NAMES)}")
         return arch
+
+
+# The other subcommands' options, one model each: `trainer <command> --help` and its flags are built
+# from them (trainer.cli), and their fields are the keyword arguments of the function each command
+# calls (trainer.commands, trainer.demo), so that a new option is one field here.
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunFlags(_Options):
+    """`trainer run`'s flags beside RunConfig's: shorthands, and resuming."""
+
+    epochs: int | None = Field(None, ge=0, description="epochs of each head step (sets --head-epochs and --aug-cycles)")
+    cycles: int | None = Field(None, ge=0, description="unfrozen SGDR cycles (sets --unfreeze-cycles)")
+    resume: bool = Field(False, description="continue an interrupted run in --out from its last completed epoch")
+
+
+class ExportOptions(_Options):
+    run: Path = Field(description="run folder written by `trainer run` (config.json, models/)")
+    out: Path | None = Field(
+        None,
+        description="bundle folder to write, RUN/bundle when not given; an existing one is replaced only once the "
+        "new one is verified",
+    )
+    repository: Path | None = Field(
+        None,
+        description="model repository to add the bundle to as REPOSITORY/NAME/N, N one more than the largest "
+        "version there, moved in only once verified; instead of --out",
+    )
+    name: str | None = Field(
+        None, description="model name recorded in the bundle and its repository folder; the run's --name when not given"
+    )
+    version: str | None = Field(
+        None, description="model version recorded in the bundle; the export time (YYYYmmdd-HHMMSS) when not given"
+    )
+    snapshots: bool = Field(
+        False,
+        description="export the run's SGDR snapshots as one ensemble graph that averages their probabilities "
+        "instead of the final weights",
+    )
+    fp16: bool = Field(False, description="also write model.fp16.onnx for GPUs, with its measured accuracy change")
+    int8: bool = Field(
+        False,
+        description="also write model.int8.onnx for CPUs (static quantization), with its measured accuracy change",
+    )
+    calibration_images: int = Field(64, ge=1, description="training images that calibrate --int8")
+
+
+class FitOptions(_Options):
+    run: Path = Field(description="run folder (from `trainer run` or `trainer lr-find`)")
+    lr: float = Field(gt=0, description="lr of the head (last layer group)")
+    cycles: int = Field(1, ge=1, description="SGDR cycles")
+    cycle_len: int = Field(1, ge=1, description="epochs in the first cycle")
+    cycle_mult: int = Field(1, ge=1, description="each cycle this many times longer")
+    unfreeze: bool = Field(False, description="train all layer groups, with differential lrs, not the head only")
+    lr_ratio: float = Field(10.0, gt=0, description="with --unfreeze: each earlier group this many times slower")
+    precompute: bool = Field(
+        False, description="train the head on precomputed activations instead of images with augmentation"
+    )
+
+
+class TTAOptions(_Options):
+    run: Path = Field(description="run folder")
+
+
+class PredictOptions(_Options):
+    run: Path = Field(description="run folder")
+    test: Path = Field(description="folder of images to predict")
+    csv: Path | None = Field(None, description="CSV to write; RUN/submission.csv when not given")
+    top_label: bool = Field(
+        False, description="one column with the most probable label instead of one probability column per class"
+    )
+    tta: bool = Field(True, description="every TTA view; --no-tta: the plain centre view only")
+
+
+class SizesOptions(_Options):
+    out: Path = Field(Path("."), description="folder for sizes.png")
+
+
+class ResizeOptions(_Options):
+    target: int = Field(ge=1, description="shorter side of the cached copies, pixels")
+    tmp_name: str = Field(
+        "tmp", description="cache folder in the data folder, or in the user's cache when that is read-only"
+    )
+
+
+class DemoOptions(_Options):
+    out: Path = Field(Path("runs/demo"), description="run folder")
+    show: int = Field(8, ge=0, description="predictions to print")

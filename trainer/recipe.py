@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from trainer import distributed, memory, threads, training_state
-from trainer.assemble import make_data
-from trainer.config import RunConfig
-from trainer.distributed import Dist
-from trainer.evaluate import evaluate
-from trainer.learner import ConvLearner
-from trainer.run_folder import RunFolder
-from trainer.schedule import lr_spread
+from trainer import memory, threads
+from trainer.config import Log, RunConfig
+from trainer.data.assemble import make_data
+from trainer.evaluate.scoring import evaluate
+from trainer.learn import distributed, training_state
+from trainer.learn.distributed import Dist
+from trainer.learn.history import stage_label
+from trainer.learn.learner import ConvLearner
+from trainer.learn.schedule import lr_spread
+from trainer.outputs.run_folder import RunFolder
 
-Log = Callable[[str], None]
 BEST = "best"  # models/best.pt: the weights of the best validated epoch at the final size
 
 
@@ -37,11 +37,7 @@ class Stage:
     @property
     def label(self) -> str:
         """What the stage trains, in words: the `stage` of its epochs' rows."""
-        if self.precompute:
-            return "head on precomputed activations"
-        if self.unfrozen:
-            return f"all layers unfrozen at {self.size} px"
-        return f"head with augmentation at {self.size} px"
+        return stage_label(self.size, precompute=self.precompute, unfrozen=self.unfrozen)
 
 
 def stages(cfg: RunConfig) -> list[Stage]:
@@ -71,168 +67,217 @@ def run(
     Every epoch ends with an atomically written checkpoint; with resume=True a run that was
     interrupted (Ctrl-C, a killed process) continues from its last completed epoch.
 
-    `dist`: this process's place in distributed training (trainer.distributed.init under torchrun).
+    `dist`: this process's place in distributed training (trainer.learn.distributed.init under torchrun).
     Every rank trains its share; rank 0 alone reads the checkpoint (and sends it to the others),
     writes the run folder and exports; the others return the same metrics, and no learner when
     the run was already complete (rank 0 reads it from its run folder, which they may not see)."""
-    from trainer.export import export
+    recipe = Recipe(cfg, log, dist or Dist())
+    if (finished := recipe.start(resume)) is not None:
+        return finished
+    for i, stage in enumerate(recipe.plan):
+        if i >= recipe.progress.stage:
+            recipe.train(i, stage)
+            recipe.checkpoint(i + 1, 0)
+    return recipe.learner, recipe.finish()
 
-    dist = dist or Dist()
-    main = dist.is_main
-    if not main:
-        log = _quiet
-    threads.configure(log)
-    folder = RunFolder(cfg.out)
-    if main:
-        folder.path.mkdir(parents=True, exist_ok=True)
-    state = distributed.broadcast(folder.read_checkpoint(cfg) if resume and main else None, dist)
-    if state and state.get("finished"):
-        log(
-            f"{folder.path}: the run is already complete ({len(state['learner']['history'])} epochs, bundle in "
-            f"{folder.bundle_dir}); nothing to resume. Train it further with `trainer fit --run {folder.path}`, "
-            "or run without --resume to start afresh"
+
+@dataclass
+class Progress:
+    """Where a run stands, as its checkpoint records it: the stages done, the epochs done of the
+    next, the lr lr_find chose (or --lr) and the best epoch validated at the final size."""
+
+    stage: int = 0
+    epochs: int = 0
+    lr: float | None = None
+    best: dict[str, Any] | None = None
+
+
+class Recipe:
+    """One run of the plan (`stages`): its learner, its progress, and the steps `run` takes:
+    `start` (resume or begin), `train` a stage, `checkpoint` after each epoch and stage, `finish`
+    (the best epoch kept, TTA, export). Rank 0 alone writes; every rank trains."""
+
+    def __init__(self, cfg: RunConfig, log: Log, dist: Dist):
+        self.cfg = cfg
+        self.dist = dist
+        self.main = dist.is_main
+        self.log = log if self.main else _quiet
+        self.folder = RunFolder(cfg.out)
+        self.plan = stages(cfg)
+        self.swept_unfrozen = any(s.kind == "lr_find" and s.unfrozen for s in self.plan)  # else its lr is derived
+        self.progress = Progress(lr=cfg.lr)
+        self._learn: ConvLearner | None = None
+
+    @property
+    def learner(self) -> ConvLearner:
+        assert self._learn is not None, "start() makes the learner"
+        return self._learn
+
+    def start(self, resume: bool) -> tuple[ConvLearner | None, dict[str, float]] | None:
+        """Make the learner, from the last checkpoint when resuming; returns the run's result
+        instead when it was already complete."""
+        cfg, folder, log = self.cfg, self.folder, self.log
+        threads.configure(log)
+        if self.main:
+            folder.path.mkdir(parents=True, exist_ok=True)
+        state = distributed.broadcast(folder.read_checkpoint(cfg) if resume and self.main else None, self.dist)
+        if state and state.get("finished"):
+            log(
+                f"{folder.path}: the run is already complete ({len(state['learner']['history'])} epochs, bundle in "
+                f"{folder.bundle_dir}); nothing to resume. Train it further with `trainer fit --run {folder.path}`, "
+                "or run without --resume to start afresh"
+            )
+            metrics = distributed.broadcast(folder.read_metrics()[0] if self.main else None, self.dist)
+            return (folder.learner(log) if self.main else None), metrics
+        if state is None:
+            training_state.seed_everything(cfg.seed)
+            if self.main:
+                folder.write_config(cfg)
+        else:
+            self.progress = Progress(state["stage"], state["epochs"], state["lr"], state.get("best"))
+        done = self.progress.stage
+        size = self.plan[min(done, len(self.plan) - 1)].size if self.plan else cfg.size
+        learn = self._learn = folder.new_learner(cfg, size, precompute=not state, log=log, dist=self.dist)
+        data = learn.data
+        held = (
+            f"{len(data.val_files)} valid" if not cfg.full else f"{len(data.val_files)} valid (also trained on: --full)"
         )
-        metrics = distributed.broadcast(folder.read_metrics()[0] if main else None, dist)
-        return (folder.learner(log) if main else None), metrics
-    if state is None:
-        training_state.seed_everything(cfg.seed)
-        if main:
-            folder.write_config(cfg)
-    plan = stages(cfg)
-    swept_unfrozen = any(s.kind == "lr_find" and s.unfrozen for s in plan)  # else its lr is derived
-    done_stage, done_epochs = (state["stage"], state["epochs"]) if state else (0, 0)
-    lr = state["lr"] if state else cfg.lr
-    size = plan[min(done_stage, len(plan) - 1)].size if plan else cfg.size
-    learn = folder.new_learner(cfg, size, precompute=not state, log=log, dist=dist)
-    data = learn.data
-    held = f"{len(data.val_files)} valid" if not cfg.full else f"{len(data.val_files)} valid (also trained on: --full)"
-    log(f"data: {len(data.trn_files)} train, {held} images, {data.c} classes")
-    if dist.active:
-        log(
-            f"distributed: {dist.world_size} processes of {data.bs} images a step each: an effective batch of "
-            f"{data.bs * dist.world_size}, {learn.steps_per_epoch()} steps an epoch"
-        )
-    if state:
-        training_state.restore(learn, state["learner"])
-        if done_stage < len(plan):
-            log(f"resumed: stage {done_stage + 1}/{len(plan)}, {len(learn.history)} epochs done")
-        else:  # interrupted while evaluating or exporting
-            log(f"resumed: training is complete ({len(learn.history)} epochs); evaluating and exporting")
+        log(f"data: {len(data.trn_files)} train, {held} images, {data.c} classes")
+        if self.dist.active:
+            log(
+                f"distributed: {self.dist.world_size} processes of {data.bs} images a step each: an effective "
+                f"batch of {data.bs * self.dist.world_size}, {learn.steps_per_epoch()} steps an epoch"
+            )
+        if state:
+            training_state.restore(learn, state["learner"])
+            if done < len(self.plan):
+                log(f"resumed: stage {done + 1}/{len(self.plan)}, {len(learn.history)} epochs done")
+            else:  # interrupted while evaluating or exporting
+                log(f"resumed: training is complete ({len(learn.history)} epochs); evaluating and exporting")
+        return None
 
-    best: dict[str, Any] | None = state.get("best") if state else None
-    final_size = cfg.train_sizes[-1]
-
-    def keep_if_best() -> None:
-        """The last epoch's weights become models/best.pt when they validate better than every
-        earlier epoch at the final size: higher accuracy, or as accurate with a lower loss."""
-        nonlocal best
-        last = learn.history[-1]
-        if learn.data.tfms.sz != final_size or not math.isfinite(last.val_loss):
-            return
-        if best is None or (last.accuracy, -last.val_loss) > (best["accuracy"], -best["val_loss"]):
-            learn.save(BEST)
-            best = {"epoch": last.epoch, "accuracy": last.accuracy, "val_loss": last.val_loss}
-
-    def checkpoint(stage: int, epochs: int, *, finished: bool = False) -> None:
-        """finished: every output is written, so resuming has nothing left to do."""
-        if epochs and not finished:
-            keep_if_best()
-        if not main:
-            return
-        folder.write_checkpoint(
-            {
-                "stage": stage,
-                "epochs": epochs,
-                "best": best,
-                "lr": lr,
-                "config": cfg.model_dump(mode="json"),
-                "learner": training_state.capture(learn),
-                "finished": finished,
-            }
-        )
-        folder.write_history(learn.history)
-
-    for i, stage in enumerate(plan):
-        if i < done_stage:
-            continue
+    def train(self, i: int, stage: Stage) -> None:
+        """Stage `i` of the plan: an lr_find, or a fit checkpointed epoch by epoch (from the epoch
+        the run stopped at, when it is the stage a resumed run stopped in)."""
+        cfg, learn, log = self.cfg, self.learner, self.log
         if stage.size != learn.data.tfms.sz:
-            learn.set_data(make_data(cfg, stage.size, folder.path, dist))
+            learn.set_data(make_data(cfg, stage.size, self.folder.path, self.dist))
             log(f"progressive resizing: now {stage.size} px")
         if stage.unfrozen:
             learn.unfreeze()  # step 5
         learn.precompute = stage.precompute
         # Step 6: earlier groups train lr_ratio times slower than the next.
         ratios = lr_spread(1.0, cfg.lr_ratio if stage.unfrozen else 1.0, len(learn.layer_groups()))
+        lr = self.progress.lr
         if stage.kind == "lr_find":
             # Rank 0 sweeps alone, on its share of the data (a sweep exchanges no gradients and
             # restores the weights it changed), while the others wait for its suggestion.
             found = (
                 find_lr(
                     learn,
-                    folder.figure(f"{stage.name}.png"),
+                    self.folder.figure(f"{stage.name}.png"),
                     log,
                     start_lr=[1e-5 * r for r in ratios],
                     # On precomputed activations a sweep is cheap (100 batches, cycling a small
                     # dataset); unfrozen, every batch runs the whole network: 30 are enough.
                     num_it=max(100 if stage.precompute else 30, learn.steps_per_epoch()),
                 )
-                if main
+                if self.main
                 else None
             )
-            found = distributed.broadcast(found, dist)
+            found = distributed.broadcast(found, self.dist)
             # Step 7 may lower the lr (a whole network is more fragile than a head on fixed
             # activations) but never raises it.
-            lr = found if lr is None else min(lr, found)
-        else:
-            assert lr is not None, "the plan starts with lr_find when no lr is given"
-            derived = stage.unfrozen and not swept_unfrozen
-            lrs = [lr * (UNFROZEN_LR_SHARE if derived else 1.0) * r for r in ratios]
-            cycles = stage.cycles or head_epochs(learn)
-            how = f" (the head's {lr:.2e} halved, as fastai's fine_tune does)" if derived else ""
-            log(f"{stage.label}: {cycles} cycle(s), lrs {', '.join(f'{x:.2e}' for x in lrs)}{how}")
-            learn.fit(
-                lrs,
-                cycles,
-                cycle_len=1,
-                cycle_mult=stage.cycle_mult,
-                cycle_save_name=f"snapshot_{stage.size}" if stage.unfrozen else None,
-                start_epoch=done_epochs if i == done_stage else 0,
-                on_epoch_end=functools.partial(checkpoint, i),
-                wds=cfg.wd,
-                stage=stage.label,
-            )
-        checkpoint(i + 1, 0)
-    learn.precompute = False
-    last = learn.history[-1] if learn.history else None
-    if best is not None and last is not None and best["epoch"] != last.epoch:
-        # Never end worse than the best model validated on the way: SGDR's last cycle can overshoot.
-        log(
-            f"keeping epoch {best['epoch']} (accuracy {best['accuracy']:.4f}, val loss {best['val_loss']:.4f}), "
-            f"which validated better than the last, epoch {last.epoch} (accuracy {last.accuracy:.4f}, "
-            f"val loss {last.val_loss:.4f})"
+            self.progress.lr = found if lr is None else min(lr, found)
+            return
+        assert lr is not None, "the plan starts with lr_find when no lr is given"
+        derived = stage.unfrozen and not self.swept_unfrozen
+        lrs = [lr * (UNFROZEN_LR_SHARE if derived else 1.0) * r for r in ratios]
+        cycles = stage.cycles or head_epochs(learn)
+        how = f" (the head's {lr:.2e} halved, as fastai's fine_tune does)" if derived else ""
+        log(f"{stage.label}: {cycles} cycle(s), lrs {', '.join(f'{x:.2e}' for x in lrs)}{how}")
+        learn.fit(
+            lrs,
+            cycles,
+            cycle_len=1,
+            cycle_mult=stage.cycle_mult,
+            cycle_save_name=f"snapshot_{stage.size}" if stage.unfrozen else None,
+            start_epoch=self.progress.epochs if i == self.progress.stage else 0,
+            on_epoch_end=functools.partial(self.checkpoint, i),
+            wds=cfg.wd,
+            stage=stage.label,
         )
-        learn.load(BEST)
-    folder.save_final(learn)
-    memory.trim()  # training's freed pages back to the system before TTA and export add their own
-    metrics, probs, uncalibrated, y = evaluate(learn, log, held_out=not cfg.full)  # every rank: TTA is shared
-    if main:
-        with learn.alone():  # the other ranks wait at the barrier below
-            export(
-                learn,
-                folder.bundle_dir,
-                name=cfg.name,
-                metrics=metrics,
-                recipe=bundle_recipe(cfg, len(learn.history), lr),
-                held_out=not cfg.full,
-                log=log,
+
+    def checkpoint(self, stage: int, epochs: int, *, finished: bool = False) -> None:
+        """Record `epochs` done of stage `stage` (0: the stage is next), after keeping the last
+        epoch's weights if they are the best yet. finished: every output is written, so resuming
+        has nothing left to do."""
+        if epochs and not finished:
+            self._keep_if_best()
+        if not self.main:
+            return
+        p = self.progress
+        self.folder.write_checkpoint(
+            {
+                "stage": stage,
+                "epochs": epochs,
+                "best": p.best,
+                "lr": p.lr,
+                "config": self.cfg.model_dump(mode="json"),
+                "learner": training_state.capture(self.learner),
+                "finished": finished,
+            }
+        )
+        self.folder.write_history(self.learner.history)
+
+    def _keep_if_best(self) -> None:
+        """The last epoch's weights become models/best.pt when they validate better than every
+        earlier epoch at the final size: higher accuracy, or as accurate with a lower loss."""
+        learn, best = self.learner, self.progress.best
+        last = learn.history[-1]
+        if learn.data.tfms.sz != self.cfg.train_sizes[-1] or not math.isfinite(last.val_loss):
+            return
+        if best is None or (last.accuracy, -last.val_loss) > (best["accuracy"], -best["val_loss"]):
+            learn.save(BEST)
+            self.progress.best = {"epoch": last.epoch, "accuracy": last.accuracy, "val_loss": last.val_loss}
+
+    def finish(self) -> dict[str, float]:
+        """Keep the best epoch's weights, evaluate with TTA (every rank: TTA is shared), and on rank
+        0 export the bundle and write the metrics, figures, report and a finished checkpoint."""
+        from trainer.outputs.export import export
+
+        cfg, learn, folder, log, best = self.cfg, self.learner, self.folder, self.log, self.progress.best
+        learn.precompute = False
+        last = learn.history[-1] if learn.history else None
+        if best is not None and last is not None and best["epoch"] != last.epoch:
+            # Never end worse than the best model validated on the way: SGDR's last cycle can overshoot.
+            log(
+                f"keeping epoch {best['epoch']} (accuracy {best['accuracy']:.4f}, val loss {best['val_loss']:.4f}), "
+                f"which validated better than the last, epoch {last.epoch} (accuracy {last.accuracy:.4f}, "
+                f"val loss {last.val_loss:.4f})"
             )
-            folder.write_metrics(metrics, held_out=not cfg.full)
-            folder.write_figures(learn, probs, y, uncalibrated=uncalibrated)
-            folder.write_report(cfg, learn, metrics, probs, y)
-            checkpoint(len(plan), 0, finished=True)
-        log(f"bundle: {folder.bundle_dir}; report: {folder.report_file}")
-    distributed.barrier(dist)
-    return learn, metrics
+            learn.load(BEST)
+        folder.save_final(learn)
+        memory.trim()  # training's freed pages back to the system before TTA and export add their own
+        metrics, probs, uncalibrated, y = evaluate(learn, log, held_out=not cfg.full)
+        if self.main:
+            with learn.alone():  # the other ranks wait at the barrier below
+                export(
+                    learn,
+                    folder.bundle_dir,
+                    name=cfg.name,
+                    metrics=metrics,
+                    recipe=bundle_recipe(cfg, len(learn.history), self.progress.lr),
+                    held_out=not cfg.full,
+                    log=log,
+                )
+                folder.write_metrics(metrics, held_out=not cfg.full)
+                folder.write_figures(learn, probs, y, uncalibrated=uncalibrated)
+                folder.write_report(cfg, learn, metrics, probs, y)
+                self.checkpoint(len(self.plan), 0, finished=True)
+            log(f"bundle: {folder.bundle_dir}; report: {folder.report_file}")
+        distributed.barrier(self.dist)
+        return metrics
 
 
 def _quiet(message: str) -> None:
@@ -264,7 +309,7 @@ def bundle_recipe(cfg: RunConfig, epochs: int, lr: float | None) -> dict[str, An
 
 
 def find_lr(learn: ConvLearner, png: Path, log: Log, *, num_it: int, start_lr: float | list[float] = 1e-5) -> float:
-    """Run lr_find, save its plot, and return its suggestion (trainer.lr_finder.Suggestion.lr)."""
+    """Run lr_find, save its plot, and return its suggestion (trainer.learn.lr_finder.Suggestion.lr)."""
     sched = learn.lr_find(start_lr=start_lr, num_it=num_it)
     try:
         suggestion = sched.suggestion()

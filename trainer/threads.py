@@ -3,7 +3,7 @@
 torch starts one intra-op thread per core it sees: 64 in a container limited to 4 CPUs on a 64-core
 node, where the threads then take turns on 4 and small ops (the head's epochs on precomputed
 activations) run ten to fifty times slower. So the count comes from the affinity mask and the
-cgroup's CPU quota (serving.cpus), shared among the processes torchrun starts on this machine, and
+cgroup's CPU quota (serving.bundle.cpus), shared among the processes torchrun starts on this machine, and
 OMP_NUM_THREADS, when set (deploy/ sets it from the container's CPU limit), wins.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from serving.cpus import cgroup_quota, usable_cpus
+from serving.bundle.cpus import cgroup_quota, usable_cpus
 
 
 def thread_count(env: Mapping[str, str], cpus: int, local_processes: int = 1) -> tuple[int, str]:

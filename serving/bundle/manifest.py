@@ -100,7 +100,7 @@ class TTA(_Strict):
     views: list[TTAView] = Field(min_length=1)
     aggregation: Literal["mean_probability"] = "mean_probability"
     # Whether a call that does not say (PredictRequest.tta unset) gets every view: chosen at export
-    # from the validation metrics (trainer.export.choose_tta_default), since TTA can score worse than
+    # from the validation metrics (trainer.outputs.export.choose_tta_default), since TTA can score worse than
     # the plain view. `reason` says why, for people.
     default: bool = True
     reason: str = UNRECORDED_TTA_REASON

@@ -7,17 +7,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from trainer.calibrate import calibrated_metrics, calibration_line, scores
-from trainer.export import choose_tta_default
+from trainer.evaluate.calibrate import calibrated_metrics, calibration_line, scores
+from trainer.outputs.export import choose_tta_default
 
 if TYPE_CHECKING:  # annotations only
-    from trainer.learner import ConvLearner
+    from trainer.learn.learner import ConvLearner
 
 
 def evaluate(
     learn: ConvLearner, log: Callable[[str], None], *, held_out: bool = True
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray, np.ndarray]:
-    """Validation metrics with and without TTA, before and after calibration (see trainer.calibrate,
+    """Validation metrics with and without TTA, before and after calibration (see trainer.evaluate.calibrate,
     whose fitted temperature the learner then keeps); also the TTA probabilities, calibrated and
     before, and the labels. The plain scores are those of TTA's first view, the centre view the server answers a
     call without TTA with.

@@ -1,4 +1,8 @@
-"""Datasets from folders (one sub-folder per class) or a labels CSV, and the loaders the learner uses."""
+"""Datasets from folders (one sub-folder per class) or a labels CSV, and the loaders the learner uses.
+
+Over 400 lines: both layouts and every check of them (missing, unreadable and duplicate files,
+classes, the validation split) live here, so that a data error is worded once; the dataset and
+sampler below them are short."""
 
 from __future__ import annotations
 
@@ -16,8 +20,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from serving.bundle.preprocess import ImageError, decode_image
-from trainer.augment import Tfms
-from trainer.resize import resize_images
+from trainer.data.augment import Tfms
+from trainer.data.resize import resize_images
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -284,9 +288,9 @@ class ImageClassifierData:
 
     def resize(self, target: int, new_path: str = "tmp", *, workers: int | None = None) -> ImageClassifierData:
         """The lesson's `data.resize(340, 'tmp')`: the same dataset read from cached copies of its
-        images with the shorter side at most `target` pixels (`trainer.resize.resize_images`).
+        images with the shorter side at most `target` pixels (`trainer.data.resize.resize_images`).
 
-        The copies go to `trainer.resize.cache_dir(self.path, target, new_path)`: `new_path/<target>`
+        The copies go to `trainer.data.resize.cache_dir(self.path, target, new_path)`: `new_path/<target>`
         beside the data, or in the user's cache when the data folder is read-only. Labels, classes,
         transforms and `path` are unchanged, so models and other caches stay where they were."""
         copies = resize_images(
@@ -345,7 +349,7 @@ class ImageClassifierData:
         before each epoch (ConvLearner.batches does), or every pass repeats epoch 0.
 
         shard=(rank, world_size): that rank's share of the set in distributed training, interleaved
-        (trainer.distributed); for a training pass, padded so that every rank takes as many steps.
+        (trainer.learn.distributed); for a training pass, padded so that every rank takes as many steps.
 
         once=True: a new loader for one pass (precompute reads each set once), whose workers exit
         when the pass ends. A kept loader's workers persist until the data is dropped: kept, the

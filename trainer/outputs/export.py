@@ -1,4 +1,8 @@
-"""Export a trained learner as a bundle: model.onnx (uint8 NHWC in, probabilities out) + manifest.json."""
+"""Export a trained learner as a bundle: model.onnx (uint8 NHWC in, probabilities out) + manifest.json.
+
+Over 400 lines: the bundle is verified here before it moves into place (onnx.checker, parity with
+PyTorch, TTA through ONNX Runtime, the fp16 and int8 variants), and those checks share the
+temporary folder, the graph and the learner's data."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from serving.bundle.evaluate import predict_files
 from serving.bundle.files import make_temp_dir, sha256_file
 from serving.bundle.manifest import (
     CONTRACT_KEY,
@@ -30,12 +35,11 @@ from serving.bundle.manifest import (
 )
 from serving.bundle.preprocess import load_views
 from serving.bundle.session import ModelSession
-from serving.evaluate import predict_files
 from trainer import memory
-from trainer.calibrate import before_calibration, calibrated_metrics, scores
-from trainer.metrics import accuracy
-from trainer.model import EnsembleNet, InferenceNet, get_arch
-from trainer.tta import predict_views
+from trainer.evaluate.calibrate import before_calibration, calibrated_metrics, scores
+from trainer.evaluate.metrics import accuracy
+from trainer.evaluate.tta import predict_views
+from trainer.learn.model import EnsembleNet, InferenceNet, get_arch
 
 OPSET = 17
 INPUT_NAME = "image"
@@ -114,9 +118,9 @@ def export(
     held_out: False when the model also trained on the validation images (`trainer run --full`), so
     that `metrics` are not held-out scores; recorded as the manifest's metrics_held_out.
     The manifest's tta.default (TTA for calls that do not say) follows choose_tta_default.
-    Calibration: the graph divides its logits by metrics' temperature (trainer.evaluate fits it);
+    Calibration: the graph divides its logits by metrics' temperature (trainer.evaluate.scoring fits it);
     without one, a temperature is fitted here on the validation images, to what the bundle serves by
-    default (trainer.calibrate), and, for the current weights, kept by the learner too, so that its
+    default (trainer.evaluate.calibrate), and, for the current weights, kept by the learner too, so that its
     TTA gives what the bundle serves.
     fp16 / int8: also write model.fp16.onnx (for GPUs) / model.int8.onnx (for CPUs, calibrated on
     training images), each with its validation accuracy change against the fp32 graph.
@@ -159,13 +163,7 @@ def export(
             preprocessing=tfms.prep,
             normalization=Normalization(mean=arch.mean, std=arch.std),
             tta=tta,
-            model=ModelFile(
-                file=MODEL_NAME,
-                sha256=sha256_file(tmp / MODEL_NAME),
-                opset=OPSET,
-                input_name=INPUT_NAME,
-                output_name=OUTPUT_NAME,
-            ),
+            model=_model_file(tmp),
             ensemble=list(snapshots),
             metrics=metrics,
             metrics_held_out=held_out,
@@ -191,6 +189,17 @@ def export(
     return manifest
 
 
+def _model_file(folder: Path) -> ModelFile:
+    """The manifest's entry for the graph written in `folder`, with its digest."""
+    return ModelFile(
+        file=MODEL_NAME,
+        sha256=sha256_file(folder / MODEL_NAME),
+        opset=OPSET,
+        input_name=INPUT_NAME,
+        output_name=OUTPUT_NAME,
+    )
+
+
 def snapshots_at_input_size(learn, names: Sequence[str]) -> tuple[list[str], dict[str, int | None]]:
     """Split snapshots into those trained at the learner's input size, which a bundle may average,
     and the others with the size each was trained at (None: unrecorded)."""
@@ -209,7 +218,7 @@ def _check_snapshot_sizes(learn, snapshots: Sequence[str]) -> None:
         listed = ", ".join(f"{n} ({'size not recorded' if s is None else f'{s} px'})" for n, s in wrong.items())
         raise ExportError(
             f"snapshots not trained at the bundle's input size of {learn.data.tfms.sz} px: {listed}; "
-            f"average only snapshots of the last size (trainer.export.snapshots_at_input_size selects them), "
+            f"average only snapshots of the last size (trainer.outputs.export.snapshots_at_input_size selects them), "
             f"or export the final weights without snapshots"
         )
 
@@ -271,7 +280,7 @@ def _pair(without: float, with_tta: float) -> str:
 
 def _measure_tta(net: InferenceNet | EnsembleNet, learn, metrics: dict[str, float], *, held_out: bool) -> None:
     """Fill metrics with calibrated scores with and without TTA and the temperature (see
-    trainer.calibrate.calibrated_metrics) unless trainer.evaluate measured them already for these
+    trainer.evaluate.calibrate.calibrated_metrics) unless trainer.evaluate.scoring measured them already for these
     weights (scores the caller gave stand); an ensemble, whose metrics nobody else measured, is
     measured here in full. The temperature is fitted to what the bundle will serve by default."""
     if "temperature" in metrics and "accuracy_tta" in metrics and not isinstance(net, EnsembleNet):

@@ -25,12 +25,11 @@ import torch
 
 from serving.bundle.files import write_atomic
 from serving.bundle.manifest import Preprocessing, TTAView
+from trainer.config import Log
 
 logger = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the same key would describe other activations
-
-Log = Callable[[str], None]
 
 
 def weights_digest(module: torch.nn.Module) -> str:

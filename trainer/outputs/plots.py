@@ -144,7 +144,7 @@ def plot_confusion_matrix(cm: np.ndarray, classes: Sequence[str], path: Path | s
 
 
 def confusion_matrix_figure(cm: np.ndarray, classes: Sequence[str], *, normalize: bool = False) -> Figure:
-    """A heat map of counts[true, predicted] (trainer.metrics.confusion_matrix): true class on y,
+    """A heat map of counts[true, predicted] (trainer.evaluate.metrics.confusion_matrix): true class on y,
     predicted on x, the value in each cell when there are at most MAX_ANNOTATED_CLASSES classes
     (beyond that the numbers would be unreadable: the colour alone tells).
 
@@ -305,7 +305,7 @@ def reliability_figure(curves: Mapping[str, np.ndarray], y: np.ndarray) -> Figur
     accuracy in each confidence bin against the bin's mean confidence, with the diagonal a perfectly
     calibrated model would follow; each label ends with its expected calibration error. Raises
     ValueError when there are no curves or no labels."""
-    from trainer.calibrate import expected_calibration_error, reliability
+    from trainer.evaluate.calibrate import expected_calibration_error, reliability
 
     if not curves or not len(y):
         raise ValueError("plot_reliability: needs at least one set of probabilities and some labels")

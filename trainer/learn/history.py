@@ -54,3 +54,12 @@ class EpochStats:
 def header() -> str:
     """The column names above EpochStats.line() rows."""
     return f"{'epoch':>5}  {'trn_loss':>8}  {'val_loss':>8}  {'accuracy':>8}  {'time':>7}  stage"
+
+
+def stage_label(size: int, *, precompute: bool = False, unfrozen: bool = False) -> str:
+    """What a fit trains, in words: the `stage` of its epochs' rows, the recipe's plan and the report."""
+    if precompute:
+        return "head on precomputed activations"
+    if unfrozen:
+        return f"all layers unfrozen at {size} px"
+    return f"head with augmentation at {size} px"

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from serving.bundle.files import write_atomic
-from trainer.data import get_cv_idxs
+from trainer.data.loaders import get_cv_idxs
 
 # The 8x8 originals are upscaled so that the files look like digits to a person opening them.
 FILE_SIZE = 32

@@ -1,4 +1,8 @@
-"""ConvLearner: a pretrained network, its data and an optimizer, trained with SGDR as in the lesson."""
+"""ConvLearner: a pretrained network, its data and an optimizer, trained with SGDR as in the lesson.
+
+Over 400 lines: fit, freezing, precomputed activations, prediction and saving share the learner's
+state, and their distributed steps (gathering predictions, broadcasting caches, rank-0 writes) are
+still written inline beside them."""
 
 from __future__ import annotations
 
@@ -21,18 +25,18 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from serving.bundle.files import write_atomic
-from trainer import distributed
-from trainer import precompute as activations
-from trainer.data import EpochSampler, ImageClassifierData
-from trainer.distributed import Dist
-from trainer.history import EpochStats, header
-from trainer.lr_finder import lr_find
-from trainer.metrics import accuracy, log_loss
-from trainer.model import ClassifierNet, InferenceNet, build_net
-from trainer.precompute import cache_key, weights_digest
-from trainer.schedule import cycle_boundaries, sgdr_lrs
-from trainer.tta import predict_views
-from trainer.workdir import default_work_dir
+from trainer.data.loaders import EpochSampler, ImageClassifierData
+from trainer.data.workdir import default_work_dir
+from trainer.evaluate.metrics import accuracy, log_loss
+from trainer.evaluate.tta import predict_views
+from trainer.learn import distributed
+from trainer.learn import precompute as activations
+from trainer.learn.distributed import Dist
+from trainer.learn.history import EpochStats, header, stage_label
+from trainer.learn.lr_finder import lr_find
+from trainer.learn.model import ClassifierNet, InferenceNet, build_net
+from trainer.learn.precompute import cache_key, weights_digest
+from trainer.learn.schedule import cycle_boundaries, sgdr_lrs
 
 
 def default_device() -> torch.device:
@@ -46,7 +50,7 @@ class ConvLearner:
     and only the head trains on them; set `learn.precompute = False` to train end to end on
     augmented images.
 
-    `dist`: this process's place in distributed training under torchrun (trainer.distributed.init);
+    `dist`: this process's place in distributed training under torchrun (trainer.learn.distributed.init);
     each rank then trains on its share of every pass with DistributedDataParallel (a batch of `bs`
     per rank: an effective batch of bs * world_size), computes its share of the activations,
     predictions and TTA, which are gathered so that every rank sees the whole set's, and only rank 0
@@ -84,8 +88,8 @@ class ConvLearner:
         self.history: list[EpochStats] = []
         self.lr_history: list[list[float]] = []  # the lr of every layer group at every training step
         self.snapshots: list[str] = []  # names saved by fit(cycle_save_name=...), in order
-        # Divides the logits of inference_net (and so of TTA and the export): trainer.evaluate fits it
-        # on validation (see trainer.calibrate); 1.0 until then.
+        # Divides the logits of inference_net (and so of TTA and the export): trainer.evaluate.scoring fits it
+        # on validation (see trainer.evaluate.calibrate); 1.0 until then.
         self.temperature = 1.0
         self.label_smoothing = 0.0  # of the training loss's targets (F.cross_entropy's label_smoothing)
         self._features: dict[str, torch.Tensor] = {}
@@ -333,7 +337,7 @@ class ConvLearner:
         return loss.item()
 
     def lr_find(self, start_lr=1e-5, end_lr=10, num_it: int | None = None, **kwargs):
-        """The lesson's lr finder (see trainer.lr_finder.lr_find); its result is kept as `self.sched`
+        """The lesson's lr finder (see trainer.learn.lr_finder.lr_find); its result is kept as `self.sched`
         so that `learn.sched.plot(path)` works as in the lesson. Weights and optimizer state are
         exactly as they were afterwards."""
         self.sched = lr_find(self, start_lr, end_lr, num_it, **kwargs)
@@ -415,29 +419,27 @@ class ConvLearner:
             new.append(stats)
             self.log(stats.line())
             if cycle_save_name and step in bounds[1:]:
-                snapshot = f"{cycle_save_name}_cyc_{bounds.index(step) - 1}"
-                # Weights load at any input size, but a snapshot ensemble is only valid at the size its
-                # members were trained at (progressive resizing changes it): record that size beside them.
-                if self.dist.is_main:
-                    self.models_dir().mkdir(parents=True, exist_ok=True)
-                    write_atomic(
-                        self.models_dir() / f"{snapshot}.json", json.dumps({"size": self.data.tfms.sz}).encode()
-                    )
-                self.save(snapshot)  # rank 0 writes both, and then the other ranks go on
-                self.snapshots.append(snapshot)
+                self._save_snapshot(f"{cycle_save_name}_cyc_{bounds.index(step) - 1}")
             if on_epoch_end:
                 on_epoch_end(epoch + 1)
         return new
 
+    def _save_snapshot(self, snapshot: str) -> None:
+        """The weights at the end of an SGDR cycle, as models/<snapshot>.pt. Weights load at any input
+        size, but a snapshot ensemble is only valid at the size its members were trained at
+        (progressive resizing changes it): that size is recorded beside them."""
+        if self.dist.is_main:
+            self.models_dir().mkdir(parents=True, exist_ok=True)
+            write_atomic(self.models_dir() / f"{snapshot}.json", json.dumps({"size": self.data.tfms.sz}).encode())
+        self.save(snapshot)  # rank 0 writes both, and then the other ranks go on
+        self.snapshots.append(snapshot)
+
     def describe_stage(self) -> str:
         """What a fit now trains, in words, for the epochs' rows."""
-        if self.precompute:
-            return "head on precomputed activations"
-        if self.frozen_groups == 0:
-            return f"all layers at {self.data.tfms.sz} px"
-        if self.frozen_groups >= len(self.layer_groups()) - 1:
-            return f"head with augmentation at {self.data.tfms.sz} px"
-        return f"layer groups {self.frozen_groups}+ at {self.data.tfms.sz} px"
+        size = self.data.tfms.sz
+        if self.precompute or self.frozen_groups == 0 or self.frozen_groups >= len(self.layer_groups()) - 1:
+            return stage_label(size, precompute=self.precompute, unfrozen=self.frozen_groups == 0)
+        return f"layer groups {self.frozen_groups}+ at {size} px"
 
     @torch.no_grad()
     def predict(self, name: str = "valid") -> np.ndarray:

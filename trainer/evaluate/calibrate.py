@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from trainer.metrics import accuracy, log_loss
+from trainer.evaluate.metrics import accuracy, log_loss
 
 N_BINS = 15  # the usual ECE binning (Guo et al.): 15 equal-width bins of confidence
 T_RANGE = (0.05, 20.0)  # temperatures searched; a fit at either end says the model is degenerate

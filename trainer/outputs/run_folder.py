@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 from serving.bundle.files import write_atomic
 from serving.bundle.manifest import MANIFEST_NAME
 from trainer.config import RunConfig
-from trainer.history import COLUMNS, EpochStats
+from trainer.learn.history import COLUMNS, EpochStats
 
 if TYPE_CHECKING:  # annotations only; torch loads when a learner is needed
     import numpy as np
 
-    from trainer.distributed import Dist
-    from trainer.learner import ConvLearner
+    from trainer.learn.distributed import Dist
+    from trainer.learn.learner import ConvLearner
 
 FINAL = "final"  # the trained weights: models/final.pt
 # The figures a run draws, in the report's order, with their captions.
@@ -178,9 +178,9 @@ class RunFolder:
         self, cfg: RunConfig, size: int, *, precompute: bool, log: Callable[[str], None], dist: Dist | None = None
     ) -> ConvLearner:
         """A learner with the pretrained backbone and a new head, on the run's data at `size` px;
-        `dist`: its place in distributed training (trainer.distributed)."""
-        from trainer.assemble import make_data
-        from trainer.learner import ConvLearner
+        `dist`: its place in distributed training (trainer.learn.distributed)."""
+        from trainer.data.assemble import make_data
+        from trainer.learn.learner import ConvLearner
 
         data = make_data(cfg, size, self.path, dist)
         learn = ConvLearner.pretrained(
@@ -194,9 +194,9 @@ class RunFolder:
         """The run's learner at its final size with its final weights, history and snapshots, so that
         further epochs extend them. Without final weights: an error (require_final), or a fresh
         pretrained learner (`trainer lr-find` made the folder; `trainer fit` trains it)."""
-        from trainer.assemble import make_data
-        from trainer.learner import ConvLearner
-        from trainer.model import build_net
+        from trainer.data.assemble import make_data
+        from trainer.learn.learner import ConvLearner
+        from trainer.learn.model import build_net
 
         cfg = self.read_config()
         if not self.final_weights.is_file():
@@ -217,7 +217,7 @@ class RunFolder:
         return learn
 
     def temperature(self) -> float:
-        """The calibration temperature of the final weights (see trainer.calibrate): metrics.json's,
+        """The calibration temperature of the final weights (see trainer.evaluate.calibrate): metrics.json's,
         unless the weights were trained further since it was written (1.0: not calibrated)."""
         if not (self.metrics_file.is_file() and self.final_weights.is_file()):
             return 1.0
@@ -244,8 +244,8 @@ class RunFolder:
     ) -> None:
         """The run's pictures: schedule, losses, confusion matrix and the lesson's image grids; with
         `uncalibrated` (probs before the temperature), the reliability diagram of both."""
-        from trainer import plots
-        from trainer.metrics import confusion_matrix
+        from trainer.evaluate.metrics import confusion_matrix
+        from trainer.outputs import plots
 
         classes, files = learn.data.classes, learn.data.val_files
         if learn.lr_history:
@@ -271,7 +271,7 @@ class RunFolder:
     def write_report(
         self, cfg: RunConfig, learn: ConvLearner, metrics: Mapping[str, float], probs: np.ndarray, y: np.ndarray
     ) -> Path:
-        from trainer.report import write_report
+        from trainer.outputs.report import write_report
 
         data = learn.data
         n_train = len(data.trn_files) - (len(data.val_files) if cfg.full else 0)
@@ -337,6 +337,6 @@ class RunFolder:
 
 def _most_confused(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> list[tuple[str, str, int]] | None:
     """The most-confused pairs, where a confusion matrix stops being readable (many classes)."""
-    from trainer.metrics import most_confused
+    from trainer.evaluate.metrics import most_confused
 
     return most_confused(probs, y, classes)[:20] if len(classes) > 2 else None

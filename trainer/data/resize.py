@@ -9,7 +9,7 @@ replaced or deleted cache file is too. The index is rewritten atomically every f
 the end; an entry is only added after its file is complete, so an interrupted run loses at most
 the work since the last index write and never leaves a file that looks valid but is not.
 
-The cache lives in the dataset's work folder (`trainer.workdir`): `tmp/<target>/` beside the images,
+The cache lives in the dataset's work folder (`trainer.data.workdir`): `tmp/<target>/` beside the images,
 or under the user's cache when the data folder is read-only, so a shared dataset is never written to.
 It works on paths alone; `ImageClassifierData.resize` maps a dataset's files through it.
 """
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from serving.bundle.files import write_atomic
 from serving.bundle.preprocess import ImageError, decode_image, resize_shorter
-from trainer.workdir import default_work_dir
+from trainer.data.workdir import default_work_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class ResizeError(ValueError):
 def cache_dir(data_path: Path, target: int, tmp_name: str = "tmp") -> Path:
     """The folder of the copies at `target` pixels of the dataset at `data_path`: `tmp_name/<target>`
     in its work folder, which is the data folder itself or, when that is read-only, a folder in the
-    user's cache (`trainer.workdir.default_work_dir`, where the precompute cache goes too)."""
+    user's cache (`trainer.data.workdir.default_work_dir`, where the precompute cache goes too)."""
     return default_work_dir(data_path) / tmp_name / str(target)
 
 

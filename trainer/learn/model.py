@@ -283,7 +283,7 @@ class ClassifierNet(nn.Module):
 
 class InferenceNet(nn.Module):
     """The exported graph: uint8 NHWC RGB in, softmax probabilities out. The logits are divided by
-    `temperature` first (trainer.calibrate fits it on validation; 1.0 leaves them as they are)."""
+    `temperature` first (trainer.evaluate.calibrate fits it on validation; 1.0 leaves them as they are)."""
 
     temperature: torch.Tensor
 

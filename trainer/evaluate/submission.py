@@ -14,7 +14,7 @@ import numpy as np
 from serving.bundle.files import write_atomic
 
 if TYPE_CHECKING:  # annotations only
-    from trainer.learner import ConvLearner
+    from trainer.learn.learner import ConvLearner
 
 
 def write_submission(learn: ConvLearner, path: Path | str, *, tta: bool = True, top_label: bool = False) -> Path:

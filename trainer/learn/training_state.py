@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
-from trainer.history import EpochStats
+from trainer.learn.history import EpochStats
 
 if TYPE_CHECKING:  # for annotations only: the learner is passed in, never imported at run time
-    from trainer.learner import ConvLearner
+    from trainer.learn.learner import ConvLearner
 
 
 def seed_everything(seed: int) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from trainer import augment, distributed
 from trainer.config import RunConfig
-from trainer.data import ImageClassifierData
-from trainer.digits import materialise_digits
-from trainer.distributed import Dist
+from trainer.data import augment
+from trainer.data.digits import materialise_digits
+from trainer.data.loaders import ImageClassifierData
+from trainer.learn import distributed
+from trainer.learn.distributed import Dist
 
 AUGMENTATIONS = {
     "side_on": augment.transforms_side_on,

@@ -24,12 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from serving.bundle.files import write_atomic
-from trainer.distributed import Dist
-from trainer.schedule import exponential_lrs
+from trainer.learn.distributed import Dist
+from trainer.learn.schedule import exponential_lrs
 
 
 class Trainable(Protocol):
-    """What the sweep needs of a learner (trainer.learner.ConvLearner is one). Named here, rather
+    """What the sweep needs of a learner (trainer.learn.learner.ConvLearner is one). Named here, rather
     than imported, so that the learner can offer lr_find without an import circle."""
 
     @property

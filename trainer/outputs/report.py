@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from serving.bundle.files import write_atomic
-from trainer.calibrate import calibration_line
+from trainer.evaluate.calibrate import calibration_line
 
 REPORT_NAME = "report.html"
 # The order of the epoch table's columns; only those some row has are shown, any others after them.
@@ -132,7 +132,7 @@ def write_report(
     count, shown train, valid, test, then any others), "held_out" and any other keys as they are;
     `metrics` as a name/value table, headed by a plain warning when `data_summary["held_out"]` is
     False (the model trained on its validation images, `--full`, so the scores are not held out);
-    `most_confused` when given, as (actual, predicted, count) rows (trainer.metrics.most_confused);
+    `most_confused` when given, as (actual, predicted, count) rows (trainer.evaluate.metrics.most_confused);
     `history` as one row per epoch with the columns of EPOCH_COLUMNS that any row has, in that order,
     then any other keys (a key a row lacks leaves its cell empty); every (caption, path) in `images`,
     path relative to `run_dir` or absolute, embedded as a data: URI (a file that is missing or not a

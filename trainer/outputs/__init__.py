@@ -1,0 +1,1 @@
+"""What a run leaves behind: its folder, the export bundle, plots and the report."""
