@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import serve_args, served_ports
 
 from serving.bundle.manifest import read_manifest
 
@@ -51,18 +52,18 @@ def test_serve_predict_and_sigterm(trainer_run):
     bundle = trainer_run.path / "bundle"
     views = len(read_manifest(bundle).tta.views)
     server = subprocess.Popen(
-        [SERVING, "serve", "--bundle", str(bundle), "--port", "0", "--http-port", "0", "--metrics-port", "0"],
+        [SERVING, "serve", *serve_args(bundle, metrics=True)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         line = server.stdout.readline()
-        port = re.search(r"serving on [\d.]+:(\d+)", line)
+        port = served_ports(line).get("grpc")
         assert port, line + server.stderr.read()
         image = next((trainer_run.data / "valid" / "red").iterdir())
         proc = subprocess.run(
-            [SERVING, "predict", str(image), "--target", f"127.0.0.1:{port[1]}", "--top-k", "2", "--tta"],
+            [SERVING, "predict", str(image), "--target", f"127.0.0.1:{port}", "--top-k", "2", "--tta"],
             capture_output=True,
             text=True,
             timeout=60,

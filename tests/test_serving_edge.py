@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import random
-import re
 import subprocess
-import sys
 import urllib.request
 
 import grpc
 import numpy as np
 import pytest
+from conftest import serve_argv, served_ports
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from test_serving_server import GatedSession, png, wait_until
@@ -99,34 +98,17 @@ def hostile_tiffs(n: int) -> list[bytes]:
 
 def test_decoder_warnings_are_counted_not_logged(tiny_bundle):
     """As a process, since libtiff writes to the stderr file descriptor itself."""
-    argv = [
-        sys.executable,
-        "-m",
-        "serving.cli",
-        "serve",
-        "--bundle",
-        str(tiny_bundle),
-        "--port",
-        "0",
-        "--http-port",
-        "0",
-        "--device",
-        "cpu",
-        "--metrics-port",
-        "0",
-        "--workers",
-        "2",
-    ]
+    argv = serve_argv(tiny_bundle, "--workers", "2", metrics=True)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
-        ports = re.search(r"serving on [\d.]+:(\d+), HTTP/REST on \S+, metrics on http://[\d.]+:(\d+)/metrics", line)
-        assert ports, line + proc.stderr.read()
-        with Client(f"127.0.0.1:{ports[1]}", timeout=30) as c:
+        ports = served_ports(line)
+        assert "metrics" in ports, line + proc.stderr.read()
+        with Client(f"127.0.0.1:{ports['grpc']}", timeout=30) as c:
             codes = {r.status.code for r in c.predict_batch(hostile_tiffs(60)).results}
             assert codes <= {0, grpc.StatusCode.INVALID_ARGUMENT.value[0]}
             assert c.predict(png()).predictions
-        text = urllib.request.urlopen(f"http://127.0.0.1:{ports[2]}/metrics", timeout=10).read().decode()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=10).read().decode()
         counts = {
             s.labels["source"]: s.value
             for f in text_string_to_metric_families(text)

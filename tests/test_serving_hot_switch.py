@@ -8,7 +8,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from itertools import groupby
 from pathlib import Path
@@ -17,6 +16,7 @@ import grpc
 import numpy as np
 import onnx
 import pytest
+from conftest import serve_argv, served_ports
 from onnx import numpy_helper
 from test_serving_server import png, wait_until
 
@@ -243,14 +243,13 @@ def test_sighup_loads_a_new_version_in_a_running_serve(tmp_path, tiny_bundle):
     repo = tmp_path / "repo"
     shutil.copytree(tiny_bundle, repo / MODEL / "1")
     # --poll-s 0: the repository is scanned only when SIGHUP asks.
-    argv = [sys.executable, "-m", "serving.cli", "serve", "--model-repository", str(repo), "--poll-s", "0"]
-    argv += ["--port", "0", "--http-port", "0", "--metrics-port", "off", "--device", "cpu", "--max-batch-views", "8"]
+    argv = serve_argv(repo, "--poll-s", "0", "--max-batch-views", "8", repository=True)
     server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
         line = server.stdout.readline()
-        port = re.search(r"serving on [\d.]+:(\d+)", line)
+        port = served_ports(line).get("grpc")
         assert port, line + server.stderr.read()
-        with Client(f"127.0.0.1:{port[1]}", timeout=60) as c:
+        with Client(f"127.0.0.1:{port}", timeout=60) as c:
             assert c.model_info().model_version == "1"
             put_version(tiny_bundle, repo, 2)
             server.send_signal(signal.SIGHUP)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 
 import pytest
+from conftest import serve_argv
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
 from serving.bundle.files import sha256_file
@@ -172,22 +172,7 @@ class TestServeCommand:
     def test_edited_bundle_exits_2_with_one_line_and_no_traceback(self, tiny_bundle, fresh_copy, change, message):
         bundle = fresh_copy(tiny_bundle)
         edit_manifest(bundle, change)
-        argv = [
-            sys.executable,
-            "-m",
-            "serving.cli",
-            "serve",
-            "--bundle",
-            str(bundle),
-            "--port",
-            "0",
-            "--http-port",
-            "0",
-            "--device",
-            "cpu",
-            "--metrics-port",
-            "off",
-        ]
+        argv = serve_argv(bundle)
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         assert done.returncode == 2, done.stderr
         assert "Traceback" not in done.stderr

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import pytest
+from conftest import serve_args, serve_argv, served_ports
 from PIL import Image
 from test_serving_server import GatedSession, wait_until
 
@@ -225,34 +225,13 @@ class Call:
 
 @pytest.fixture
 def serving_process(tiny_bundle):
-    argv = [
-        sys.executable,
-        "-m",
-        "serving.cli",
-        "serve",
-        "--bundle",
-        str(tiny_bundle),
-        "--port",
-        "0",
-        "--http-port",
-        "0",
-        "--device",
-        "cpu",
-        "--metrics-port",
-        "off",
-        "--drain-s",
-        "2",
-        "--grace-s",
-        str(GRACE_S),
-        "--workers",
-        "8",
-    ]
+    argv = serve_argv(tiny_bundle, "--drain-s", "2", "--grace-s", str(GRACE_S), "--workers", "8")
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
-        port = re.search(r"serving on [\d.]+:(\d+)", line)
+        port = served_ports(line).get("grpc")
         assert port, line + proc.stderr.read()
-        yield proc, f"127.0.0.1:{port[1]}"
+        yield proc, f"127.0.0.1:{port}"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -337,20 +316,14 @@ class TestSignalsWhileStarting:
     def start(self, tmp_path, tiny_bundle, signame: str) -> subprocess.Popen:
         repo = tmp_path / "repo"
         shutil.copytree(tiny_bundle, repo / "colours" / "1")
-        argv = [sys.executable, "-c", SIGNAL_DURING_IMPORTS, signame, "serve", "--model-repository", str(repo)]
-        argv += [
-            "--poll-s",
-            "0",
-            "--port",
-            "0",
-            "--http-port",
-            "0",
-            "--metrics-port",
-            "off",
-            "--device",
-            "cpu",
-            "--drain-s",
-            "0",
+        flags = ("--poll-s", "0", "--drain-s", "0")
+        argv = [
+            sys.executable,
+            "-c",
+            SIGNAL_DURING_IMPORTS,
+            signame,
+            "serve",
+            *serve_args(repo, *flags, repository=True),
         ]
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -359,9 +332,9 @@ class TestSignalsWhileStarting:
         proc = self.start(tmp_path, tiny_bundle, "SIGHUP")
         try:
             line = proc.stdout.readline()
-            port = re.search(r"serving on [\d.]+:(\d+)", line)
+            port = served_ports(line).get("grpc")
             assert port, f"exit code {proc.wait(30)}: {proc.stderr.read()[-3000:]}"
-            with Client(f"127.0.0.1:{port[1]}", timeout=30) as c:
+            with Client(f"127.0.0.1:{port}", timeout=30) as c:
                 assert c.health() == "SERVING"
                 assert c.model_info().model_version == "1"
             proc.send_signal(signal.SIGHUP)  # and once it serves: a scan, nothing else

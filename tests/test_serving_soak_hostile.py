@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import serve_argv, served_ports
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -57,26 +58,14 @@ def test_hostile_soak_holds_the_memory_formula_health_and_deadlines(tiny_bundle,
     if not Path("/proc/self/smaps_rollup").exists():
         pytest.skip("no /proc/PID/smaps_rollup (Linux 4.14+): PSS cannot be read here")
     log = tmp_path / "server.log"
-    argv = [
-        sys.executable,
-        "-m",
-        "serving.cli",
-        "serve",
-        "--bundle",
-        str(tiny_bundle),
-        "--port",
-        "0",
-        "--http-port",
-        "0",
-    ]
-    argv += ["--device", "cpu", "--metrics-port", "off", "--drain-s", str(DRAIN_S), "--grace-s", str(GRACE_S)]
+    argv = serve_argv(tiny_bundle, "--drain-s", str(DRAIN_S), "--grace-s", str(GRACE_S))
     argv += [x for kv in FLAGS.items() for x in kv]
     with log.open("w") as stderr:
         server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
-        port = re.search(r"serving on [\d.]+:(\d+)", server.stdout.readline())
+        port = served_ports(server.stdout.readline()).get("grpc")
         assert port, log.read_text()
-        target = f"127.0.0.1:{port[1]}"
+        target = f"127.0.0.1:{port}"
         bound = int(re.search(r"memory: at most (\d+) MiB", log.read_text())[1]) * 2**20
 
         peak, health, stop = [0], [], threading.Event()
