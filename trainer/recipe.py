@@ -12,7 +12,7 @@ from trainer import memory, threads
 from trainer.config import Log, RunConfig
 from trainer.data.assemble import make_data
 from trainer.evaluate.scoring import evaluate
-from trainer.learn import distributed, training_state
+from trainer.learn import training_state
 from trainer.learn.distributed import Dist
 from trainer.learn.history import stage_label
 from trainer.learn.learner import ConvLearner
@@ -120,14 +120,14 @@ class Recipe:
         threads.configure(log)
         if self.main:
             folder.path.mkdir(parents=True, exist_ok=True)
-        state = distributed.broadcast(folder.read_checkpoint(cfg) if resume and self.main else None, self.dist)
+        state = self.dist.from_main(lambda: folder.read_checkpoint(cfg) if resume else None)
         if state and state.get("finished"):
             log(
                 f"{folder.path}: the run is already complete ({len(state['learner']['history'])} epochs, bundle in "
                 f"{folder.bundle_dir}); nothing to resume. Train it further with `trainer fit --run {folder.path}`, "
                 "or run without --resume to start afresh"
             )
-            metrics = distributed.broadcast(folder.read_metrics()[0] if self.main else None, self.dist)
+            metrics = self.dist.from_main(lambda: folder.read_metrics()[0])
             return (folder.learner(log) if self.main else None), metrics
         if state is None:
             training_state.seed_everything(cfg.seed)
@@ -172,8 +172,8 @@ class Recipe:
         if stage.kind == "lr_find":
             # Rank 0 sweeps alone, on its share of the data (a sweep exchanges no gradients and
             # restores the weights it changed), while the others wait for its suggestion.
-            found = (
-                find_lr(
+            found = self.dist.from_main(
+                lambda: find_lr(
                     learn,
                     self.folder.figure(f"{stage.name}.png"),
                     log,
@@ -182,10 +182,7 @@ class Recipe:
                     # dataset); unfrozen, every batch runs the whole network: 30 are enough.
                     num_it=max(100 if stage.precompute else 30, learn.steps_per_epoch()),
                 )
-                if self.main
-                else None
             )
-            found = distributed.broadcast(found, self.dist)
             # Step 7 may lower the lr (a whole network is more fragile than a head on fixed
             # activations) but never raises it.
             self.progress.lr = found if lr is None else min(lr, found)
@@ -276,7 +273,7 @@ class Recipe:
                 folder.write_report(cfg, learn, metrics, probs, y)
                 self.checkpoint(len(self.plan), 0, finished=True)
             log(f"bundle: {folder.bundle_dir}; report: {folder.report_file}")
-        distributed.barrier(self.dist)
+        self.dist.barrier()
         return metrics
 
 

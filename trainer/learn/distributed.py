@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
@@ -59,6 +59,39 @@ class Dist:
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's share of `items`, interleaved (see the module's docstring)."""
         return list(items[self.rank :: self.world_size])
+
+    # The seam the learner and the recipe go through: each is what one process would do (the value
+    # itself, nothing to wait for) unless several ranks run.
+
+    def broadcast(self, value: T | None) -> T:
+        """Rank 0's `value` on every rank."""
+        return broadcast(value, self)
+
+    def from_main(self, read: Callable[[], T]) -> T:
+        """What `read` returns on rank 0 (a file only it reads), on every rank; the others never call it."""
+        return broadcast(read() if self.is_main else None, self)
+
+    def main_writes(self, write: Callable[[], object]) -> None:
+        """`write` on rank 0 alone; every rank goes on once it is done, so that any may read what it wrote."""
+        if self.is_main:
+            write()
+        barrier(self)
+
+    def barrier(self) -> None:
+        barrier(self)
+
+    def mean(self, value: float) -> float:
+        return mean(value, self)
+
+    def gather(self, rows: torch.Tensor, n: int) -> torch.Tensor:
+        """Every rank's interleaved share of `n` rows, in item order, on the CPU (gather_rows)."""
+        return gather_rows(rows, n, self)
+
+    def replicate(self, module: nn.Module) -> nn.Module:
+        return replicate(module, self)
+
+    def sync_buffers(self, module: nn.Module) -> None:
+        sync_buffers(module, self)
 
 
 def from_env(env: Mapping[str, str] = os.environ) -> Dist:

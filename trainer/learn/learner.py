@@ -29,7 +29,6 @@ from trainer.data.loaders import EpochSampler, ImageClassifierData
 from trainer.data.workdir import default_work_dir
 from trainer.evaluate.metrics import accuracy, log_loss
 from trainer.evaluate.tta import predict_views
-from trainer.learn import distributed
 from trainer.learn import precompute as activations
 from trainer.learn.distributed import Dist
 from trainer.learn.history import EpochStats, header, stage_label
@@ -221,12 +220,11 @@ class ConvLearner:
         Rank 0 alone reads the cache and says whether it hit, so that all ranks compute, or none does."""
         if not self.dist.active:
             return activations.cached(path, key, n, compute, log=self.log)
-        found = activations.load(path, key, n, log=self.log) if self.dist.is_main else None
-        if distributed.broadcast(found is not None, self.dist):
-            return distributed.broadcast(found, self.dist)
+        found = self.dist.from_main(lambda: activations.load(path, key, n, log=self.log))
+        if found is not None:
+            return found
         features = compute()
-        if self.dist.is_main:
-            activations.save(path, key, features)
+        self.dist.main_writes(lambda: activations.save(path, key, features))
         return features
 
     def _files(self, name: str) -> list[Path]:
@@ -249,7 +247,8 @@ class ConvLearner:
     def _share_seed(self, data: ImageClassifierData) -> None:
         """Every rank must draw the same passes: a run without a seed gets rank 0's random one."""
         if self.dist.active and data.seed is None:
-            data.seed = distributed.broadcast(int(torch.randint(2**62, ()).item()), self.dist)
+            # Drawn on every rank, so that each rank's random state moves as one process's would.
+            data.seed = self.dist.broadcast(int(torch.randint(2**62, ()).item()))
 
     @property
     def _shard(self) -> tuple[int, int]:
@@ -267,7 +266,7 @@ class ConvLearner:
             with self.autocast():
                 out.append(self.net.features(self._to_device(xb)).float())
         mine = torch.cat(out) if out else torch.empty(0, self.net.n_pooled, device=self.device)
-        return distributed.gather_rows(mine, len(self._files(name)), self.dist)
+        return self.dist.gather(mine, len(self._files(name)))
 
     def _to_device(self, xb: torch.Tensor) -> torch.Tensor:
         xb = xb.to(self.device, non_blocking=True).float()
@@ -400,7 +399,7 @@ class ConvLearner:
             )
             for xb, yb, forward in self.batches("train", train=True, repeat=0):
                 if forward not in replicas:
-                    replicas[forward] = distributed.replicate(forward, self.dist)
+                    replicas[forward] = self.dist.replicate(forward)
                 step_lrs = sgdr_lrs(
                     step, lrs, n_cycle=n_cycle, cycle_len=cycle_len, cycle_mult=cycle_mult, steps_per_epoch=spe
                 )
@@ -411,9 +410,9 @@ class ConvLearner:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 step += 1
             bar.close()
-            distributed.sync_buffers(self.net, self.dist)
+            self.dist.sync_buffers(self.net)
             val_loss, acc = self.validate()
-            trn_loss = distributed.mean(float(np.mean(losses)) if losses else math.nan, self.dist)
+            trn_loss = self.dist.mean(float(np.mean(losses)) if losses else math.nan)
             stats = EpochStats(len(self.history), trn_loss, val_loss, acc, stage, time.perf_counter() - started)
             self.history.append(stats)
             new.append(stats)
@@ -453,7 +452,7 @@ class ConvLearner:
         probs = torch.cat(out) if out else torch.empty((0, self.data.c), device=self.device)
         if self.precompute:  # every rank ran the whole set
             return probs.cpu().numpy()
-        return distributed.gather_rows(probs, len(self._files(name)), self.dist).numpy()
+        return self.dist.gather(probs, len(self._files(name))).numpy()
 
     def validate(self) -> tuple[float, float]:
         probs = self.predict("valid")
@@ -478,7 +477,7 @@ class ConvLearner:
             return probs
         if not mine:  # fewer images than ranks: an empty share still has a width
             probs = np.empty((0, len(views), self.data.c), np.float32)
-        return distributed.gather_rows(torch.from_numpy(probs), len(files), self.dist).numpy()
+        return self.dist.gather(torch.from_numpy(probs), len(files)).numpy()
 
     def predict_files(self, name: str = "valid") -> np.ndarray:
         """Probabilities of the plain centre views read from the files (no precomputed activations)."""
@@ -498,12 +497,14 @@ class ConvLearner:
         """Write the weights to models_dir()/name.pt: rank 0 writes (every rank holds the same
         weights), and the others wait until it has, so that any rank may load it next."""
         path = self.models_dir() / f"{name}.pt"
-        if self.dist.is_main:
+
+        def write() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             buf = io.BytesIO()
             torch.save({k: v.detach().cpu() for k, v in self.net.state_dict().items()}, buf)
             write_atomic(path, buf.getvalue())
-        distributed.barrier(self.dist)
+
+        self.dist.main_writes(write)
         return path
 
     def snapshot_size(self, name: str) -> int | None:
@@ -515,6 +516,5 @@ class ConvLearner:
     def load(self, name: str) -> None:
         """Load models_dir()/name.pt: rank 0 reads it and sends it to the others, whose disks need not hold it."""
         path = self.models_dir() / f"{name}.pt"
-        state = torch.load(path, map_location="cpu", weights_only=True) if self.dist.is_main else None
-        self.net.load_state_dict(distributed.broadcast(state, self.dist))
+        self.net.load_state_dict(self.dist.from_main(lambda: torch.load(path, map_location="cpu", weights_only=True)))
         self.net.to(self.device)
