@@ -134,7 +134,7 @@ def colour_data(tmp_path_factory) -> Path:
 # Every stage of the recipe at 32 px in a few seconds an epoch: lr_find, the head (1 epoch), the head
 # with augmentation (1), lr_find unfrozen, then all layers for 2 SGDR cycles (1 + 2 epochs).
 # Every step the recipe can take, the unfrozen lr_find sweep included (the default derives that lr
-# from the head's instead: tests/test_recipe.py covers it).
+# from the head's instead: tests/trainer/test_recipe.py covers it).
 TRAINER_RUN_FLAGS = (
     *("--size", "32", "--bs", "4", "--num-workers", "0", "--name", "colours"),
     *("--head-epochs", "1", "--aug-cycles", "1", "--unfreeze-cycles", "2", "--lr-find-unfrozen"),
@@ -215,3 +215,17 @@ def tiny_bundle(tmp_path_factory) -> Path:
     # serving tests expect (without it, export measures both views and the tie-break may turn TTA off).
     export(learn, root / "bundle", name="colours", version="test-1", metrics={"accuracy": 0.0})
     return root / "bundle"
+
+
+def png(rgb=(200, 50, 40), size=(40, 30), seed=0) -> bytes:
+    """A small noisy PNG of colour `rgb` (a real file, as callers send them)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    a = np.clip(np.array(rgb) + rng.normal(0, 30, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()

@@ -28,7 +28,7 @@ DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # work after resizing to MAX_ASPECT_RATIO x size^2 pixels whatever the image's shape.
 MAX_ASPECT_RATIO = 10
 # Peak memory while one image is decoded and its views made, bytes per decoded pixel, measured with
-# VmHWM (tests/test_preprocess_fuzz.py): a transparent WebP needs 20 (libwebp's buffer, Pillow's copy,
+# VmHWM (tests/serving/test_preprocess_fuzz.py): a transparent WebP needs 20 (libwebp's buffer, Pillow's copy,
 # the white background, the composite, RGB), a transparent PNG 16, a 16-bit PNG 11, a CMYK JPEG 8.4
 # and an RGB JPEG 4.4. It sizes how many pixels the server lets all calls decode at once.
 PEAK_BYTES_PER_PIXEL = 24

@@ -46,7 +46,7 @@ ACTIVATION_BYTES = 300  # arena bytes per input pixel (size x size) per view of 
 # The rest of the README's memory formula ("What a request may cost"): the server's process before any
 # model or request (Python, gRPC, ONNX Runtime) with the decoders' zygote, and the copies of a request
 # each handler thread may hold at once (gRPC's buffers, the serialized and parsed message, its image
-# field), measured in tests/test_serving_decoders.py.
+# field), measured in tests/serving/test_serving_decoders.py.
 BASE_BYTES = 400 * 2**20
 REQUEST_COPIES = 5
 # HTTP/REST (serving/protocols/http.py): each of its --workers places holds a body and its copies as a

@@ -1,7 +1,7 @@
-"""Training runs for tests/test_distributed.py: under torchrun (each rank one process) or alone.
+"""Training runs for tests/trainer/test_distributed.py: under torchrun (each rank one process) or alone.
 
-    python tests/ddp_worker.py DATA OUT BS [exact]
-    python tests/ddp_worker.py die-after N RANK trainer-run-args...
+    python tests/trainer/ddp_worker.py DATA OUT BS [exact]
+    python tests/trainer/ddp_worker.py die-after N RANK trainer-run-args...
 
 Trains the head on precomputed activations, then with augmentation, then unfrozen, each for a cycle,
 and writes OUT/rank<r>.pt (its weights and buffers) and OUT/rank<r>.json (its epochs and TTA).

@@ -29,7 +29,7 @@ import yaml
 from serving.config import ENV_PREFIX, ServerConfig, load_config
 from serving.repository.registry import memory_bound
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 PROMETHEUS = DEPLOY / "prometheus.yml"

@@ -1,5 +1,5 @@
 """KServe's Python clients (InferenceGRPCClient, InferenceRESTClient) against a real server, unmodified,
-in a process of their own (tests/kserve_callers.py says why); answers equal our own Predict's."""
+in a process of their own (tests/serving/kserve_callers.py says why); answers equal our own Predict's."""
 
 from __future__ import annotations
 

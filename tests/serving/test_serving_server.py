@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 import subprocess
 import threading
@@ -13,9 +12,9 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from conftest import png
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.bundle.manifest import BundleError
@@ -26,14 +25,6 @@ from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.server import Server
 
 N_VIEWS = 4  # the tiny bundle's TTA views
-
-
-def png(rgb=(200, 50, 40), size=(40, 30), seed=0) -> bytes:
-    rng = np.random.default_rng(seed)
-    a = np.clip(np.array(rgb) + rng.normal(0, 30, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def config(bundle, **kw) -> ServerConfig:
@@ -107,7 +98,7 @@ class TestPredictBatch:
 @pytest.fixture(scope="module")
 def plain_by_default(tiny_bundle):
     """A server whose bundle chose the plain view for calls that do not say. The choice is swapped
-    into the loaded manifest here; tests/test_export.py exports a bundle that makes it."""
+    into the loaded manifest here; tests/trainer/test_export.py exports a bundle that makes it."""
     session = ModelSession(tiny_bundle, device="cpu")
     m = session.manifest
     session.manifest = m.model_copy(update={"tta": m.tta.model_copy(update={"default": False})})

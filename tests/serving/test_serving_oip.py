@@ -461,7 +461,7 @@ class TestModelInfer:
 
 def test_the_readme_example_runs(server, tmp_path, monkeypatch):
     """The README's tritonclient example, as written, against a real server."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     section = readme[readme.index("### The Open Inference Protocol") :]
     code = section[section.index("```python\n") + len("```python\n") :]
     code = code[: code.index("```")]

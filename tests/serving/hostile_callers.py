@@ -1,8 +1,8 @@
-"""Callers for tests/test_serving_soak_hostile.py, in a process of their own: a mix of valid and
+"""Callers for tests/serving/test_serving_soak_hostile.py, in a process of their own: a mix of valid and
 hostile calls over both protocols, each with a deadline, for SECONDS. Prints, as JSON, what every
 call of each kind ended with and how late any valid call came back.
 
-    python tests/hostile_callers.py TARGET SECONDS CALLERS
+    python tests/serving/hostile_callers.py TARGET SECONDS CALLERS
 """
 
 from __future__ import annotations

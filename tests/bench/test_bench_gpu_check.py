@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import write_colour_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = "--size 32 --bs 4 --num-workers 0 --head-epochs 1 --aug-cycles 1 --unfreeze-cycles 1"
 
 

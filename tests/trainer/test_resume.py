@@ -1,7 +1,7 @@
 """`run(resume=True)`: a run interrupted after any epoch and resumed trains exactly the epochs an
 uninterrupted run trains, to the same weights, and resuming a finished run trains nothing.
 
-(A real SIGKILL of `trainer run` and `--resume` through the console script: tests/test_trainer_cli.py.)"""
+(A real SIGKILL of `trainer run` and `--resume` through the console script: tests/trainer/test_trainer_cli.py.)"""
 
 from __future__ import annotations
 

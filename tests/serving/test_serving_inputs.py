@@ -215,7 +215,7 @@ def test_pixels_per_call_are_bounded(tiny_bundle):
 
 
 # One image failing alone for a reason of the server's (its decoder out of memory or crashed) is
-# tested with real limits and real worker deaths in tests/test_serving_decoders.py.
+# tested with real limits and real worker deaths in tests/serving/test_serving_decoders.py.
 
 
 def test_decoding_stops_at_the_deadline(tiny_bundle):

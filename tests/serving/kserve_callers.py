@@ -1,8 +1,8 @@
-"""KServe's own Python clients as callers, for tests/test_serving_kserve.py, in a process of their
+"""KServe's own Python clients as callers, for tests/serving/test_serving_kserve.py, in a process of their
 own: KServe's compiled protocol stubs and tritonclient's declare the same message names, and one
 process cannot import both. Prints, as JSON, what each call answered.
 
-    python tests/kserve_callers.py GRPC_TARGET HTTP_URL IMAGE_FILE PIXELS_NPY MODEL
+    python tests/serving/kserve_callers.py GRPC_TARGET HTTP_URL IMAGE_FILE PIXELS_NPY MODEL
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Callers for tests/test_serving_soak.py, in a process of their own as real callers are: sharing
+"""Callers for tests/serving/test_serving_soak.py, in a process of their own as real callers are: sharing
 the server's interpreter, a dozen client threads would hold up its gRPC thread for the GIL and make
 its answers late by their own doing. Prints what every call ended with, as JSON.
 
-    python tests/soak_callers.py TARGET SECONDS CALLERS DEADLINES_S IMAGE...
+    python tests/serving/soak_callers.py TARGET SECONDS CALLERS DEADLINES_S IMAGE...
 """
 
 from __future__ import annotations

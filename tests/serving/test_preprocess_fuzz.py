@@ -30,7 +30,7 @@ VIEWS = [CENTER, TTAView(name="zoom", zoom=1.1, anchor="bottom_right", hflip=Tru
 # Pillow warns about what it finds in hostile files (corrupt EXIF, sizes past its own limit before
 # ours refuses them): expected here; the server counts them (serving/engine/decoder_log.py).
 pytestmark = pytest.mark.filterwarnings("ignore:::PIL")
-HYMENOPTERA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hymenoptera"
+HYMENOPTERA = Path(__file__).resolve().parents[3] / "shared" / "data" / "hymenoptera"
 
 FUZZ = settings(
     max_examples=1500,

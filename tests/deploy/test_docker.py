@@ -25,11 +25,11 @@ from pathlib import Path
 import dockerfile
 import pytest
 import yaml
-from test_serving_server import png
+from conftest import png
 
 from serving.client import Client
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = dockerfile.DOCKERFILE
 DEPLOYMENT = ROOT / "deploy" / "kubernetes" / "deployment.yaml"
 NOBODY = 65534
