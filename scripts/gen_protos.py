@@ -1,6 +1,6 @@
 """Generate the Python gRPC stubs under serving/gen/ from the .proto files in protos/.
 
-The stubs are committed so that `serving` installs without grpcio-tools; tests/test_protos.py
+The stubs are committed so that `serving` installs without grpcio-tools; tests/serving/test_protos.py
 regenerates them into a temporary folder and fails when the committed ones differ.
 Run after every change to protos/:  python scripts/gen_protos.py
 """

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Log = Callable[[str], None]
 
 # The backbones trainer.learn.model can build, named here too so that --help lists them and a misspelt
-# --arch is refused without loading torch (tests/test_config.py checks the two lists agree).
+# --arch is refused without loading torch (tests/trainer/test_config.py checks the two lists agree).
 ARCH_NAMES = (
     "efficientnet_lite0",
     "efficientnet_lite1",

@@ -8,7 +8,7 @@ single-process path pays nothing and needs no process group.
 
 Sharding is interleaved: rank r of w holds items r, r + w, r + 2w, ... of a list. `gather_rows`
 undoes it, so that a result gathered from every rank is in the list's own order, equal to what one
-process computes (tested in tests/test_distributed.py).
+process computes (tested in tests/trainer/test_distributed.py).
 """
 
 from __future__ import annotations

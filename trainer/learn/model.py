@@ -43,7 +43,7 @@ class ArchSpec:
 # Lite1 and Lite2: 386). Those weights come from TensorFlow by way of a lukemelas-style port, whose
 # stride-2 convolutions pad TF's asymmetric "same" way; timm's tf_efficientnet_liteN is that
 # network (its efficientnet_liteN pads symmetrically and shifts every stride-2 feature map by a
-# pixel). With the ImageNet head, ants against bees on hymenoptera val/ (tests/test_weights.py):
+# pixel). With the ImageNet head, ants against bees on hymenoptera val/ (tests/trainer/test_weights.py):
 # Lite0 0.974 with "same" padding, 0.961 without.
 LITE_VARIANTS = (0, 1, 2)
 
