@@ -308,6 +308,12 @@ def batch_views(config: ServerConfig, views_per_image: int, cuda: bool) -> int:
 # so more would add memory (README, "What a request may cost"), not speed.
 JSON_PARSERS = 2
 
+
+def json_limit(config: ServerConfig) -> int:
+    """The most bytes of JSON an HTTP request may carry: --max-json-bytes, within --max-message-bytes."""
+    return min(config.max_json_bytes, config.max_message_bytes)
+
+
 # max_batch_views=0 on CUDA: a GPU runs 64 views in about the time of a few, so gathering calls pays.
 AUTO_CUDA_BATCH_VIEWS = 64
 

@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 import grpc
 import uvicorn
 
-from serving.config import JSON_PARSERS, ServerConfig
+from serving.config import JSON_PARSERS, ServerConfig, json_limit
 from serving.engine.errors import CallFailed, status_for
 from serving.gen.inference import grpc_service_pb2 as pb
 from serving.monitoring import Metrics
@@ -81,11 +81,6 @@ _PAGE_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"cache-control", b"no-cache"),
 ]
-
-
-def json_limit(config: ServerConfig) -> int:
-    """The most bytes of JSON an HTTP request may carry."""
-    return min(config.max_json_bytes, config.max_message_bytes)
 
 
 class Aborted(Exception):
@@ -202,12 +197,13 @@ class HttpApp:
                 return self._run(route, call, args, b"")
             if self._places is None:
                 self._places = asyncio.Semaphore(self.config.workers)
+            headers = dict(scope["headers"])
             async with self._places:
-                body = await self._body(scope, receive)
+                body = await self._body(headers, receive)
                 watch = asyncio.ensure_future(_hang_up(receive, call))
                 try:
                     return await asyncio.get_running_loop().run_in_executor(
-                        self.pool, self._run, route, call, args, body, dict(scope["headers"])
+                        self.pool, self._run, route, call, args, body, headers
                     )
                 finally:
                     watch.cancel()
@@ -231,9 +227,8 @@ class HttpApp:
                 log.exception("HTTP %s failed", route.name)
             return error_reply(HTTP_STATUS.get(code, 500), message), code
 
-    async def _body(self, scope: dict, receive: Callable[[], Awaitable[dict]]) -> bytes:
+    async def _body(self, headers: dict[bytes, bytes], receive: Callable[[], Awaitable[dict]]) -> bytes:
         limit = self.config.max_message_bytes
-        headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"0").decode("latin-1")
         if declared.isdigit() and int(declared) > limit:
             raise Aborted(

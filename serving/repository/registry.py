@@ -22,7 +22,7 @@ import grpc
 
 from serving.bundle.manifest import BundleError, load_bundle, model_file, read_manifest
 from serving.bundle.session import ModelSession, choose_providers
-from serving.config import JSON_PARSERS, ServerConfig, batch_views, decoders
+from serving.config import JSON_PARSERS, ServerConfig, batch_views, decoders, json_limit
 from serving.engine.batcher import Batcher, BatchStats
 from serving.engine.errors import CallFailed
 from serving.engine.predict import run_batch
@@ -61,7 +61,7 @@ def memory_bound(config: ServerConfig, model_costs: Iterable[int]) -> int:
     http = 0
     if config.http_port is not None:
         http = config.workers * REQUEST_COPIES * config.max_message_bytes
-        http += JSON_PARSERS * JSON_EXPANSION * min(config.max_json_bytes, config.max_message_bytes)
+        http += JSON_PARSERS * JSON_EXPANSION * json_limit(config)
     return (
         BASE_BYTES
         + sum(model_costs)
