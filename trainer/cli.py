@@ -16,6 +16,7 @@ from typing import TypeVar, cast
 from pydantic import BaseModel, ValidationError
 
 from trainer.config import (
+    CleanOptions,
     DemoOptions,
     ExportOptions,
     FitOptions,
@@ -39,6 +40,7 @@ DATA_FIELDS = (
     "id_col",
     "label_col",
     "skip_missing",
+    "max_pixels",
     "arch",
     "size",
     "crop_pct",
@@ -54,6 +56,8 @@ def add_model_args(parser: argparse.ArgumentParser, model: type[BaseModel], only
     for name, field in model.model_fields.items():
         if only and name not in only:
             continue
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("cli") is False:
+            continue  # recorded by the trainer, not set by the user
         flag, default = f"--{name.replace('_', '-')}", field.default
         if field.annotation is bool:
             parser.add_argument(
@@ -142,6 +146,24 @@ class Command:
 
 
 COMMANDS = (
+    Command(
+        "verify",
+        "check every image of a dataset before training: report all unreadable files at once, and what to look at",
+        "trainer.audit.check:verify",
+        data=DATA_FIELDS,
+        details="What `trainer run` checks first. Unreadable files, one line each, stop it (exit 2); warnings "
+        "(classes with few images, imbalance, duplicates within a split and across training and validation, "
+        "images far smaller than --size) are printed and do not.",
+    ),
+    Command(
+        "clean",
+        "find likely label errors: out-of-fold predictions of a head on precomputed activations",
+        "trainer.audit.label_errors:clean",
+        CleanOptions,
+        details="Writes RUN/label_errors.csv (the images whose given label the model finds least likely, "
+        "flagged by confident learning) and RUN/label_errors.png (the top suspects, given and predicted labels). "
+        "Train without them with `trainer run --exclude RUN/label_errors.csv`.",
+    ),
     Command(
         "export",
         "export a finished run as a bundle (model.onnx + manifest.json) for `serving`",

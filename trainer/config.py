@@ -30,6 +30,11 @@ ARCH_NAMES = (
 )
 
 
+# Training images are the user's own files: the trainer decodes larger ones than the server accepts
+# from callers (serving.bundle.preprocess.DEFAULT_MAX_PIXELS, 50 MP); a 12000 x 12500 scan fits.
+MAX_TRAIN_PIXELS = 150_000_000
+
+
 class RunConfig(BaseModel):
     """Everything a run depends on; written beside its outputs so that it can be re-run."""
 
@@ -49,6 +54,30 @@ class RunConfig(BaseModel):
     label_col: str | None = Field(None, description="with --csv: the label column's name; none: the second column")
     skip_missing: bool = Field(
         False, description="with --csv: drop CSV rows whose image file is missing instead of stopping"
+    )
+    skip_bad: bool = Field(
+        False,
+        description="train without the images the data check finds unreadable (listed in config.json's `skipped` "
+        "and in the report) instead of stopping before training",
+    )
+    max_pixels: int = Field(
+        MAX_TRAIN_PIXELS,
+        ge=1,
+        description="largest image the trainer decodes, in pixels; larger files are reported unreadable. Training "
+        "images are your own files, so the limit is 3x the server's 50 MP; a process decoding one needs up to "
+        "24 bytes a pixel (3.6 GB at the default)",
+    )
+    exclude: Path | None = Field(
+        None,
+        description="images to leave out of training: a CSV with a `file` column (as `trainer clean` writes "
+        "label_errors.csv) or a text file of one path per line, relative to --data. Validation keeps its images, "
+        "so scores stay comparable with a run without it",
+    )
+    # Written by the data check, never a flag (trainer.cli skips fields marked cli=False).
+    skipped: dict[str, str] = Field(
+        default_factory=dict,
+        description="files --skip-bad left out, relative to --data, and why",
+        json_schema_extra={"cli": False},
     )
     arch: str = Field(
         "efficientnet_lite0", description="backbone architecture", json_schema_extra={"choices": list(ARCH_NAMES)}
@@ -245,3 +274,19 @@ class ResizeOptions(_Options):
 class DemoOptions(_Options):
     out: Path = Field(Path("runs/demo"), description="run folder")
     show: int = Field(8, ge=0, description="predictions to print")
+
+
+class CleanOptions(_Options):
+    run: Path = Field(description="run folder (config.json names the data; no training is needed)")
+    folds: int = Field(5, ge=2, le=20, description="cross-validation folds of the out-of-fold predictions")
+    top: int = Field(20, ge=0, description="suspects shown in label_errors.png")
+    write_labels: Path | None = Field(
+        None,
+        description="with a labels CSV: write a copy of it with the likely label errors fixed as --fix says, "
+        "for you to review",
+    )
+    fix: Literal["relabel", "drop"] = Field(
+        "relabel",
+        description="--write-labels: relabel a likely error with the predicted class, or drop its row (rows "
+        "removed change the random validation split; to compare with this run, train with --exclude instead)",
+    )

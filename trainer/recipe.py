@@ -11,6 +11,7 @@ from typing import Any, Literal
 from trainer import memory, threads
 from trainer.config import Log, RunConfig
 from trainer.data.assemble import make_data
+from trainer.data.loaders import DataError
 from trainer.evaluate.scoring import evaluate
 from trainer.learn import training_state
 from trainer.learn.distributed import Dist
@@ -116,10 +117,11 @@ class Recipe:
     def start(self, resume: bool) -> tuple[ConvLearner | None, dict[str, float]] | None:
         """Make the learner, from the last checkpoint when resuming; returns the run's result
         instead when it was already complete."""
-        cfg, folder, log = self.cfg, self.folder, self.log
+        folder, log = self.folder, self.log
         threads.configure(log)
         if self.main:
             folder.path.mkdir(parents=True, exist_ok=True)
+        cfg = self.cfg = self._checked()
         state = self.dist.from_main(lambda: folder.read_checkpoint(cfg) if resume else None)
         if state and state.get("finished"):
             log(
@@ -155,6 +157,22 @@ class Recipe:
             else:  # interrupted while evaluating or exporting
                 log(f"resumed: training is complete ({len(learn.history)} epochs); evaluating and exporting")
         return None
+
+    def _checked(self) -> RunConfig:
+        """The data check, on rank 0 (trainer.audit.check): every unreadable file reported at once,
+        and the configuration to train with (--skip-bad records what it leaves out)."""
+        from trainer.audit.check import checked_config
+
+        def check() -> RunConfig | str:
+            try:
+                return checked_config(self.cfg, self.folder.path, self.log)
+            except DataError as e:  # every rank must stop, not only the one that read the data
+                return str(e)
+
+        found = self.dist.from_main(check)
+        if isinstance(found, str):
+            raise DataError(found)
+        return found
 
     def train(self, i: int, stage: Stage) -> None:
         """Stage `i` of the plan: an lr_find, or a fit checkpointed epoch by epoch (from the epoch
@@ -298,9 +316,9 @@ def head_epochs(learn: ConvLearner) -> int:
 
 
 def bundle_recipe(cfg: RunConfig, epochs: int, lr: float | None) -> dict[str, Any]:
-    """What the manifest records of how the model was trained: the settings (less paths), the
+    """What the manifest records of how the model was trained: the settings (less paths and file lists), the
     epochs trained, the lr lr_find chose (or --lr) and the stages of the plan."""
-    recipe = cfg.model_dump(mode="json", exclude={"out", "data", "weights"})
+    recipe = cfg.model_dump(mode="json", exclude={"out", "data", "weights", "exclude", "skipped"})
     recipe.update(epochs=epochs, lr=lr, stages=[s.name for s in stages(cfg)])
     return recipe
 

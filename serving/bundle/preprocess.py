@@ -42,32 +42,45 @@ class ImageError(ValueError):
     """An image that cannot be used; the message says what was wrong with it."""
 
 
+class PixelLimitError(ImageError):
+    """An image with more pixels than the reader allows; `pixels` is how many it has (0: unknown)."""
+
+    def __init__(self, message: str, pixels: int):
+        super().__init__(message)
+        self.pixels = pixels
+
+
 def open_image(
     data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, formats: Sequence[str] = DEFAULT_FORMATS
 ) -> Image.Image:
     """Read an encoded image's header only: its format must be one of `formats` and its size at
     most `max_pixels`. Nothing is decoded yet, so this is cheap whatever the image claims to be."""
     if not data:
-        raise ImageError("empty image: the request carried no bytes")
+        raise ImageError("empty image: no bytes")
     try:
         im = Image.open(io.BytesIO(data), formats=list(formats))
     except UnidentifiedImageError:
         found = sniff_format(data)
         if found is not None and found not in formats:
-            raise ImageError(f"{found} images are not accepted; send one of {', '.join(formats)}") from None
+            raise ImageError(f"{found} images are not accepted; use one of {', '.join(formats)}") from None
         raise ImageError(f"not a recognised image format (expected one of {', '.join(formats)})") from None
     except Image.DecompressionBombError as e:
         # Pillow refuses sizes past twice its own limit while opening, before our check below runs.
         size = _PILLOW_BOMB_SIZE.search(str(e))
-        claimed = f"{int(size[1])} pixels" if size else "far too many pixels"
-        raise ImageError(f"image is {claimed}, over the limit of {max_pixels} (decompression bomb refused)") from None
+        pixels = int(size[1]) if size else 0
+        claimed = f"{pixels} pixels" if pixels else "far too many pixels"
+        raise PixelLimitError(
+            f"image is {claimed}, over the limit of {max_pixels} (decompression bomb refused)", pixels
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"corrupt or truncated image: {e}") from None
     width, height = im.size
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+        raise PixelLimitError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}", width * height
+        )
     return im
 
 

@@ -180,7 +180,7 @@ class TestFormats:
             decode_image(data)
 
     def test_the_list_is_the_callers(self):
-        with pytest.raises(ImageError, match="JPEG images are not accepted; send one of PNG"):
+        with pytest.raises(ImageError, match="JPEG images are not accepted; use one of PNG"):
             decode_image(encode(gradient(20, 10), "JPEG"), formats=("PNG",))
 
     def test_a_camera_jpeg_with_a_second_picture_is_a_jpeg(self):

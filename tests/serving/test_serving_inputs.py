@@ -172,7 +172,7 @@ def test_formats_outside_the_list_are_refused_by_name(client):
     with pytest.raises(grpc.RpcError) as err:
         client.predict(eps)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "EPS images are not accepted; send one of JPEG, PNG, WEBP, BMP, GIF, TIFF" in err.value.details()
+    assert "EPS images are not accepted; use one of JPEG, PNG, WEBP, BMP, GIF, TIFF" in err.value.details()
 
 
 def test_an_eps_that_ghostscript_would_render_is_refused(client):
@@ -195,7 +195,7 @@ def test_the_format_list_is_configurable(tiny_bundle):
         assert c.predict(encode(photo(), "WEBP")).predictions
         with pytest.raises(grpc.RpcError) as err:
             c.predict(encode(photo(), "JPEG"))
-        assert "JPEG images are not accepted; send one of PNG, WEBP" in err.value.details()
+        assert "JPEG images are not accepted; use one of PNG, WEBP" in err.value.details()
 
 
 def test_pixels_per_call_are_bounded(tiny_bundle):

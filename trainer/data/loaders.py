@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from serving.bundle.preprocess import ImageError, decode_image
+from trainer.config import MAX_TRAIN_PIXELS
 from trainer.data.augment import Tfms
 from trainer.data.resize import resize_images
 
@@ -35,10 +36,10 @@ def get_cv_idxs(n: int, val_pct: float = 0.2, seed: int = 42) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n)[: round(n * val_pct)]
 
 
-def read_image(path: Path) -> Image.Image:
+def read_image(path: Path, max_pixels: int = MAX_TRAIN_PIXELS) -> Image.Image:
     """Decode one image file, naming the file when it is unreadable."""
     try:
-        return decode_image(Path(path).read_bytes())
+        return decode_image(Path(path).read_bytes(), max_pixels=max_pixels)
     except ImageError as e:
         raise ImageError(f"{path}: {e}") from None
     except OSError as e:
@@ -72,18 +73,20 @@ class ImageDataset(Dataset):
         transform: Callable[..., np.ndarray],
         *,
         augment: bool = False,
+        max_pixels: int = MAX_TRAIN_PIXELS,
     ):
         self.files = list(files)
         self.labels = list(labels) if labels is not None else [-1] * len(self.files)
         self.transform = transform
         self.augment = augment
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         i, seed = item if isinstance(item, tuple) else (item, None)
-        im = read_image(self.files[i])
+        im = read_image(self.files[i], self.max_pixels)
         a = self.transform(im, random.Random(seed)) if self.augment and seed is not None else self.transform(im)
         # torch.from_numpy shares memory and needs a writable array (numpy's view of a PIL image is
         # read-only); require() copies only an array that is read-only or not contiguous.
@@ -172,6 +175,7 @@ class ImageClassifierData:
     num_workers: int = 2
     test_files: list[Path] | None = None
     seed: int | None = None
+    max_pixels: int = MAX_TRAIN_PIXELS  # the largest image read (trainer.config.MAX_TRAIN_PIXELS)
     # Loaders are kept so that worker processes persist across epochs instead of restarting.
     _loaders: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -300,6 +304,7 @@ class ImageClassifierData:
             tmp_name=new_path,
             interpolation=self.tfms.prep.interpolation,
             workers=workers,
+            max_pixels=self.max_pixels,
         )
         return dataclasses.replace(
             self,
@@ -331,7 +336,8 @@ class ImageClassifierData:
             "valid": (self.val_files, self.val_y),
             "test": (self.test_files or [], None),
         }[name]
-        return ImageDataset(files, labels, self.tfms.train if augment else self.tfms.eval, augment=augment)
+        transform = self.tfms.train if augment else self.tfms.eval
+        return ImageDataset(files, labels, transform, augment=augment, max_pixels=self.max_pixels)
 
     def loader(
         self,

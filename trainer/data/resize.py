@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from serving.bundle.files import write_atomic
 from serving.bundle.preprocess import ImageError, decode_image, resize_shorter
+from trainer.config import MAX_TRAIN_PIXELS
 from trainer.data.workdir import default_work_dir
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def resize_images(
     tmp_name: str = "tmp",
     interpolation: str = "bilinear",
     workers: int | None = None,
+    max_pixels: int = MAX_TRAIN_PIXELS,
 ) -> dict[Path, Path]:
     """The cached copy of each of `files`, keyed by the path as given, made where missing or stale.
 
@@ -68,7 +70,7 @@ def resize_images(
     names (JPEG and WebP at quality 95). Images whose shorter side is already `target` or less are
     copied byte for byte: never upscaled. Up-to-date cache files are reused; see the module
     docstring for what that means. `workers` threads decode and encode (default: the CPU count, at
-    most 8).
+    most 8). Images over `max_pixels` are not read (trainer.config.MAX_TRAIN_PIXELS).
 
     Raises ResizeError when a file lies outside `data_path`, or, after caching every other image,
     when some sources could not be read or decoded (naming them).
@@ -97,7 +99,7 @@ def resize_images(
         pool = ThreadPoolExecutor(max_workers=workers)
         last_write = time.monotonic()
         try:
-            jobs = pool.map(lambda f: _cache_one(Path(f), cached[f], target, interpolation), todo)
+            jobs = pool.map(lambda f: _cache_one(Path(f), cached[f], target, interpolation, max_pixels), todo)
             bar = tqdm(jobs, total=len(todo), desc=f"resize to {target}px", unit="img", leave=False)
             for f, entry in zip(todo, bar, strict=True):
                 if isinstance(entry, str):
@@ -171,13 +173,13 @@ def _up_to_date(src: Path, dst: Path, entry: object) -> bool:
         return False
 
 
-def _cache_one(src: Path, dst: Path, target: int, interpolation: str) -> dict | str:
+def _cache_one(src: Path, dst: Path, target: int, interpolation: str, max_pixels: int) -> dict | str:
     """Write the cached copy of one image: its index entry, or why not for a bad source."""
     try:
         # Stat before reading: a source changed while we read it then looks newer than its entry.
         source_stamp = _stamp(src.stat())
         raw = src.read_bytes()
-        im = decode_image(raw)
+        im = decode_image(raw, max_pixels=max_pixels)
     except ImageError as e:
         return str(e)
     except OSError as e:

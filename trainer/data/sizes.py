@@ -26,10 +26,15 @@ def header_size(path: Path) -> tuple[int, int]:
         # Only the header is read, so a huge image costs nothing here.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as im:
-            width, height = im.size
-            # The base method reads only EXIF already parsed from the header; PNG's override would
-            # decode the whole image to look for an EXIF chunk after the pixels.
-            orientation = Image.Image.getexif(im).get(0x0112)
+            return upright_size(im)
+
+
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image once turned upright as its EXIF orientation says."""
+    width, height = im.size
+    # The base method reads only EXIF already parsed from the header; PNG's override would
+    # decode the whole image to look for an EXIF chunk after the pixels.
+    orientation = Image.Image.getexif(im).get(0x0112)
     return (height, width) if orientation in _TRANSPOSED else (width, height)
 
 

@@ -124,10 +124,12 @@ def write_report(
     data_summary: Mapping | None = None,
     most_confused: Sequence[tuple[str, str, int]] | None = None,
     summary: str | None = None,
+    warnings: Sequence[str] = (),
 ) -> Path:
     """Write `run_dir/report.html` (atomically; the folder is created if needed) and return its path.
 
-    The page shows, in order: `title`; `summary`, one line a person reads first, when given; `data_summary` when given, as rows: "classes" (a list of
+    The page shows, in order: `title`; `summary`, one line a person reads first, when given; each of
+    `warnings` (the data check's, trainer.audit.check) in a box; `data_summary` when given, as rows: "classes" (a list of
     names, or a count; the names are listed when there are at most MAX_LISTED_CLASSES), "images" (a mapping split ->
     count, shown train, valid, test, then any others), "held_out" and any other keys as they are;
     `metrics` as a name/value table, headed by a plain warning when `data_summary["held_out"]` is
@@ -149,6 +151,9 @@ def write_report(
     ]
     if summary:
         parts.append(f'<p class="summary"><strong>{_esc(summary)}</strong></p>')
+    if warnings:
+        items = "".join(f"<li>{_esc(w)}</li>" for w in warnings)
+        parts.append(f'<div class="warning"><strong>Check the data:</strong><ul>{items}</ul></div>')
     if data_summary is not None:
         parts += ["<h2>Data</h2>", _table(("data", "value"), _data_rows(data_summary))]
     parts.append("<h2>Metrics</h2>")

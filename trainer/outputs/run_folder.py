@@ -271,6 +271,7 @@ class RunFolder:
     def write_report(
         self, cfg: RunConfig, learn: ConvLearner, metrics: Mapping[str, float], probs: np.ndarray, y: np.ndarray
     ) -> Path:
+        from trainer.audit.check import read_check
         from trainer.outputs.report import write_report
 
         data = learn.data
@@ -278,14 +279,24 @@ class RunFolder:
         images = {"train": n_train, "valid": len(data.val_files)}
         if data.test_files:
             images["test"] = len(data.test_files)
+        found = read_check(self.path)
+        left_out = [["file", "why"], *([f, why] for f, why in sorted(cfg.skipped.items()))]
         return write_report(
             self.path,
             title=f"{cfg.name}: {cfg.arch} at {data.tfms.sz} px",
+            warnings=[f.message for f in found.warnings] if found else [],
+            tables={"Left out of training and validation (--skip-bad)": left_out} if cfg.skipped else None,
             config=cfg.model_dump(mode="json"),
             metrics=metrics,
             history=[vars(h) for h in learn.history],
             images=[(caption, png) for png, caption in FIGURES.items() if self.figure(png).is_file()],
-            data_summary={"classes": data.classes, "images": images, "held_out": not cfg.full},
+            data_summary={
+                "classes": data.classes,
+                "images": images,
+                "held_out": not cfg.full,
+                **({"unreadable, left out (--skip-bad)": len(cfg.skipped)} if cfg.skipped else {}),
+                **({"left out of training (--exclude)": str(cfg.exclude)} if cfg.exclude else {}),
+            },
             most_confused=_most_confused(probs, y, data.classes),
             summary=self.served_summary(metrics, len(data.val_files), held_out=not cfg.full),
         )
