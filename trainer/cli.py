@@ -233,6 +233,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _message(e: BaseException) -> str:
+    """The error's own words. An error raised in a DataLoader worker comes back with the worker's
+    traceback in its message (torch's ExceptionWrapper): its last line, less the exception's
+    module path, is what the user needs ("a.jpg: corrupt or truncated image: ...")."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    name = f"{type(e).__module__}.{type(e).__qualname__}: "
+    return last.removeprefix(name).removeprefix(f"{type(e).__qualname__}: ")
+
+
 def _subcommand(sub, name: str, summary: str, details: str = "") -> argparse.ArgumentParser:
     """A subcommand whose --help starts with the same one-line summary the command list shows."""
     return sub.add_parser(name, help=summary, description=f"{summary}.{' ' + details if details else ''}")
@@ -276,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trainer: {problems}", file=sys.stderr)
         return 2
     except _user_errors() as e:
-        print(f"trainer: {e}", file=sys.stderr)
+        print(f"trainer: {_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("trainer: interrupted", file=sys.stderr)

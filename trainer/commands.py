@@ -34,9 +34,12 @@ def dataset(cfg: RunConfig) -> ImageClassifierData:
 
 
 def lr_find(cfg: RunConfig, log: Log = print) -> float:
-    """The lr finder on precomputed activations of a new head: the run folder gets config.json
-    and lr_find.png (then `trainer fit --run` trains from there)."""
+    """The lr finder on precomputed activations of a new head, after the data check `trainer run`
+    makes: the run folder gets config.json and lr_find.png (then `trainer fit --run` trains from there)."""
+    from trainer.audit.check import checked_config
+
     folder = RunFolder(cfg.out)
+    cfg = checked_config(cfg, folder.path, log)  # every unreadable file at once, as `trainer run` checks
     folder.write_config(cfg)
     learn = folder.new_learner(cfg, cfg.train_sizes[0], precompute=True, log=log)
     lr = find_lr(learn, folder.figure("lr_find.png"), log, num_it=max(100, learn.steps_per_epoch()))

@@ -45,7 +45,7 @@ class ImageError(ValueError):
 class PixelLimitError(ImageError):
     """An image with more pixels than the reader allows; `pixels` is how many it has (0: unknown)."""
 
-    def __init__(self, message: str, pixels: int):
+    def __init__(self, message: str, pixels: int = 0):  # optional: torch re-raises as type(e)(message)
         super().__init__(message)
         self.pixels = pixels
 

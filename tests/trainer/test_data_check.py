@@ -221,7 +221,7 @@ def test_exclude_leaves_files_out_of_training_only(colour_data, tmp_path):
 
 
 def test_skip_bad_records_what_it_leaves_out(dirty, tmp_path):
-    with pytest.raises(DataError, match="5 of .* images cannot be read"):
+    with pytest.raises(DataError, match=r"5 of \d+ images cannot be read"):
         checked_config(config(dirty, tmp_path, max_pixels=int(MAX_PIXELS)), tmp_path, log=lambda line: None)
     cfg = checked_config(config(dirty, tmp_path, max_pixels=int(MAX_PIXELS), skip_bad=True), tmp_path, log=print)
     assert set(cfg.skipped) == set(BAD)
@@ -243,3 +243,18 @@ def test_near_and_exact_duplicates_group_transitively():
     hashes = [0, ones, 1, ones ^ 0b11, ones << 32]
     assert duplicate_groups(digests, hashes) == [[0, 2], [1, 3]]
     assert duplicate_groups(digests, hashes, near_bits=0) == [[0, 2]]
+
+
+def test_a_file_gone_bad_after_the_check_still_reads_as_one_line(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from serving.bundle.preprocess import ImageError
+    from trainer.cli import _message
+    from trainer.data.loaders import ImageDataset
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"")
+    with pytest.raises(ImageError) as raised:
+        next(iter(DataLoader(ImageDataset([bad], [0], np.asarray), num_workers=1)))
+    assert "Original Traceback" in str(raised.value)  # torch's worker traceback, in the message
+    assert _message(raised.value) == f"{bad}: empty image: no bytes"
