@@ -77,9 +77,10 @@ def copies(im: Image.Image) -> dict[str, Image.Image]:
 def hashes(files: list[Path]) -> None:
     scans = scan_images(files, max_pixels=MAX_TRAIN_PIXELS)
     ok = [s for s in scans if s.phash is not None]
-    groups = duplicate_groups([s.digest for s in ok], [s.phash for s in ok])
+    hashed = [s.phash for s in ok if s.phash is not None]
+    groups = duplicate_groups([s.digest for s in ok], hashed)
     in_group = {i for g in groups for i in g}
-    nearest = distances([s.phash for s in ok])
+    nearest = distances(hashed)
     apart = [int(d) for i, d in enumerate(nearest) if i not in in_group]
     print(f"\nperceptual hash, NEAR_BITS = {NEAR_BITS}: {len(ok)} photos, {len(groups)} groups of copies found")
     print("| pair | n | distance in bits: min | median | max |")
