@@ -231,7 +231,7 @@ class ImageClassifierData:
         id or label, a repeated id, fewer than two classes, an empty split) is a DataError too.
         """
         path = Path(path)
-        csv_path = _find_csv(path, Path(csv_fname))
+        csv_path = find_csv(path, Path(csv_fname))
         rows = _read_labels_csv(csv_path, id_col, label_col)
         image_dir = path / folder
         if not image_dir.is_dir():
@@ -391,7 +391,8 @@ class ImageClassifierData:
         )
 
 
-def _find_csv(path: Path, csv_fname: Path) -> Path:
+def find_csv(path: Path, csv_fname: Path) -> Path:
+    """The labels CSV `csv_fname` names: under `path`, else as given (from_csv's rule)."""
     candidates = [csv_fname] if csv_fname.is_absolute() else [path / csv_fname, csv_fname]
     for candidate in candidates:
         if candidate.is_file():

@@ -230,6 +230,12 @@ class ConvLearner:
     def _files(self, name: str) -> list[Path]:
         return {"train": self.data.trn_files, "valid": self.data.val_files, "test": self.data.test_files or []}[name]
 
+    def features(self, name: str) -> torch.Tensor:
+        """A dataset's pooled backbone activations of its plain centre views, (n, n_pooled) float32 on
+        the CPU, in the order of its files: the ones precompute uses, from the cache when it is valid."""
+        self._ensure_features()
+        return self._features[name]
+
     def labels(self, name: str) -> list[int]:
         """A dataset's labels; -1 for each unlabelled (test) image."""
         return {"train": self.data.trn_y, "valid": self.data.val_y}.get(name) or [-1] * len(self._files(name))
