@@ -53,6 +53,7 @@ LABEL_ERRORS_PNG = "label_errors.png"
 CSV_COLUMNS = ("rank", "file", "split", "given", "predicted", "p_given", "p_predicted")
 FIXES = ("relabel", "drop")  # what --write-labels does to a flagged row
 LOGGED_SUSPECTS = 5  # suspects printed one line each; the CSV has them all
+GRID_THUMB = 220  # pixels, the longer side of each suspect's picture in label_errors.png
 
 
 # --- out-of-fold probabilities -------------------------------------------------------------------
@@ -295,11 +296,12 @@ def _write_figure(folder: RunFolder, images: LabelledImages, suspects: Sequence[
         log(f"no {LABEL_ERRORS_PNG}: {'--top is 0' if suspects else 'nothing flagged'}")
         return
     titles = [
-        f"{images.files[s.index].name}\ngiven {images.classes[s.given]} (p {s.p_given:.2f})\n"
-        f"predicted {images.classes[s.predicted]}"
+        f"{images.files[s.index].name}\ngiven: {images.classes[s.given]} ({s.p_given:.2f})\n"
+        f"model: {images.classes[s.predicted]} ({s.p_predicted:.2f})"
         for s in shown
     ]
-    plots.plot_image_grid([images.files[s.index] for s in shown], titles, png)
+    # Cells wide enough for a class name of ~35 characters at 8 pt (the default's 160 px cut them).
+    plots.plot_image_grid([images.files[s.index] for s in shown], titles, png, thumb=GRID_THUMB)
     log(f"top {len(shown)} suspects: {png}")
 
 
