@@ -36,8 +36,11 @@ from trainer.data.loaders import IMAGE_SUFFIXES, read_image  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def photos() -> list[Path]:
-    return sorted(p for p in SHARED.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "tmp" not in p.parts)
+def photos(folder: Path) -> list[Path]:
+    # Not the caches of resized copies (tmp/ beside the data).
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "tmp" not in p.relative_to(folder).parts
+    )
 
 
 def full_decode(files: list[Path], workers: int) -> None:
@@ -113,14 +116,15 @@ def hashes(files: list[Path]) -> None:
     )
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--photos", type=Path, default=SHARED, help="folder searched for photos (default: ../shared/data)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
-    args = p.parse_args()
-    files = photos()
+    args = p.parse_args(argv)
+    files = photos(args.photos)
     if not files:
-        print(f"no photos under {SHARED}: this benchmark needs ../shared/data", file=sys.stderr)
+        print(f"no photos under {args.photos}: this benchmark needs ../shared/data", file=sys.stderr)
         return 1
     np.random.seed(0)
     speed(files, args.rounds, args.workers)

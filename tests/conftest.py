@@ -10,8 +10,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"
@@ -229,3 +233,19 @@ def png(rgb=(200, 50, 40), size=(40, 30), seed=0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, "PNG")
     return buf.getvalue()
+
+
+def photo(seed: int, size=(160, 120)) -> Image.Image:
+    """A picture with structure (gradients and blocks), as photos have: its perceptual hash survives
+    resizing and re-encoding, where noise's would not."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    a = np.stack([(xx * rng.uniform(0.5, 2) + yy * rng.uniform(-1, 1)) % 256 for _ in range(3)], axis=-1)
+    for _ in range(4):
+        x0, y0 = rng.integers(0, w - 20), rng.integers(0, h - 20)
+        a[y0 : y0 + rng.integers(10, 60), x0 : x0 + rng.integers(10, 60)] = rng.integers(0, 256, 3)
+    return Image.fromarray(a.astype(np.uint8))

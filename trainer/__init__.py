@@ -2,7 +2,7 @@
 
 The folders are the stages: `data/` (images to batches), `learn/` (the network and its training),
 `evaluate/` (TTA, calibration, metrics), `outputs/` (the run folder, the bundle, plots, the
-report); `recipe`, `commands`, `cli` and `demo` put them together. The names a script needs are
+report), `audit/` (checks of a dataset: unreadable files, warnings, likely label errors); `recipe`, `commands`, `cli` and `demo` put them together. The names a script needs are
 here, imported on first use so that `import trainer` (and the CLI's startup) does not load torch:
 
     from trainer import ConvLearner, ImageClassifierData, export, tfms_from_model, transforms_side_on

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_colour_dataset
+from conftest import photo, write_colour_dataset
 from PIL import Image
 
 from trainer.audit.check import check, checked_config
@@ -33,19 +33,6 @@ BAD = {
     "train/blue/huge.png": "--max-pixels",
     "valid/blue/truncated.jpg": "truncated",
 }
-
-
-def photo(seed: int, size=(160, 120)) -> Image.Image:
-    """A picture with structure (gradients and blocks), as photos have: its perceptual hash survives
-    resizing and re-encoding, where noise's would not."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    a = np.stack([(xx * rng.uniform(0.5, 2) + yy * rng.uniform(-1, 1)) % 256 for _ in range(3)], axis=-1)
-    for _ in range(4):
-        x0, y0 = rng.integers(0, w - 20), rng.integers(0, h - 20)
-        a[y0 : y0 + rng.integers(10, 60), x0 : x0 + rng.integers(10, 60)] = rng.integers(0, 256, 3)
-    return Image.fromarray(a.astype(np.uint8))
 
 
 def jpeg(im: Image.Image, **kw) -> bytes:
