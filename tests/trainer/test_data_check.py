@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -204,7 +205,10 @@ def test_exclude_leaves_files_out_of_training_only(colour_data, tmp_path):
     assert kinds(colour_data, tmp_path, exclude=listed) == {"exclude": [valid.relative_to(colour_data).as_posix()]}
     plain = tmp_path / "exclude.txt"
     plain.write_text(f"{train[0].relative_to(colour_data)}\n{train[1].resolve()}\n")
-    assert read_exclude(plain, colour_data.resolve()) == {p.relative_to(colour_data).as_posix() for p in train}
+    expected = {p.relative_to(colour_data).as_posix() for p in train}
+    assert read_exclude(plain, colour_data) == expected
+    # An absolute path matches a --data given relative to the working directory, too.
+    assert read_exclude(plain, Path(os.path.relpath(colour_data))) == expected
 
 
 def test_skip_bad_records_what_it_leaves_out(dirty, tmp_path):

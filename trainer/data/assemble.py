@@ -41,11 +41,14 @@ def data_root(cfg: RunConfig, run_dir: Path) -> Path:
 
 def relative(f: Path, root: Path) -> str:
     """A dataset file's path relative to its root, with / between folders (as config.json,
-    label_errors.csv and --exclude name files); the path as given when it lies outside."""
-    try:
-        return Path(f).relative_to(root).as_posix()
-    except ValueError:
-        return Path(f).as_posix()
+    label_errors.csv and --exclude name files); the path as given when it lies outside. Lexically
+    first, then resolved: an absolute path in an --exclude list matches a relative --data."""
+    for a, b in ((Path(f), Path(root)), (Path(f).resolve(), Path(root).resolve())):
+        try:
+            return a.relative_to(b).as_posix()
+        except ValueError:
+            pass
+    return Path(f).as_posix()
 
 
 def list_data(cfg: RunConfig, size: int, run_dir: Path) -> ImageClassifierData:
@@ -104,14 +107,9 @@ def read_exclude(path: Path, root: Path) -> set[str]:
         raise DataError(f"{path}: cannot read the --exclude list: {e.strerror or e}") from None
     lines = [line for line in text.splitlines() if line.strip()]
     if lines and "file" in next(csv.reader([lines[0]])):
-        names = [row.get("file") or "" for row in csv.DictReader(lines)]
-    else:
-        names = lines
-    return {
-        relative(Path(n.strip()), root) if Path(n.strip()).is_absolute() else Path(n.strip()).as_posix()
-        for n in names
-        if n.strip()
-    }
+        lines = [row.get("file") or "" for row in csv.DictReader(lines)]
+    names = [Path(n.strip()) for n in lines if n.strip()]
+    return {relative(n, root) if n.is_absolute() else n.as_posix() for n in names}
 
 
 def train_on_validation_too(data: ImageClassifierData) -> ImageClassifierData:
