@@ -89,13 +89,13 @@ def check_data(
     names = [relative(f, root) for f in files]
     scans = scan_images(files, max_pixels=data.max_pixels)
     problems = {n: s.problem for n, s in zip(names, scans, strict=True) if s.problem}
+    # Per split and class: the unreadable images, and those training and validation will use.
     unreadable: dict[str, Counter] = {"train": Counter(), "valid": Counter()}
+    counts: dict[str, Counter] = {"train": Counter(), "valid": Counter()}
     for n, split, label in zip(names, splits, labels, strict=True):
         if n in problems:
             unreadable[split][label] += 1
-    counts: dict[str, Counter] = {"train": Counter(), "valid": Counter()}
-    for n, split, label in zip(names, splits, labels, strict=True):
-        if n not in problems and not (split == "train" and n in (exclude or set())):
+        elif not (split == "train" and n in (exclude or set())):
             counts[split][label] += 1
     warnings = [
         *class_warnings(data.classes, counts),
