@@ -33,6 +33,8 @@ ARCH_NAMES = (
 # Training images are the user's own files: the trainer decodes larger ones than the server accepts
 # from callers (serving.bundle.preprocess.DEFAULT_MAX_PIXELS, 50 MP); a 12000 x 12500 scan fits.
 MAX_TRAIN_PIXELS = 150_000_000
+# Pillow refuses an image of more than twice its Image.MAX_IMAGE_PIXELS outright, before any limit of ours.
+PILLOW_MAX_PIXELS = 2 * 89_478_485
 
 
 class RunConfig(BaseModel):
@@ -63,9 +65,10 @@ class RunConfig(BaseModel):
     max_pixels: int = Field(
         MAX_TRAIN_PIXELS,
         ge=1,
+        le=PILLOW_MAX_PIXELS,
         description="largest image the trainer decodes, in pixels; larger files are reported unreadable. Training "
         "images are your own files, so the limit is 3x the server's 50 MP; a process decoding one needs up to "
-        "24 bytes a pixel (3.6 GB at the default)",
+        "24 bytes a pixel (3.6 GB at the default); Pillow reads none over 178,956,970",
     )
     exclude: Path | None = Field(
         None,

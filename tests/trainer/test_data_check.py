@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -222,10 +223,12 @@ def test_skip_bad_records_what_it_leaves_out(dirty, tmp_path):
 
 def test_a_file_over_the_servers_limit_trains_and_the_hint_names_the_flag(tmp_path):
     big = tmp_path / "scan.png"
-    big.write_bytes(png(Image.new("L", (8000, 7500), 90)))  # 60 MP: over the server's 50 MP
-    assert scan_image(big, RunConfig().max_pixels).problem is None
+    big.write_bytes(png(Image.new("L", (10000, 9000), 90)))  # 90 MP: over the server's 50 MP and Pillow's 89 MP warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's warning is noise once our own limit has passed the image
+        assert scan_image(big, RunConfig().max_pixels).problem is None
     refused = scan_image(big, 1_000_000).problem
-    assert refused is not None and "--max-pixels 60000000 reads it" in refused
+    assert refused is not None and "--max-pixels 90000000 reads it" in refused
 
 
 def test_near_and_exact_duplicates_group_transitively():
@@ -249,3 +252,14 @@ def test_a_file_gone_bad_after_the_check_still_reads_as_one_line(tmp_path):
         next(iter(DataLoader(ImageDataset([bad], [0], np.asarray), num_workers=1)))
     assert "Original Traceback" in str(raised.value)  # torch's worker traceback, in the message
     assert _message(raised.value) == f"{bad}: empty image: no bytes"
+
+
+def test_max_pixels_stops_where_pillow_does(tmp_path, capsys):
+    from PIL import Image as PILImage
+
+    from trainer.cli import main
+    from trainer.config import PILLOW_MAX_PIXELS
+
+    assert PILLOW_MAX_PIXELS == 2 * PILImage.MAX_IMAGE_PIXELS  # the limit Pillow enforces before ours
+    assert main(["verify", "--data", str(tmp_path), "--max-pixels", str(PILLOW_MAX_PIXELS + 1)]) == 2
+    assert "--max-pixels: Input should be less than or equal to 178956970" in capsys.readouterr().err
