@@ -17,6 +17,8 @@ import pytest
 if TYPE_CHECKING:
     from PIL import Image
 
+    from serving.config import ServerConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"
 
@@ -60,6 +62,16 @@ def hymenoptera_or_skip() -> Path:
 @pytest.fixture(scope="session")
 def hymenoptera() -> Path:
     return hymenoptera_or_skip()
+
+
+def server_config(bundle: Path | None = None, **kw) -> ServerConfig:
+    """A test server's configuration: gRPC and HTTP on ports the system picks, on the CPU, no metrics
+    port (metrics_port=0 gives one); any other field from `kw`, a model repository included."""
+    from serving.config import ServerConfig
+
+    kw.setdefault("metrics_port", None)
+    kw.setdefault("http_port", 0)
+    return ServerConfig(bundle=bundle, port=0, device="cpu", **kw)
 
 
 def bench_module(name: str):

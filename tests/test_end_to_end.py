@@ -8,10 +8,10 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from conftest import server_config
 
 from serving.bundle.manifest import read_manifest
 from serving.client import Client
-from serving.config import ServerConfig
 from serving.server import Server
 from trainer.outputs.run_folder import RunFolder
 
@@ -26,7 +26,7 @@ def trained(trainer_run):
 @pytest.fixture(scope="module")
 def server(trained):
     _, folder, _ = trained
-    srv = Server(ServerConfig(bundle=folder.bundle_dir, port=0, device="cpu", metrics_port=None, http_port=0))
+    srv = Server(server_config(folder.bundle_dir))
     yield srv
     srv.stop(0)
 

@@ -22,12 +22,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from conftest import server_config
 from PIL import Image
 
 from serving.bundle.manifest import Preprocessing, TTAView
 from serving.bundle.preprocess import DEFAULT_FORMATS, ImageError, load_views
 from serving.client import Client
-from serving.config import ServerConfig
 from serving.engine.decode_worker import Job
 from serving.engine.decoders import POLL_S, DecodePool
 from serving.engine.errors import CallFailed, ItemFailed
@@ -249,7 +249,7 @@ def reset_peak_rss() -> None:
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, http_port=0, decode_workers=2)
+    cfg = server_config(tiny_bundle, decode_workers=2)
     with Server(cfg) as srv:
         yield srv
 
@@ -311,16 +311,7 @@ def test_hostile_images_cost_the_server_process_nothing_and_end_by_the_deadline(
 
 
 def test_a_tile_bomb_over_the_workers_limit_is_refused(tiny_bundle):
-    cfg = ServerConfig(
-        bundle=tiny_bundle,
-        port=0,
-        device="cpu",
-        metrics_port=None,
-        http_port=0,
-        decode_workers=1,
-        max_image_pixels=1_000_000,
-        decode_worker_memory_mb=400,
-    )
+    cfg = server_config(tiny_bundle, decode_workers=1, max_image_pixels=1_000_000, decode_worker_memory_mb=400)
     with Server(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
         results = c.predict_batch([photo(), tiff_tile_bomb(), photo(seed=2)]).results
         assert [r.status.code for r in results] == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0], 0]
@@ -329,7 +320,7 @@ def test_a_tile_bomb_over_the_workers_limit_is_refused(tiny_bundle):
 
 
 def test_the_server_stops_its_workers(tiny_bundle):
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, http_port=0, decode_workers=2)
+    cfg = server_config(tiny_bundle, decode_workers=2)
     srv = Server(cfg)
     pids = [*srv.calls.decoders.pids, srv.calls.decoders.zygote_pid]
     assert all(alive(pid) for pid in pids)
@@ -339,7 +330,7 @@ def test_the_server_stops_its_workers(tiny_bundle):
 
 def test_stopping_ends_a_decode_that_has_no_deadline(tiny_bundle):
     """A call without a deadline decoding a slow image does not hold up shutdown past the grace."""
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, http_port=0, decode_timeout_s=60)
+    cfg = server_config(tiny_bundle, decode_timeout_s=60)
     image = jpeg_segment_flood()  # seconds of header parsing
     srv = Server(cfg)
     outcome: list[grpc.StatusCode] = []

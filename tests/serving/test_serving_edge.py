@@ -10,14 +10,13 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from conftest import serve_argv, served_ports
+from conftest import serve_argv, served_ports, server_config
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from test_serving_server import GatedSession, png, wait_until
 
 from serving.bundle.session import ModelSession
 from serving.client import Client
-from serving.config import ServerConfig
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.server import Server
 
@@ -28,9 +27,7 @@ def requests_total(srv: Server, method: str, code: str) -> float:
 
 def test_calls_over_max_concurrent_calls_are_counted(tiny_bundle):
     gated = GatedSession(ModelSession(tiny_bundle, device="cpu"))
-    cfg = ServerConfig(
-        bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, http_port=0, max_concurrent_calls=2, max_delay_us=0
-    )
+    cfg = server_config(tiny_bundle, max_concurrent_calls=2, max_delay_us=0)
     with Server(cfg, session=gated) as srv, Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
         gated.hold()
         held = [c.stub.Predict.future(pb.PredictRequest(image=png(seed=i)), timeout=30) for i in range(2)]
@@ -49,15 +46,7 @@ def test_calls_over_max_concurrent_calls_are_counted(tiny_bundle):
 
 
 def test_a_message_over_the_size_limit_is_counted_as_not_run(tiny_bundle):
-    cfg = ServerConfig(
-        bundle=tiny_bundle,
-        port=0,
-        device="cpu",
-        metrics_port=None,
-        http_port=0,
-        max_image_bytes=4096,
-        max_message_bytes=8192,
-    )
+    cfg = server_config(tiny_bundle, max_image_bytes=4096, max_message_bytes=8192)
     with Server(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
         for _ in range(3):
             with pytest.raises(grpc.RpcError) as err:
@@ -69,7 +58,7 @@ def test_a_message_over_the_size_limit_is_counted_as_not_run(tiny_bundle):
 
 
 def test_a_malformed_request_is_invalid_argument_without_a_traceback(tiny_bundle, caplog):
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, http_port=0)
+    cfg = server_config(tiny_bundle)
     with Server(cfg) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
         raw = channel.unary_unary("/classifier.v1.Classifier/Predict")  # bytes in, bytes out
         with caplog.at_level("DEBUG"), pytest.raises(grpc.RpcError) as err:

@@ -18,9 +18,10 @@ import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.model_config_pb2 as mc
 import tritonclient.http as triton_http
+from conftest import server_config
 from PIL import Image
 from test_serving_oip import CLASSES, IMAGES, SIZE
-from test_serving_server import config, scrape
+from test_serving_server import scrape
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from serving.client import Client
@@ -33,7 +34,7 @@ MB = 2**20
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
-    with Server(config(tiny_bundle, metrics_port=0, http_port=0)) as srv:
+    with Server(server_config(tiny_bundle, metrics_port=0, http_port=0)) as srv:
         yield srv
 
 
@@ -326,7 +327,7 @@ class TestPage:
 
 
 def test_http_readiness_follows_grpc_health_through_a_drain(tiny_bundle):
-    srv = Server(config(tiny_bundle, http_port=0), load=False)
+    srv = Server(server_config(tiny_bundle, http_port=0), load=False)
     try:
         url = f"http://127.0.0.1:{srv.http_port}"
         assert get(srv, "/v2/health/live")[0] == 200
@@ -361,10 +362,10 @@ def test_connections_send_without_waiting_for_acks(server):
 
 
 def test_http_off_binds_nothing(tiny_bundle):
-    with Server(config(tiny_bundle, http_port=None)) as srv:
+    with Server(server_config(tiny_bundle, http_port=None)) as srv:
         assert srv.http_port is None
 
 
 def test_a_port_in_use_is_a_clear_error(tiny_bundle, server):
     with pytest.raises(OSError, match=f"cannot serve HTTP on 127.0.0.1:{server.http_port}.*--http-port"):
-        Server(config(tiny_bundle, http_port=server.http_port))
+        Server(server_config(tiny_bundle, http_port=server.http_port))

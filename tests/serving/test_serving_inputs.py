@@ -16,10 +16,10 @@ import zlib
 import grpc
 import numpy as np
 import pytest
+from conftest import server_config
 from PIL import Image, ImageOps
 
 from serving.client import Client
-from serving.config import ServerConfig
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.server import Server
 
@@ -90,15 +90,7 @@ BAD = {
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
-    cfg = ServerConfig(
-        bundle=tiny_bundle,
-        port=0,
-        device="cpu",
-        metrics_port=None,
-        http_port=0,
-        max_image_bytes=MAX_IMAGE_BYTES,
-        max_message_bytes=MAX_MESSAGE_BYTES,
-    )
+    cfg = server_config(tiny_bundle, max_image_bytes=MAX_IMAGE_BYTES, max_message_bytes=MAX_MESSAGE_BYTES)
     with Server(cfg) as srv:
         yield srv
 
@@ -188,9 +180,7 @@ def test_an_eps_that_ghostscript_would_render_is_refused(client):
 
 
 def test_the_format_list_is_configurable(tiny_bundle):
-    cfg = ServerConfig(
-        bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, http_port=0, allowed_formats="png, webp"
-    )
+    cfg = server_config(tiny_bundle, allowed_formats="png, webp")
     with Server(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
         assert c.predict(encode(photo(), "WEBP")).predictions
         with pytest.raises(grpc.RpcError) as err:
@@ -199,15 +189,7 @@ def test_the_format_list_is_configurable(tiny_bundle):
 
 
 def test_pixels_per_call_are_bounded(tiny_bundle):
-    cfg = ServerConfig(
-        bundle=tiny_bundle,
-        port=0,
-        device="cpu",
-        metrics_port=None,
-        http_port=0,
-        max_image_pixels=48 * 32,
-        max_call_pixels=2 * 48 * 32,
-    )
+    cfg = server_config(tiny_bundle, max_image_pixels=48 * 32, max_call_pixels=2 * 48 * 32)
     with Server(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
         results = c.predict_batch([encode(photo(seed=i), "PNG") for i in range(3)]).results
         assert [r.status.code for r in results] == [0, 0, grpc.StatusCode.INVALID_ARGUMENT.value[0]]
@@ -224,7 +206,7 @@ def test_decoding_stops_at_the_deadline(tiny_bundle):
     side = 3000
     ramp = (np.arange(side)[None, :] + np.arange(side)[:, None]).astype(np.uint8)
     big = encode(Image.fromarray(np.stack([ramp] * 3, -1)), "PNG", compress_level=1)
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, http_port=0, max_call_pixels=10**10)
+    cfg = server_config(tiny_bundle, max_call_pixels=10**10)
     with Server(cfg) as srv, Client(f"127.0.0.1:{srv.port}", timeout=120) as c:
         start = time.monotonic()
         assert c.predict(big).predictions

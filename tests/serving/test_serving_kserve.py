@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import server_config
 from test_serving_http import pixels, png
 from test_serving_oip import IMAGES
-from test_serving_server import config
 
 from serving.client import Client
 from serving.server import Server
@@ -32,7 +32,7 @@ def answers(tiny_bundle, tmp_path_factory):
     folder = tmp_path_factory.mktemp("kserve")
     (folder / "image.jpg").write_bytes(IMAGES[0])
     np.save(folder / "pixels.npy", pixels(3)[np.newaxis])
-    with Server(config(tiny_bundle, http_port=0)) as srv, Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
+    with Server(server_config(tiny_bundle, http_port=0)) as srv, Client(f"127.0.0.1:{srv.port}", timeout=30) as c:
         argv = [
             sys.executable, str(CALLERS), f"127.0.0.1:{srv.port}", f"http://127.0.0.1:{srv.http_port}",
             str(folder / "image.jpg"), str(folder / "pixels.npy"), "colours",

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import server_config
 from PIL import Image
 
 from serving.cli import main
 from serving.client import Client
-from serving.config import ConfigError, ServerConfig, load_config
+from serving.config import ConfigError, load_config
 from serving.server import Server
 
 EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
@@ -80,16 +81,7 @@ def pki(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 @pytest.fixture(scope="module")
 def server(tiny_bundle, pki):
     cert, key = pki["server"]
-    config = ServerConfig(
-        bundle=tiny_bundle,
-        port=0,
-        device="cpu",
-        metrics_port=None,
-        http_port=0,
-        tls_cert=cert,
-        tls_key=key,
-        tls_client_ca=pki["ca"][0],
-    )
+    config = server_config(tiny_bundle, tls_cert=cert, tls_key=key, tls_client_ca=pki["ca"][0])
     with Server(config) as srv:
         yield srv
 

@@ -14,8 +14,9 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from conftest import server_config
 from PIL import Image
-from test_serving_server import GatedSession, config, wait_until
+from test_serving_server import GatedSession, wait_until
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
@@ -92,7 +93,7 @@ def refused_within(max_bytes: int, call, *args, **kwargs) -> str:
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
-    with Server(config(tiny_bundle, metrics_port=0)) as srv:
+    with Server(server_config(tiny_bundle, metrics_port=0)) as srv:
         yield srv
 
 
@@ -256,9 +257,7 @@ def index(tc) -> list[tuple[str, str, str]]:
 def repository_server(repo: Path) -> Server:
     """A server on `repo` that scans it only when asked (poll_s 3600), so that a test sees what a
     RepositoryModelLoad did rather than what a poll did."""
-    return Server(
-        ServerConfig(model_repository=repo, port=0, device="cpu", metrics_port=None, http_port=0, poll_s=3600)
-    )
+    return Server(server_config(model_repository=repo, poll_s=3600))
 
 
 class TestRepositoryIndex:
@@ -631,7 +630,7 @@ def gated(tiny_bundle):
 def test_full_queue_is_unavailable_saying_so(tiny_bundle, gated):
     one_image = dict(max_batch_views=4, max_queue=1, max_batch_images=1, model_instances=1, max_delay_us=0)
     with (
-        Server(config(tiny_bundle, **one_image), session=gated) as srv,
+        Server(server_config(tiny_bundle, **one_image), session=gated) as srv,
         triton.InferenceServerClient(f"127.0.0.1:{srv.port}") as c,
     ):
         gated.hold()
@@ -653,7 +652,7 @@ def test_full_queue_is_unavailable_saying_so(tiny_bundle, gated):
 
 def test_the_timeout_parameter_bounds_the_wait(tiny_bundle, gated):
     with (
-        Server(config(tiny_bundle, model_instances=1, max_delay_us=0), session=gated) as srv,
+        Server(server_config(tiny_bundle, model_instances=1, max_delay_us=0), session=gated) as srv,
         triton.InferenceServerClient(f"127.0.0.1:{srv.port}") as c,
     ):
         gated.hold()
@@ -811,7 +810,7 @@ class TestRequestedOutputs:
 
 def test_not_ready_while_draining_but_live(tiny_bundle):
     with (
-        Server(config(tiny_bundle)) as srv,
+        Server(server_config(tiny_bundle)) as srv,
         triton.InferenceServerClient(f"127.0.0.1:{srv.port}") as c,
     ):
         assert c.is_server_ready() and c.is_model_ready("colours")

@@ -23,8 +23,8 @@ from importlib import resources
 
 import numpy as np
 import pytest
+from conftest import server_config
 from PIL import Image
-from test_serving_server import config
 
 from serving.client import Client
 from serving.gen.classifier.v1 import classifier_pb2 as pb
@@ -101,7 +101,7 @@ class Site:
 @pytest.fixture(scope="module")
 def site(tiny_bundle):
     with (
-        Server(config(tiny_bundle, http_port=0)) as server,
+        Server(server_config(tiny_bundle, http_port=0)) as server,
         Client(f"127.0.0.1:{server.port}", timeout=30) as client,
     ):
         yield Site(url=f"http://127.0.0.1:{server.http_port}/", predict=client.predict)

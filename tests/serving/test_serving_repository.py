@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+from conftest import server_config
 
 from serving.bundle.manifest import MANIFEST_NAME, read_manifest
 from serving.config import ConfigError, ServerConfig, load_config
@@ -304,15 +305,8 @@ class TestMemoryBudget:
             (tiny_bundle / "model.onnx").stat().st_size, read_manifest(tiny_bundle).preprocessing.input_size, 8, 2
         )
         # Room for one version and a half: a switch, which holds two at once, does not fit.
-        cfg = ServerConfig(
-            model_repository=tmp_path,
-            port=0,
-            device="cpu",
-            max_batch_views=8,
-            model_instances=2,
-            metrics_port=None,
-            http_port=0,
-            max_model_bytes=one * 3 // 2,
+        cfg = server_config(
+            model_repository=tmp_path, max_batch_views=8, model_instances=2, max_model_bytes=one * 3 // 2
         )
         metrics = Metrics()
         reg = Registry(cfg, metrics, load=lambda v: open_model(cfg, metrics, v.path, number=v.version))

@@ -12,7 +12,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from conftest import png
+from conftest import png, server_config
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,22 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.bundle.manifest import BundleError
 from serving.bundle.session import ModelSession
 from serving.client import Client
-from serving.config import ServerConfig
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.server import Server
 
 N_VIEWS = 4  # the tiny bundle's TTA views
-
-
-def config(bundle, **kw) -> ServerConfig:
-    return ServerConfig(
-        bundle=bundle,
-        port=0,
-        device="cpu",
-        metrics_port=kw.pop("metrics_port", None),
-        http_port=kw.pop("http_port", 0),
-        **kw,
-    )
 
 
 def wait_until(condition, timeout: float = 10.0) -> None:
@@ -48,7 +36,7 @@ def wait_until(condition, timeout: float = 10.0) -> None:
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
-    with Server(config(tiny_bundle, metrics_port=0)) as srv:
+    with Server(server_config(tiny_bundle, metrics_port=0)) as srv:
         yield srv
 
 
@@ -88,7 +76,7 @@ class TestPredictBatch:
         assert len(client.predict_batch([]).results) == 0
 
     def test_too_many_images_is_invalid_argument(self, tiny_bundle):
-        with Server(config(tiny_bundle, max_batch_images=2)) as srv, Client(f"127.0.0.1:{srv.port}") as c:
+        with Server(server_config(tiny_bundle, max_batch_images=2)) as srv, Client(f"127.0.0.1:{srv.port}") as c:
             with pytest.raises(grpc.RpcError) as err:
                 c.predict_batch([png()] * 3)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -102,7 +90,7 @@ def plain_by_default(tiny_bundle):
     session = ModelSession(tiny_bundle, device="cpu")
     m = session.manifest
     session.manifest = m.model_copy(update={"tta": m.tta.model_copy(update={"default": False})})
-    with Server(config(tiny_bundle), session=session) as srv:
+    with Server(server_config(tiny_bundle), session=session) as srv:
         yield srv
 
 
@@ -147,7 +135,7 @@ class TestTTADefault:
 
 class TestHealth:
     def test_not_serving_until_loaded_then_serving_then_not_serving_while_draining(self, tiny_bundle):
-        srv = Server(config(tiny_bundle), load=False)
+        srv = Server(server_config(tiny_bundle), load=False)
         try:
             with Client(f"127.0.0.1:{srv.port}", timeout=10) as c:
                 assert c.health() == c.health("classifier.v1.Classifier") == "NOT_SERVING"
@@ -173,7 +161,7 @@ class TestHealth:
     def test_the_health_command_exits_0_only_when_serving(self, tiny_bundle, capsys):
         from serving.cli import main
 
-        srv = Server(config(tiny_bundle), load=False)
+        srv = Server(server_config(tiny_bundle), load=False)
         try:
             target = ["health", "--target", f"127.0.0.1:{srv.port}"]
             assert main(target) == 1 and "NOT_SERVING" in capsys.readouterr().out  # loading
@@ -285,7 +273,7 @@ class TestMetrics:
         assert {dict(ls)["label"] for (n, ls) in samples if n == "classifier_predicted_class_total"} == {"blue", "red"}
 
     def test_each_server_has_its_own_registry(self, server, tiny_bundle):
-        with Server(config(tiny_bundle, metrics_port=0)) as other, Client(f"127.0.0.1:{other.port}") as c:
+        with Server(server_config(tiny_bundle, metrics_port=0)) as other, Client(f"127.0.0.1:{other.port}") as c:
             c.predict(png())
             assert total(scrape(other.metrics_port), "classifier_requests_total") == 1
             assert other.metrics_port != server.metrics_port
@@ -327,7 +315,7 @@ def gated(session):
 def gated_server(bundle, gated, **kw):
     # One model run at a time: holding the gate holds the whole model, and what comes next queues.
     kw = {"model_instances": 1, **kw}
-    return Server(config(bundle, max_delay_us=0, metrics_port=0, **kw), session=gated)
+    return Server(server_config(bundle, max_delay_us=0, metrics_port=0, **kw), session=gated)
 
 
 class TestBatching:
@@ -396,7 +384,7 @@ class TestPrecision:
 
     def test_a_precision_the_bundle_lacks_is_a_clear_error(self, tiny_bundle):
         with pytest.raises(BundleError, match=r"the bundle has no int8 model \(it has: fp32\); export with --int8"):
-            Server(config(tiny_bundle, precision="int8", metrics_port=0))
+            Server(server_config(tiny_bundle, precision="int8", metrics_port=0))
 
 
 def self_signed_cert(folder):
@@ -433,7 +421,7 @@ def self_signed_cert(folder):
 
 def test_tls(tiny_bundle, tmp_path):
     cert, key = self_signed_cert(tmp_path)
-    with Server(config(tiny_bundle, tls_cert=cert, tls_key=key)) as srv:
+    with Server(server_config(tiny_bundle, tls_cert=cert, tls_key=key)) as srv:
         with Client(f"127.0.0.1:{srv.port}", tls_ca=cert, timeout=30) as c:
             assert c.health() == "SERVING"
             assert c.predict(png()).predictions

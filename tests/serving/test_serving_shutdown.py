@@ -22,14 +22,13 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import pytest
-from conftest import serve_args, serve_argv, served_ports
+from conftest import serve_args, serve_argv, served_ports, server_config
 from PIL import Image
 from test_serving_server import GatedSession, wait_until
 
 from serving.bundle.manifest import read_manifest
 from serving.bundle.session import ModelSession
 from serving.client import Client
-from serving.config import ServerConfig
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.server import Server
 
@@ -80,16 +79,7 @@ def gated_server(tiny_bundle, session):
     """A started server whose model the test holds busy; stopped (gate open) at the end whatever happened."""
     gated = GatedSession(session)
     # One model run at a time: holding the gate holds the whole model, and later calls queue behind it.
-    config = ServerConfig(
-        bundle=tiny_bundle,
-        port=0,
-        device="cpu",
-        metrics_port=None,
-        http_port=0,
-        max_delay_us=0,
-        grace_s=GRACE_S,
-        model_instances=1,
-    )
+    config = server_config(tiny_bundle, max_delay_us=0, grace_s=GRACE_S, model_instances=1)
     srv = Server(config, session=gated)
     try:
         yield srv, gated

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import server_config
 from test_serving_server import GatedSession, png, wait_until
 
 from serving.bundle.session import ModelSession
@@ -38,7 +39,7 @@ def rss_mb() -> float:
 def soak_config(bundle, **kw) -> ServerConfig:
     # Small limits, so that the soak reaches every refusal: queue full, too many calls, deadlines.
     limits = dict(workers=4, max_concurrent_calls=8, max_queue=8, max_batch_images=4, max_delay_us=1000)
-    return ServerConfig(bundle=bundle, port=0, device="cpu", metrics_port=None, http_port=0, **{**limits, **kw})
+    return server_config(bundle, **{**limits, **kw})
 
 
 def sample(srv: Server, name: str, **labels) -> float:

@@ -10,10 +10,10 @@ import time
 import grpc
 import numpy as np
 import pytest
+from conftest import server_config
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_serving_server import png
 
-from serving.config import ServerConfig
 from serving.gen.classifier.v1 import classifier_pb2 as pb
 from serving.gen.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from serving.gen.inference import grpc_service_pb2 as oip
@@ -47,7 +47,7 @@ def timed_calls(stub, health, image: bytes, n: int) -> tuple[list[float], list[f
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle):
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, http_port=0, stream_idle_s=600)
+    cfg = server_config(tiny_bundle, stream_idle_s=600)
     with Server(cfg) as srv:
         yield srv
 
@@ -102,7 +102,7 @@ def test_streams_past_the_limit_are_refused_at_once(server):
 
 
 def test_a_stream_idle_past_its_limit_is_closed_and_a_busy_one_is_not(tiny_bundle):
-    cfg = ServerConfig(bundle=tiny_bundle, port=0, device="cpu", metrics_port=None, http_port=0, stream_idle_s=0.4)
+    cfg = server_config(tiny_bundle, stream_idle_s=0.4)
     image = png()
     request = oip.ModelInferRequest(
         inputs=[oip.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[1])],
