@@ -12,7 +12,6 @@ threads, one image each, at most `max_pixels` each."""
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -107,7 +106,7 @@ def phash(im: Image.Image) -> int | None:
 def scan_images(files: Sequence[Path], *, max_pixels: int, workers: int | None = None) -> list[Scan]:
     """scan_image for every file, in order, on `workers` threads (default: the usable CPUs, at
     most 8; Pillow decodes without the GIL), with a progress bar."""
-    workers = workers or min(8, usable_cpus(), os.cpu_count() or 1)
+    workers = workers or min(8, usable_cpus())
     with ThreadPoolExecutor(max_workers=workers) as pool:
         jobs = pool.map(lambda f: scan_image(Path(f), max_pixels), files)
         return list(tqdm(jobs, total=len(files), desc="check images", unit="img", leave=False))
