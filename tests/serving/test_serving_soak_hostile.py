@@ -86,8 +86,10 @@ def test_hostile_soak_holds_the_memory_formula_health_and_deadlines(tiny_bundle,
         watchers = [threading.Thread(target=sample), threading.Thread(target=check_health)]
         for t in watchers:
             t.start()
-        tests = str(Path(__file__).parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+        # The callers import test_serving_decoders, which imports tests/conftest.py: both folders, as pytest has them.
+        here = Path(__file__).parent
+        path = [str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         try:
             callers = subprocess.run(
                 [sys.executable, str(CALLER_SCRIPT), target, str(SOAK_S), str(CALLERS)],
